@@ -1,0 +1,135 @@
+"""The `rwkv-export` command line. Thin: each command parses its arguments and calls one library function.
+
+Nothing heavy is imported at module level, so `rwkv-export --help` does not import torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import RwkvExportError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Export RWKV language models to edge and browser runtimes (ONNX first), with parity checks against a "
+    "PyTorch reference. A model is a .pth/.safetensors checkpoint or builtin:NAME (see `rwkv-export builtins`).",
+)
+
+SOURCE_HELP = "Checkpoint (.pth or .safetensors, RWKV-4) or builtin:NAME (no download; see `rwkv-export builtins`)."
+
+
+def _fail(e: BaseException) -> None:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(getattr(e, "exit_code", 2))
+
+
+def _progress(quiet: bool):
+    from .progress import Progress
+
+    return Progress(enabled=not quiet)
+
+
+@app.command()
+def onnx(
+    checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (model.onnx, manifest.json, tokenizer)."),
+    force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
+    tokenizer: Optional[str] = typer.Option(None, help="tokenizer.json to ship instead of the bundled one, or 'bytes'."),
+    simplify: bool = typer.Option(False, "--simplify", help="Simplify the graph with onnxslim (extra: simplify)."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Run the parity gate before writing (default on)."),
+    opset: int = typer.Option(18, help="ONNX opset (>= 18)."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress output."),
+):
+    """Export CHECKPOINT's RNN-mode step graph to ONNX, check it against the reference, write a folder."""
+    try:
+        from .export import export_onnx
+        from .parity import format_report
+
+        res = export_onnx(checkpoint, out, force=force, tokenizer=tokenizer, simplify=simplify, check=check,
+                          opset=opset, progress=_progress(quiet))
+        for r in res.reports:
+            typer.echo(format_report(r))
+        typer.echo(f"wrote {res.out}/ ({', '.join(f['file'] for f in res.manifest['files'])}, manifest.json)")
+    except RwkvExportError as e:
+        _fail(e)
+
+
+@app.command()
+def check(
+    folder: Path = typer.Argument(..., help="An export folder (with manifest.json)."),
+    checkpoint: Optional[str] = typer.Option(None, help="Reference checkpoint; default: the one the manifest records."),
+    update_manifest: bool = typer.Option(False, "--update-manifest", help="Store the new parity results."),
+    quiet: bool = typer.Option(False, "-q", "--quiet"),
+):
+    """Re-run the parity gate of every graph in FOLDER against runtime_ref; exit nonzero past tolerance."""
+    try:
+        from .check import check_folder
+        from .parity import format_report
+
+        reports = check_folder(folder, checkpoint, progress=_progress(quiet), update_manifest=update_manifest)
+        for r in reports:
+            typer.echo(format_report(r))
+    except RwkvExportError as e:
+        _fail(e)
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="An export folder, or a checkpoint / builtin:NAME (runs the reference)."),
+    prompt: str = typer.Option(..., "-p", "--prompt"),
+    max_tokens: int = typer.Option(100, "-n", "--max-tokens", min=0),
+    temperature: float = typer.Option(1.0, min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(0.85, min=0.0, max=1.0),
+    min_p_ratio: float = typer.Option(0.02, min=0.0, help="Drop tokens with p < ratio * p_max^power (0 = off)."),
+    min_p_power: float = typer.Option(2.0, min=0.0),
+    seed: int = typer.Option(0),
+    variant: Optional[str] = typer.Option(None, help="Graph variant in the folder (fp32, ...); default: the first."),
+    tokenizer: Optional[str] = typer.Option(None, help="Override the tokenizer (tokenizer.json or 'bytes')."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No statistics line."),
+):
+    """Stream text generated from PROMPT."""
+    try:
+        from .generate import generate as run_generate
+        from .generate import open_model
+
+        runner, tok = open_model(model, variant=variant, tokenizer=tokenizer, progress=_progress(quiet))
+
+        def emit(piece: str):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        sys.stdout.write(prompt)
+        stats = run_generate(runner, tok, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                             min_p_ratio=min_p_ratio, min_p_power=min_p_power, seed=seed, on_text=emit)
+        sys.stdout.write("\n")
+        if not quiet:
+            typer.echo(
+                f"[prompt {stats.prompt_tokens} tokens in {stats.prompt_seconds:.2f} s; generated "
+                f"{stats.generated_tokens} tokens at {stats.tokens_per_second:.1f} tok/s]",
+                err=True,
+            )
+    except RwkvExportError as e:
+        _fail(e)
+
+
+@app.command()
+def builtins():
+    """List the built-in models (made on the spot, no download)."""
+    from .sources import BUILTINS
+
+    for name, (_, _, desc) in BUILTINS.items():
+        typer.echo(f"builtin:{name:16s} {desc}")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

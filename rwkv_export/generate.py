@@ -1,0 +1,82 @@
+"""`rwkv-export generate`: stream text from an export folder (its ONNX step graph) or from a checkpoint (runtime_ref)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import RwkvExportError
+from .progress import QUIET, Progress
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int
+    prompt_seconds: float
+    generated_tokens: int
+    generate_seconds: float
+    token_ids: list
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.generate_seconds if self.generate_seconds > 0 else float("nan")
+
+
+def open_model(target: str, *, variant: str | None = None, tokenizer: str | None = None,
+               progress: Progress = QUIET):
+    """An export folder -> (ONNX runner, tokenizer); a checkpoint or builtin:NAME -> (runtime_ref runner, tokenizer)."""
+    from .tokenizer import TokenizerSpec, load_tokenizer, resolve_tokenizer
+
+    p = Path(target)
+    if p.is_dir():
+        from .manifest import find_graph, read_manifest
+        from .runners import OnnxStepRunner
+
+        manifest = read_manifest(p)
+        graph = find_graph(manifest, variant)
+        runner = OnnxStepRunner(p, manifest, graph)
+        t = manifest["tokenizer"]
+        if tokenizer is not None:
+            spec = resolve_tokenizer(manifest["model"]["vocab_size"], tokenizer)
+        else:
+            spec = TokenizerSpec("bytes") if t["kind"] == "bytes" else TokenizerSpec("hf-tokenizers", p / t["file"])
+        return runner, load_tokenizer(spec)
+    from .runners import ReferenceRunner
+    from .sources import Source
+
+    ckpt = Source(target).load(progress)
+    return ReferenceRunner(ckpt), load_tokenizer(resolve_tokenizer(ckpt.dims.vocab_size, tokenizer))
+
+
+def generate(runner, tokenizer, prompt: str, *, max_tokens: int = 100, temperature: float = 1.0, top_p: float = 0.85,
+             min_p_ratio: float = 0.02, min_p_power: float = 2.0, seed: int = 0, stop_at_eos: bool = True,
+             on_text: Callable[[str], None] = lambda s: None) -> GenerationStats:
+    import torch
+    from runtime_ref import sample_logits
+
+    from .tokenizer import StreamDecoder
+
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise RwkvExportError("the prompt is empty (it encodes to no tokens)")
+    gen = torch.Generator().manual_seed(seed)
+    state = runner.new_state()
+    t0 = time.perf_counter()
+    for tok in ids:
+        logits, state = runner.step(tok, state)
+    t1 = time.perf_counter()
+    out: list[int] = []
+    dec = StreamDecoder(tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for _ in range(max_tokens):
+        tok = sample_logits(torch.from_numpy(logits.reshape(-1)), temperature=temperature, top_p=top_p,
+                            min_p_ratio=min_p_ratio, min_p_power=min_p_power, generator=gen)
+        if stop_at_eos and eos is not None and tok == eos:
+            break
+        out.append(tok)
+        on_text(dec.push(tok))
+        logits, state = runner.step(tok, state)
+    t2 = time.perf_counter()
+    return GenerationStats(len(ids), t1 - t0, len(out), t2 - t1, out)

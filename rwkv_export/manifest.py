@@ -1,0 +1,106 @@
+"""manifest.json: the contract every consumer (check, generate, web demo, bundles, apps) reads instead of
+hard-coding graph I/O. Its format is documented in docs/manifest.md; FORMAT_VERSION changes on any incompatible edit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from . import __version__
+from .errors import ManifestError
+from .model import STATE_DOCS, STATE_INIT, STATE_NAMES
+from .tokenizer import sha256_file
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "rwkv-export-manifest"
+FORMAT_VERSION = 1
+
+# Sampling defaults written for clients (ChatRWKV's usual values; min-p is the seed's 0.02 * p_max^2 rule).
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 0.85, "min_p_ratio": 0.02, "min_p_power": 2.0}
+
+
+def state_section(n_layer: int, n_embd: int) -> dict:
+    return {
+        "layout": "five tensors of [n_layer, n_embd]; row i belongs to layer i",
+        "tensors": [
+            {"name": n, "shape": [n_layer, n_embd], "dtype": "float32", "init": STATE_INIT[n], "doc": STATE_DOCS[n]}
+            for n in STATE_NAMES
+        ],
+    }
+
+
+_NUMBER_LIST = re.compile(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]")
+
+
+def dumps(obj) -> str:
+    """JSON with two-space indent, but lists of numbers (shapes) on one line."""
+    text = json.dumps(obj, indent=2)
+    return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text) + "\n"
+
+
+def file_entry(root: Path, rel: str) -> dict:
+    p = Path(root) / rel
+    return {"file": rel, "size": p.stat().st_size, "sha256": sha256_file(p)}
+
+
+def new_manifest(*, dims: dict, source: dict, tokenizer: dict, generation: dict | None = None) -> dict:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "producer": {"name": "rwkv-export", "version": __version__},
+        "model": {"architecture": "rwkv", "rwkv_version": "4", **dims, "source": source},
+        "state": state_section(dims["n_layer"], dims["n_embd"]),
+        "tokenizer": tokenizer,
+        "generation": {**SAMPLING_DEFAULTS, **(generation or {})},
+        "graphs": [],
+        "files": [],
+    }
+
+
+def write_manifest(root: Path, manifest: dict) -> Path:
+    """Write manifest.json, listing every other file in the folder with its size and sha256."""
+    root = Path(root)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    manifest["files"] = [file_entry(root, f) for f in files]
+    path = root / MANIFEST_NAME
+    path.write_text(dumps(manifest))
+    return path
+
+
+def read_manifest(root: Path, verify_files: bool = True) -> dict:
+    root = Path(root)
+    if not root.is_dir():
+        raise ManifestError(f"not an export folder: {root} does not exist or is not a folder")
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{root} has no {MANIFEST_NAME}: not an rwkv-export folder")
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ManifestError(f"{path} is not an rwkv-export manifest")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise ManifestError(
+            f"{path} has manifest format version {m.get('format_version')}; this rwkv-export reads {FORMAT_VERSION}"
+        )
+    if verify_files:
+        for f in m.get("files", []):
+            p = root / f["file"]
+            if not p.is_file():
+                raise ManifestError(f"{f['file']} is listed in the manifest but missing from {root}")
+            if p.stat().st_size != f["size"] or sha256_file(p) != f["sha256"]:
+                raise ManifestError(f"{f['file']} does not match the manifest (size or sha256 differs): damaged or edited")
+    return m
+
+
+def find_graph(manifest: dict, variant: str | None = None, kind: str = "step") -> dict:
+    graphs = [g for g in manifest["graphs"] if g["kind"] == kind]
+    if variant is not None:
+        graphs = [g for g in graphs if g["variant"] == variant]
+    if not graphs:
+        have = ", ".join(sorted({g["variant"] for g in manifest["graphs"]})) or "none"
+        raise ManifestError(f"no {kind} graph of variant '{variant}' in this folder (variants: {have})")
+    return graphs[0]

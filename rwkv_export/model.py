@@ -1,0 +1,146 @@
+"""The RWKV-4 graph we export: the RNN-mode step (token + state -> logits + state), state as explicit tensors.
+
+One readable module (nanoGPT style). Exporter-specific choices, each for a reason:
+- linear weights are stored transposed, [in, out], and applied as `x @ W`: this exports as MatMul (not Gemm), which
+  4-bit quantization (MatMulNBits) needs;
+- LN0 is folded into the embedding table at build time (one row gather per token instead of a LayerNorm);
+- `-exp(time_decay)` and `1 - time_mix` are computed once at build time;
+- optional fp16 rescaling (`rescale_every`, ChatRWKV's trick) keeps activations inside fp16's range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import Checkpoint, ModelDims
+
+# The state contract: five tensors of [n_layer, n_embd], named here once. Everything downstream reads the manifest.
+STATE_NAMES = ("att_x", "att_aa", "att_bb", "att_pp", "ffn_x")
+STATE_DOCS = {
+    "att_x": "time mix: LN1 output of the previous token (token shift)",
+    "att_aa": "time mix: WKV numerator, sum of exp(k)*v with the decay applied, scaled by exp(-att_pp)",
+    "att_bb": "time mix: WKV denominator, sum of exp(k) with the decay applied, scaled by exp(-att_pp)",
+    "att_pp": "time mix: running max exponent that keeps att_aa/att_bb finite",
+    "ffn_x": "channel mix: LN2 output of the previous token (token shift)",
+}
+# Fresh-state values. att_pp must be very negative (exp(att_pp - p) == 0 for any real exponent p) yet finite in every
+# dtype a state may be held in (fp16's max is 65504); with att_aa = att_bb = 0 its exact value never matters.
+STATE_INIT = {"att_x": 0.0, "att_aa": 0.0, "att_bb": 0.0, "att_pp": -1.0e4, "ffn_x": 0.0}
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    rescale_every: int = 0  # 0: off. 6 for fp16 (rwkv4.md)
+
+
+class _Layer(nn.Module):
+    def __init__(self, sd: dict, i: int, scale: float):
+        super().__init__()
+        p = f"blocks.{i}."
+
+        def t(key):
+            return sd[p + key].float()
+
+        def param(x):
+            return nn.Parameter(x.contiguous(), requires_grad=False)
+
+        self.ln1_w, self.ln1_b = param(t("ln1.weight")), param(t("ln1.bias"))
+        self.ln2_w, self.ln2_b = param(t("ln2.weight")), param(t("ln2.bias"))
+        for name in ("k", "v", "r"):
+            mix = t(f"att.time_mix_{name}").reshape(-1)
+            setattr(self, f"att_mix_{name}", param(mix))
+            setattr(self, f"att_mix_{name}_c", param(1.0 - mix))
+        self.att_decay = param(-torch.exp(t("att.time_decay")))
+        self.att_first = param(t("att.time_first"))
+        self.att_key = param(t("att.key.weight").t())
+        self.att_value = param(t("att.value.weight").t())
+        self.att_receptance = param(t("att.receptance.weight").t())
+        self.att_output = param(t("att.output.weight").t() / scale)
+        for name in ("k", "r"):
+            mix = t(f"ffn.time_mix_{name}").reshape(-1)
+            setattr(self, f"ffn_mix_{name}", param(mix))
+            setattr(self, f"ffn_mix_{name}_c", param(1.0 - mix))
+        self.ffn_key = param(t("ffn.key.weight").t())
+        self.ffn_receptance = param(t("ffn.receptance.weight").t())
+        self.ffn_value = param(t("ffn.value.weight").t() / scale)
+
+    def time_mix(self, x, sx, aa, bb, pp):
+        """x: [1, C]; sx/aa/bb/pp: [C]. Returns the residual update and the new (sx, aa, bb, pp)."""
+        xx = F.layer_norm(x, x.shape[-1:], self.ln1_w, self.ln1_b)
+        xk = xx * self.att_mix_k + sx * self.att_mix_k_c
+        xv = xx * self.att_mix_v + sx * self.att_mix_v_c
+        xr = xx * self.att_mix_r + sx * self.att_mix_r_c
+        r = torch.sigmoid(xr @ self.att_receptance)
+        k = xk @ self.att_key
+        v = xv @ self.att_value
+        ww = self.att_first + k
+        p = torch.maximum(pp, ww)
+        e1 = torch.exp(pp - p)
+        e2 = torch.exp(ww - p)
+        wkv = (e1 * aa + e2 * v) / (e1 * bb + e2)
+        ww = pp + self.att_decay
+        p = torch.maximum(ww, k)
+        e1 = torch.exp(ww - p)
+        e2 = torch.exp(k - p)
+        new_aa = e1 * aa + e2 * v
+        new_bb = e1 * bb + e2
+        return (r * wkv) @ self.att_output, (xx[0], new_aa[0], new_bb[0], p[0])
+
+    def channel_mix(self, x, fx):
+        xx = F.layer_norm(x, x.shape[-1:], self.ln2_w, self.ln2_b)
+        xk = xx * self.ffn_mix_k + fx * self.ffn_mix_k_c
+        xr = xx * self.ffn_mix_r + fx * self.ffn_mix_r_c
+        r = torch.sigmoid(xr @ self.ffn_receptance)
+        k = torch.relu(xk @ self.ffn_key)
+        k = k * k
+        return r * (k @ self.ffn_value), xx[0]
+
+
+class RWKV4Step(nn.Module):
+    """forward(token[1] int64, att_x, att_aa, att_bb, att_pp, ffn_x each [L, C] fp32)
+    -> (logits [1, V], att_x, att_aa, att_bb, att_pp, ffn_x)"""
+
+    def __init__(self, ckpt: Checkpoint, options: StepOptions = StepOptions()):
+        super().__init__()
+        sd, d = ckpt.tensors, ckpt.dims
+        self.dims: ModelDims = d
+        self.options = options
+        every = options.rescale_every
+        emb = sd["emb.weight"].float()
+        emb = F.layer_norm(emb, (d.n_embd,), sd["blocks.0.ln0.weight"].float(), sd["blocks.0.ln0.bias"].float())
+        self.emb = nn.Parameter(emb.contiguous(), requires_grad=False)
+        self.layers = nn.ModuleList(
+            _Layer(sd, i, float(2 ** (i // every)) if every else 1.0) for i in range(d.n_layer)
+        )
+        self.ln_out_w = nn.Parameter(sd["ln_out.weight"].float(), requires_grad=False)
+        self.ln_out_b = nn.Parameter(sd["ln_out.bias"].float(), requires_grad=False)
+        self.head = nn.Parameter(sd["head.weight"].float().t().contiguous(), requires_grad=False)
+
+    def forward(self, token, att_x, att_aa, att_bb, att_pp, ffn_x):
+        every = self.options.rescale_every
+        x = F.embedding(token, self.emb)  # [1, C]: a Gather of one row
+        new = {name: [] for name in STATE_NAMES}
+        for i, layer in enumerate(self.layers):
+            dx, (sx, aa, bb, pp) = layer.time_mix(x, att_x[i], att_aa[i], att_bb[i], att_pp[i])
+            x = x + dx
+            dx, fx = layer.channel_mix(x, ffn_x[i])
+            x = x + dx
+            if every and (i + 1) % every == 0:
+                x = x / 2
+            for name, value in zip(STATE_NAMES, (sx, aa, bb, pp, fx)):
+                new[name].append(value)
+        x = F.layer_norm(x, x.shape[-1:], self.ln_out_w, self.ln_out_b)
+        logits = x @ self.head
+        return (logits, *(torch.stack(new[name]) for name in STATE_NAMES))
+
+    def new_state(self) -> dict:
+        L, C = self.dims.n_layer, self.dims.n_embd
+        return {name: torch.full((L, C), STATE_INIT[name], dtype=torch.float32) for name in STATE_NAMES}
+
+    def example_inputs(self) -> tuple:
+        s = self.new_state()
+        return (torch.zeros(1, dtype=torch.long), *(s[n] for n in STATE_NAMES))

@@ -1,0 +1,126 @@
+"""ONNX target: the step graph exported with torch.onnx (dynamo, opset >= 18), run in onnxruntime for parity."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+
+from ..model import STATE_NAMES
+
+NAME = "onnx"
+DEFAULT_OPSET = 18
+MIN_OPSET = 18  # LayerNormalization is 17; the dynamo exporter's own baseline is 18
+# protobuf cannot hold a message of 2 GiB or more: above this, weights go to an external data file
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
+
+TOKEN_INPUT = "token"
+LOGITS_OUTPUT = "logits"
+
+
+def state_input_name(state: str) -> str:
+    return state
+
+
+def state_output_name(state: str) -> str:
+    return f"{state}_out"
+
+
+INPUT_NAMES = [TOKEN_INPUT, *(state_input_name(s) for s in STATE_NAMES)]
+OUTPUT_NAMES = [LOGITS_OUTPUT, *(state_output_name(s) for s in STATE_NAMES)]
+
+_ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 16: "bfloat16"}
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def export_step(module, path: Path, opset: int = DEFAULT_OPSET, external_data: bool | None = None) -> list[str]:
+    """Export an RWKV4Step to `path`. Returns the files written (the .onnx and, if used, its external data)."""
+    import torch
+
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is below the minimum {MIN_OPSET}")
+    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    if external_data is None:
+        external_data = n_bytes >= EXTERNAL_DATA_THRESHOLD
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            module.eval(),
+            module.example_inputs(),
+            dynamo=True,
+            opset_version=opset,
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            optimize=True,
+            verbose=False,
+        )
+        program.save(str(path), external_data=external_data)
+    files = [path.name]
+    data = path.with_name(path.name + ".data")
+    if external_data and data.exists():
+        files.append(data.name)
+    return files
+
+
+def simplify(path: Path) -> None:
+    """Optional graph simplification with onnxslim (constant folding, dead-node removal), in place."""
+    try:
+        import onnxslim
+    except ImportError:
+        from ..errors import MissingExtraError
+
+        raise MissingExtraError("onnxslim", "simplify") from None
+    import onnx
+
+    model = onnx.load(str(path))
+    slim = onnxslim.slim(model)
+    onnx.save(slim, str(path))
+
+
+def io_spec(path: Path) -> tuple[list[dict], list[dict], int | None]:
+    """Read the graph's inputs/outputs from the file itself and give each its role in the step contract."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(v, state_of):
+        shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+        entry = {"name": v.name, "dtype": _ONNX_DTYPES.get(v.type.tensor_type.elem_type, "unknown"), "shape": shape}
+        if v.name in (TOKEN_INPUT,):
+            entry["role"] = "token"
+        elif v.name == LOGITS_OUTPUT:
+            entry["role"] = "logits"
+        elif v.name in state_of:
+            entry["role"], entry["state"] = "state", state_of[v.name]
+        else:
+            entry["role"] = "other"
+        return entry
+
+    ins = {state_input_name(s): s for s in STATE_NAMES}
+    outs = {state_output_name(s): s for s in STATE_NAMES}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    inputs = [describe(v, ins) for v in model.graph.input]
+    outputs = [describe(v, outs) for v in model.graph.output]
+    return inputs, outputs, opset
+
+
+def op_counts(path: Path) -> dict:
+    import onnx
+    from collections import Counter
+
+    model = onnx.load(str(path), load_external_data=False)
+    return dict(Counter(n.op_type for n in model.graph.node))
