@@ -78,5 +78,6 @@ def generate(runner, tokenizer, prompt: str, *, max_tokens: int = 100, temperatu
         out.append(tok)
         on_text(dec.push(tok))
         logits, state = runner.step(tok, state)
+    on_text(dec.flush())
     t2 = time.perf_counter()
     return GenerationStats(len(ids), t1 - t0, len(out), t2 - t1, out)

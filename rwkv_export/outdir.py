@@ -19,8 +19,12 @@ def check_output_dir(out: Path, force: bool) -> None:
     if out.exists() and not force and any(out.iterdir()):
         raise OutputExistsError(f"output folder exists and is not empty: {out} (use --force to replace it)")
     parent = _existing_parent(out)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputPathError(f"cannot write to {parent}: permission denied")
+    if not parent.is_dir():
+        raise OutputPathError(f"cannot create output folder {out}: {parent} is not a folder")
+    try:  # a real probe: permission bits say nothing to root, and some filesystems refuse writes regardless
+        os.rmdir(tempfile.mkdtemp(prefix=".rwkv-export-probe-", dir=parent))
+    except OSError as e:
+        raise OutputPathError(f"cannot write to {parent}: {e.strerror}") from None
 
 
 def _existing_parent(p: Path) -> Path:

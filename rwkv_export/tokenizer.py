@@ -112,3 +112,9 @@ class StreamDecoder:
             return ""
         piece, self.emitted = text[self.emitted :], len(text)
         return piece
+
+    def flush(self) -> str:
+        """At the end of generation: whatever is still held back (an incomplete sequence decodes to U+FFFD)."""
+        text = self.tok.decode(self.ids)
+        piece, self.emitted = text[self.emitted :], len(text)
+        return piece
