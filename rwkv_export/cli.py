@@ -119,6 +119,21 @@ def generate(
 
 
 @app.command()
+def serve(
+    folder: Path = typer.Argument(..., help="An export folder (with manifest.json) to run in the browser demo."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000, help="Port (0 = any free port)."),
+):
+    """Serve the web demo and FOLDER's model on HOST:PORT with the headers multi-threaded wasm needs."""
+    try:
+        from .serve import serve as run_serve
+
+        run_serve(folder, host=host, port=port)
+    except RwkvExportError as e:
+        _fail(e)
+
+
+@app.command()
 def builtins():
     """List the built-in models (made on the spot, no download)."""
     from .sources import BUILTINS
