@@ -5,7 +5,9 @@ One readable module (nanoGPT style). Exporter-specific choices, each for a reaso
   4-bit quantization (MatMulNBits) needs;
 - LN0 is folded into the embedding table at build time (one row gather per token instead of a LayerNorm);
 - `-exp(time_decay)` and `1 - time_mix` are computed once at build time;
-- optional fp16 rescaling (`rescale_every`, ChatRWKV's trick) keeps activations inside fp16's range.
+- an fp16 variant (`StepOptions(dtype="float16")`): weights and activations in fp16 with ChatRWKV's rescaling
+  (`rescale_every`) keeping activations inside fp16's range, while the WKV accumulators (aa, bb, pp) are computed in
+  fp32; the graph's I/O (state and logits) stays fp32 for every variant, so clients never change with the variant.
 """
 
 from __future__ import annotations
@@ -35,18 +37,30 @@ STATE_INIT = {"att_x": 0.0, "att_aa": 0.0, "att_bb": 0.0, "att_pp": -1.0e4, "ffn
 @dataclass(frozen=True)
 class StepOptions:
     rescale_every: int = 0  # 0: off. 6 for fp16 (rwkv4.md)
+    dtype: str = "float32"  # weights/activations; "float16" keeps WKV state math in fp32
+
+    @classmethod
+    def for_variant(cls, variant: str) -> "StepOptions":
+        if variant == "fp16":
+            return cls(rescale_every=FP16_RESCALE_EVERY, dtype="float16")
+        return cls()
+
+
+# ChatRWKV's fp16 rescale period for RWKV-4: halve the residual every 6 layers, weights of later layers scaled to match
+FP16_RESCALE_EVERY = 6
 
 
 class _Layer(nn.Module):
-    def __init__(self, sd: dict, i: int, scale: float):
+    def __init__(self, sd: dict, i: int, scale: float, dtype: torch.dtype = torch.float32):
         super().__init__()
         p = f"blocks.{i}."
+        self.dtype = dtype
 
         def t(key):
             return sd[p + key].float()
 
-        def param(x):
-            return nn.Parameter(x.contiguous(), requires_grad=False)
+        def param(x, dt=dtype):
+            return nn.Parameter(x.to(dt).contiguous(), requires_grad=False)
 
         self.ln1_w, self.ln1_b = param(t("ln1.weight")), param(t("ln1.bias"))
         self.ln2_w, self.ln2_b = param(t("ln2.weight")), param(t("ln2.bias"))
@@ -54,8 +68,8 @@ class _Layer(nn.Module):
             mix = t(f"att.time_mix_{name}").reshape(-1)
             setattr(self, f"att_mix_{name}", param(mix))
             setattr(self, f"att_mix_{name}_c", param(1.0 - mix))
-        self.att_decay = param(-torch.exp(t("att.time_decay")))
-        self.att_first = param(t("att.time_first"))
+        self.att_decay = param(-torch.exp(t("att.time_decay")), torch.float32)  # WKV math stays fp32
+        self.att_first = param(t("att.time_first"), torch.float32)
         self.att_key = param(t("att.key.weight").t())
         self.att_value = param(t("att.value.weight").t())
         self.att_receptance = param(t("att.receptance.weight").t())
@@ -68,15 +82,24 @@ class _Layer(nn.Module):
         self.ffn_receptance = param(t("ffn.receptance.weight").t())
         self.ffn_value = param(t("ffn.value.weight").t() / scale)
 
+    def _c(self, t):
+        """To the compute dtype (a no-op, and no graph node, in the fp32 variant)."""
+        return t if t.dtype == self.dtype else t.to(self.dtype)
+
+    @staticmethod
+    def _f32(t):
+        return t if t.dtype == torch.float32 else t.float()
+
     def time_mix(self, x, sx, aa, bb, pp):
-        """x: [1, C]; sx/aa/bb/pp: [C]. Returns the residual update and the new (sx, aa, bb, pp)."""
+        """x: [1, C]; sx/aa/bb/pp: [C] fp32. Returns the residual update and the new (sx, aa, bb, pp), fp32."""
+        sx = self._c(sx)
         xx = F.layer_norm(x, x.shape[-1:], self.ln1_w, self.ln1_b)
         xk = xx * self.att_mix_k + sx * self.att_mix_k_c
         xv = xx * self.att_mix_v + sx * self.att_mix_v_c
         xr = xx * self.att_mix_r + sx * self.att_mix_r_c
         r = torch.sigmoid(xr @ self.att_receptance)
-        k = xk @ self.att_key
-        v = xv @ self.att_value
+        k = self._f32(xk @ self.att_key)
+        v = self._f32(xv @ self.att_value)
         ww = self.att_first + k
         p = torch.maximum(pp, ww)
         e1 = torch.exp(pp - p)
@@ -88,16 +111,17 @@ class _Layer(nn.Module):
         e2 = torch.exp(k - p)
         new_aa = e1 * aa + e2 * v
         new_bb = e1 * bb + e2
-        return (r * wkv) @ self.att_output, (xx[0], new_aa[0], new_bb[0], p[0])
+        return (r * self._c(wkv)) @ self.att_output, (self._f32(xx[0]), new_aa[0], new_bb[0], p[0])
 
     def channel_mix(self, x, fx):
+        fx = self._c(fx)
         xx = F.layer_norm(x, x.shape[-1:], self.ln2_w, self.ln2_b)
         xk = xx * self.ffn_mix_k + fx * self.ffn_mix_k_c
         xr = xx * self.ffn_mix_r + fx * self.ffn_mix_r_c
         r = torch.sigmoid(xr @ self.ffn_receptance)
         k = torch.relu(xk @ self.ffn_key)
         k = k * k
-        return r * (k @ self.ffn_value), xx[0]
+        return r * (k @ self.ffn_value), self._f32(xx[0])
 
 
 class RWKV4Step(nn.Module):
@@ -110,15 +134,16 @@ class RWKV4Step(nn.Module):
         self.dims: ModelDims = d
         self.options = options
         every = options.rescale_every
+        dt = getattr(torch, options.dtype)
         emb = sd["emb.weight"].float()
         emb = F.layer_norm(emb, (d.n_embd,), sd["blocks.0.ln0.weight"].float(), sd["blocks.0.ln0.bias"].float())
-        self.emb = nn.Parameter(emb.contiguous(), requires_grad=False)
+        self.emb = nn.Parameter(emb.to(dt).contiguous(), requires_grad=False)
         self.layers = nn.ModuleList(
-            _Layer(sd, i, float(2 ** (i // every)) if every else 1.0) for i in range(d.n_layer)
+            _Layer(sd, i, float(2 ** (i // every)) if every else 1.0, dt) for i in range(d.n_layer)
         )
-        self.ln_out_w = nn.Parameter(sd["ln_out.weight"].float(), requires_grad=False)
-        self.ln_out_b = nn.Parameter(sd["ln_out.bias"].float(), requires_grad=False)
-        self.head = nn.Parameter(sd["head.weight"].float().t().contiguous(), requires_grad=False)
+        self.ln_out_w = nn.Parameter(sd["ln_out.weight"].to(dt), requires_grad=False)
+        self.ln_out_b = nn.Parameter(sd["ln_out.bias"].to(dt), requires_grad=False)
+        self.head = nn.Parameter(sd["head.weight"].float().t().to(dt).contiguous(), requires_grad=False)
 
     def forward(self, token, att_x, att_aa, att_bb, att_pp, ffn_x):
         every = self.options.rescale_every
@@ -135,6 +160,8 @@ class RWKV4Step(nn.Module):
                 new[name].append(value)
         x = F.layer_norm(x, x.shape[-1:], self.ln_out_w, self.ln_out_b)
         logits = x @ self.head
+        if logits.dtype != torch.float32:
+            logits = logits.float()
         return (logits, *(torch.stack(new[name]) for name in STATE_NAMES))
 
     def new_state(self) -> dict:
