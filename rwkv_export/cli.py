@@ -41,6 +41,9 @@ def onnx(
     out: Path = typer.Option(..., "-o", "--out", help="Output folder (model.onnx, manifest.json, tokenizer)."),
     force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
     tokenizer: Optional[str] = typer.Option(None, help="tokenizer.json to ship instead of the bundled one, or 'bytes'."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Extra variants, comma-separated: fp16,int8,int4."),
+    int4_block_size: int = typer.Option(32, help="Block size of int4 (MatMulNBits) quantization."),
+    int4_embedding: bool = typer.Option(False, "--int4-embedding", help="Quantize the embedding table to int4 too."),
     simplify: bool = typer.Option(False, "--simplify", help="Simplify the graph with onnxslim (extra: simplify)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Run the parity gate before writing (default on)."),
     opset: int = typer.Option(18, help="ONNX opset (>= 18)."),
@@ -48,14 +51,40 @@ def onnx(
 ):
     """Export CHECKPOINT's RNN-mode step graph to ONNX, check it against the reference, write a folder."""
     try:
-        from .export import export_onnx
+        from .export import QuantOptions, export_onnx, parse_quant
         from .parity import format_report
 
-        res = export_onnx(checkpoint, out, force=force, tokenizer=tokenizer, simplify=simplify, check=check,
-                          opset=opset, progress=_progress(quiet))
+        res = export_onnx(checkpoint, out, force=force, tokenizer=tokenizer, quant=parse_quant(quant),
+                          quant_options=QuantOptions(int4_block_size, int4_embedding), simplify=simplify,
+                          check=check, opset=opset, progress=_progress(quiet))
         for r in res.reports:
             typer.echo(format_report(r))
         typer.echo(f"wrote {res.out}/ ({', '.join(f['file'] for f in res.manifest['files'])}, manifest.json)")
+    except RwkvExportError as e:
+        _fail(e)
+
+
+@app.command()
+def quantize(
+    folder: Path = typer.Argument(..., help="An export folder with an fp32 model."),
+    quant: str = typer.Option(..., "--quant", help="Variants to add, comma-separated: fp16,int8,int4."),
+    checkpoint: Optional[str] = typer.Option(None, help="The source checkpoint; default: the one the manifest records."),
+    int4_block_size: int = typer.Option(32, help="Block size of int4 (MatMulNBits) quantization."),
+    int4_embedding: bool = typer.Option(False, "--int4-embedding", help="Quantize the embedding table to int4 too."),
+    force: bool = typer.Option(False, "--force", help="Replace variants the folder already has."),
+    check: bool = typer.Option(True, "--check/--no-check"),
+    quiet: bool = typer.Option(False, "-q", "--quiet"),
+):
+    """Add quantized variants to an existing export FOLDER (checked before they are added)."""
+    try:
+        from .export import QuantOptions, add_variants, parse_quant
+        from .parity import format_report
+
+        res = add_variants(folder, parse_quant(quant), checkpoint=checkpoint, force=force, check=check,
+                           quant_options=QuantOptions(int4_block_size, int4_embedding), progress=_progress(quiet))
+        for r in res.reports:
+            typer.echo(format_report(r))
+        typer.echo(f"updated {res.out}/ (variants: {', '.join(g['variant'] for g in res.manifest['graphs'])})")
     except RwkvExportError as e:
         _fail(e)
 

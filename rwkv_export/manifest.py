@@ -60,12 +60,17 @@ def new_manifest(*, dims: dict, source: dict, tokenizer: dict, generation: dict 
 
 
 def write_manifest(root: Path, manifest: dict) -> Path:
-    """Write manifest.json, listing every other file in the folder with its size and sha256."""
+    """Write manifest.json (atomically), listing every other file in the folder with its size and sha256.
+    Hidden entries (staging folders, dotfiles) are not part of an export and are not listed."""
+    from .outdir import staged_file
+
     root = Path(root)
-    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    rels = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    files = sorted(r for r in rels if not any(part.startswith(".") for part in r.split("/")))
     manifest["files"] = [file_entry(root, f) for f in files]
     path = root / MANIFEST_NAME
-    path.write_text(dumps(manifest))
+    with staged_file(path) as tmp:
+        tmp.write_text(dumps(manifest))
     return path
 
 

@@ -68,6 +68,7 @@ def staged_file(path: Path):
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; an export folder is for sharing
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

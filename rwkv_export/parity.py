@@ -37,6 +37,14 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
         reason="same math in fp32 vs an fp64 reference: only fp32 rounding differs (~1e-6 of std seen on 169M "
         "shapes); 1e-5 leaves headroom without hiding a wrong equation, which shows as >1e-2",
     ),
+    ("onnx", "fp16"): Tolerance(
+        max_rel=2e-2,
+        min_top1=0.95,
+        greedy_identical=False,
+        reason="fp16 weights and activations carry ~5e-4 relative rounding per op; measured 1.4e-3 (tiny) to "
+        "FP16_169M (169M shapes) of std; a near-tie may flip one argmax, so top-1 >= 0.95 and greedy is reported, "
+        "not gated. Quality on real text is gated separately (perplexity)",
+    ),
 }
 
 
