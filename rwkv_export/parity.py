@@ -41,8 +41,8 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
         max_rel=2e-2,
         min_top1=0.95,
         greedy_identical=False,
-        reason="fp16 weights and activations carry ~5e-4 relative rounding per op; measured 1.4e-3 (tiny) to "
-        "FP16_169M (169M shapes) of std; a near-tie may flip one argmax, so top-1 >= 0.95 and greedy is reported, "
+        reason="fp16 weights and activations carry ~5e-4 relative rounding per op; measured 1.4e-3 (tiny) and "
+        "2.0e-3 (169M shapes) of std; 10x headroom; a near-tie may flip one argmax, so top-1 >= 0.95 and greedy is reported, "
         "not gated. Quality on real text is gated separately (perplexity)",
     ),
 }
