@@ -9,7 +9,11 @@ from .parity import compare, gate
 from .progress import QUIET, Progress
 from .sources import source_from_manifest
 
-RUNNERS = {"onnx": "rwkv_export.runners:OnnxStepRunner"}
+# graph format -> runner class (loaded lazily: each runtime is an optional dependency)
+RUNNERS = {
+    "onnx": "rwkv_export.runners:OnnxStepRunner",
+    "ort": "rwkv_export.runners:OnnxStepRunner",  # ONNX Runtime's own format loads in the same session type
+}
 
 
 def make_runner(root: Path, manifest: dict, graph: dict):

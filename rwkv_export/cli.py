@@ -163,6 +163,31 @@ def serve(
 
 
 @app.command()
+def bundle(
+    checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
+    out: Path = typer.Option(..., "-o", "--out", help="Bundle folder."),
+    runtime: str = typer.Option("ort-mobile", help="App runtime: ort-mobile (ONNX Runtime Mobile, .ort) or tflite."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Extra variants, comma-separated (e.g. int8,int4)."),
+    part_mb: Optional[int] = typer.Option(None, help="Split model files into parts of at most this many MiB."),
+    tokenizer: Optional[str] = typer.Option(None, help="tokenizer.json to ship instead of the bundled one, or 'bytes'."),
+    force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
+    check: bool = typer.Option(True, "--check/--no-check"),
+    quiet: bool = typer.Option(False, "-q", "--quiet"),
+):
+    """Everything a phone app needs in one folder: model, tokenizer, manifest and a generated INTEGRATION.md."""
+    try:
+        from .bundle import make_bundle
+        from .export import parse_quant
+
+        m = make_bundle(checkpoint, out, runtime=runtime, quant=parse_quant(quant), force=force,
+                        part_bytes=part_mb * 1024 * 1024 if part_mb is not None else None,
+                        tokenizer=tokenizer, check=check, progress=_progress(quiet))
+        typer.echo(f"wrote {out}/ ({', '.join(f['file'] for f in m['files'])}, manifest.json)")
+    except RwkvExportError as e:
+        _fail(e)
+
+
+@app.command()
 def builtins():
     """List the built-in models (made on the spot, no download)."""
     from .sources import BUILTINS

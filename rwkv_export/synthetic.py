@@ -26,6 +26,8 @@ PRESETS: dict[str, SyntheticConfig] = {
     "tiny": SyntheticConfig(n_layer=2, n_embd=64, ffn_dim=256, vocab_size=256),
     # F != 4*C: the ffn width must be read from the tensors, never assumed
     "tiny-ffn": SyntheticConfig(n_layer=3, n_embd=48, ffn_dim=160, vocab_size=300),
+    # tiny, but with the Pile models' vocab, so the GPT-NeoX tokenizer path is exercised
+    "tiny-neox": SyntheticConfig(n_layer=2, n_embd=32, ffn_dim=128, vocab_size=50277),
     # the exact shapes of RWKV-4-Pile-169M
     "169m": SyntheticConfig(n_layer=12, n_embd=768, ffn_dim=3072, vocab_size=50277),
 }

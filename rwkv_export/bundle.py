@@ -1,0 +1,286 @@
+"""`rwkv-export bundle`: one folder with everything a phone app needs — the model in the app runtime's format, the
+tokenizer, the manifest, and a generated INTEGRATION.md — optionally split in parts for download/app-store limits.
+
+Runtimes:
+- `ort-mobile`: ONNX Runtime's `.ort` format (onnxruntime.tools.convert_onnx_models_to_ort) plus the operator config
+  for a reduced ONNX Runtime build (`--include_ops_by_config required_operators.config`);
+- `tflite`: the `.tflite` with its `step` signature (needs the [tflite] extra).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import RwkvExportError
+from .manifest import MANIFEST_NAME, write_manifest
+from .outdir import check_output_dir, staged_output_dir
+from .progress import QUIET, Progress
+
+RUNTIMES = ("ort-mobile", "tflite")
+OPS_CONFIG = "required_operators.config"
+INTEGRATION = "INTEGRATION.md"
+
+
+def _convert_to_ort(onnx_files: list[Path], out_dir: Path, progress: Progress) -> None:
+    """Convert ONNX files to ORT format (Fixed optimization style, ARM target: the phone is the target)."""
+    work = Path(tempfile.mkdtemp(prefix=".ortconv-", dir=out_dir))
+    try:
+        for f in onnx_files:
+            shutil.copyfile(f, work / f.name)
+        cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(work),
+               "--output_dir", str(work / "ort"), "--optimization_style", "Fixed", "--target_platform", "arm"]
+        with progress.stage(f"converting {len(onnx_files)} model(s) to ORT format"):
+            res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RwkvExportError(f"ORT format conversion failed: {res.stderr.strip().splitlines()[-1]}")
+        for f in onnx_files:
+            shutil.move(work / "ort" / (f.stem + ".ort"), out_dir / (f.stem + ".ort"))
+        configs = sorted((work / "ort").glob("*.config"))
+        if not configs:
+            raise RwkvExportError("ORT format conversion wrote no operator config")
+        # drop the converter's comment lines (they hold temporary absolute paths) so the bundle is reproducible
+        lines = [ln for ln in configs[0].read_text().splitlines() if not ln.startswith("#")]
+        header = "# Operators and types for a reduced ONNX Runtime build: --include_ops_by_config " + OPS_CONFIG
+        (out_dir / OPS_CONFIG).write_text("\n".join([header, *lines]) + "\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def split_into_parts(root: Path, manifest: dict, part_bytes: int) -> None:
+    """Split every graph file larger than part_bytes into NAME.partNNN files; record them in the graph entry."""
+    for g in manifest["graphs"]:
+        path = root / g["file"]
+        if path.stat().st_size <= part_bytes:
+            continue
+        parts = []
+        with open(path, "rb") as f:
+            i = 0
+            while chunk := f.read(part_bytes):
+                name = f"{g['file']}.part{i:03d}"
+                (root / name).write_bytes(chunk)
+                parts.append({"file": name, "size": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest()})
+                i += 1
+        g["parts"] = parts
+        g["size"] = path.stat().st_size
+        g["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        path.unlink()
+
+
+def make_bundle(source: str, out: str | Path, *, runtime: str = "ort-mobile", quant: list[str] = (),
+                part_bytes: int | None = None, force: bool = False, tokenizer: str | None = None,
+                check: bool = True, progress: Progress = QUIET):
+    from .export import QuantOptions, export_onnx
+
+    if runtime not in RUNTIMES:
+        raise RwkvExportError(f"unknown --runtime '{runtime}'; choose from {', '.join(RUNTIMES)}")
+    if part_bytes is not None and part_bytes <= 0:
+        raise RwkvExportError("--part-mb must be positive")
+    out = Path(out)
+    check_output_dir(out, force)
+    with staged_output_dir(out, force) as tmp:
+        if runtime == "ort-mobile":
+            onnx_dir = Path(tempfile.mkdtemp(prefix=".onnx-", dir=tmp))
+            res = export_onnx(source, onnx_dir / "onnx", quant=quant, quant_options=QuantOptions(),
+                              tokenizer=tokenizer, check=check, progress=progress)
+            manifest = res.manifest
+            src_dir = onnx_dir / "onnx"
+            _convert_to_ort([src_dir / g["file"] for g in manifest["graphs"]], tmp, progress)
+            for g in manifest["graphs"]:
+                g["onnx_parity"] = g.pop("parity")
+                g["format"], g["file"], g["data_files"] = "ort", Path(g["file"]).stem + ".ort", []
+            if manifest["tokenizer"].get("file"):
+                shutil.copyfile(src_dir / manifest["tokenizer"]["file"], tmp / manifest["tokenizer"]["file"])
+            shutil.rmtree(onnx_dir)
+            if check:
+                from .check import check_graphs
+                from .sources import source_from_manifest
+
+                ckpt = source_from_manifest(manifest["model"]["source"]).load(progress)
+                check_graphs(tmp, manifest, ckpt, progress=progress, raise_on_fail=True)
+        else:
+            from .export import export_target
+
+            manifest = export_target("tflite", source, tmp, quant=quant, tokenizer=tokenizer, check=check,
+                                     progress=progress)
+        manifest["bundle"] = {"runtime": runtime, "ops_config": OPS_CONFIG if runtime == "ort-mobile" else None,
+                              "integration": INTEGRATION}
+        (tmp / INTEGRATION).write_text(integration_doc(manifest))
+        if part_bytes:
+            split_into_parts(tmp, manifest, part_bytes)
+            manifest["bundle"]["part_bytes"] = part_bytes
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+# ---- INTEGRATION.md ---------------------------------------------------------------------------------------------
+
+
+def _fmt(x) -> str:
+    return repr(x) if not isinstance(x, float) else (f"{x:.1f}" if x == int(x) else repr(x))
+
+
+def integration_doc(m: dict) -> str:
+    """Generate INTEGRATION.md from the manifest alone (the same facts an app reads at run time)."""
+    md, st, gen, tok = m["model"], m["state"]["tensors"], m["generation"], m["tokenizer"]
+    runtime = m.get("bundle", {}).get("runtime") or ("tflite" if m["graphs"][0]["format"] == "tflite" else "ort-mobile")
+    g = m["graphs"][0]
+    tok_in = next(i for i in g["inputs"] if i["role"] == "token")
+    logits = next(o for o in g["outputs"] if o["role"] == "logits")
+    state_io = [(t, next(i for i in g["inputs"] if i.get("state") == t["name"]),
+                 next(o for o in g["outputs"] if o.get("state") == t["name"])) for t in st]
+    rows = "\n".join(f"| `{t['name']}` | `{i['name']}` | `{o['name']}` | {t['shape']} | {t['dtype']} | {_fmt(t['init'])} | {t['doc']} |"
+                     for t, i, o in state_io)
+    variants = "\n".join(f"| {x['variant']} | `{x['file']}` | {', '.join(p['file'] for p in x.get('parts', [])) or '-'} |"
+                         for x in m["graphs"])
+    if tok["kind"] == "bytes":
+        tok_text = "byte-level: token id = byte value (0–255); decode by concatenating the bytes as UTF-8."
+    else:
+        tok_text = (f"`{tok['file']}`, a Hugging Face `tokenizers` JSON (GPT-NeoX 20B BPE for Pile models). Use a "
+                    "tokenizers binding for your platform, or any ByteLevel-BPE implementation that reads this file.")
+    eos = " Token 0 is `<|endoftext|>`." if tok["kind"] != "bytes" else ""
+    parts_note = ""
+    if any("parts" in x for x in m["graphs"]):
+        parts_note = ("\nSome model files are split into parts (see the table). Concatenate the parts in order, check each "
+                      "part's sha256 (in `manifest.json`), and the whole file's `sha256`, before loading.\n")
+    sig = g.get("signature", "step")
+    kotlin, swift = _sketches(runtime, g, tok_in, logits, state_io, sig)
+    return f"""# Integrating this bundle ({runtime})
+
+Model: RWKV-{md['rwkv_version']}, {md['n_layer']} layers × {md['n_embd']}, ffn {md['ffn_dim']}, vocab {md['vocab_size']}.
+Everything below is also in `manifest.json`; an app should read it from there rather than copy these values.
+
+## Files
+
+| variant | model file | parts |
+|---|---|---|
+{variants}
+{parts_note}
+{"A reduced ONNX Runtime build for exactly these models: build ONNX Runtime with `--minimal_build --include_ops_by_config " + OPS_CONFIG + "`." if runtime == "ort-mobile" else "Signature: `" + sig + "` (run it by name; never rely on tensor order)."}
+
+Tokenizer: {tok_text}{eos}
+
+## Inputs and outputs
+
+- token input `{tok_in['name']}`: shape {tok_in['shape']}, {tok_in['dtype']}
+- logits output `{logits['name']}`: shape {logits['shape']}, {logits['dtype']}
+- state: five tensors in, the same five out (feed each output back as the matching input next step):
+
+| state | input | output | shape | dtype | initial value | meaning |
+|---|---|---|---|---|---|---|
+{rows}
+
+## The loop
+
+1. state = for each state tensor, a buffer of its shape filled with its initial value.
+2. For each prompt token t: run with token = [t] and the state; keep the outputs as the new state.
+3. Take the last logits; sample the next token; run it like a prompt token; append; repeat until you have enough
+   tokens{" or sample token 0" if tok["kind"] != "bytes" else ""}.
+4. To keep a conversation, keep the state: it is all the model remembers (RWKV has no KV cache).
+
+Sampling defaults: temperature {gen['temperature']}, top-p {gen['top_p']}, and the min-p rule: drop every token whose
+probability is below {gen['min_p_ratio']} · p_max^{gen['min_p_power']}, then renormalise. Temperature 0 means argmax.
+
+## Kotlin (Android) sketch
+
+```kotlin
+{kotlin}
+```
+
+## Swift (iOS) sketch
+
+```swift
+{swift}
+```
+"""
+
+
+def _sketches(runtime, g, tok_in, logits, state_io, sig):
+    names = [(i["name"], o["name"], t["shape"], t["init"]) for t, i, o in state_io]
+    n = names[0][2][0] * names[0][2][1]
+    if runtime == "ort-mobile":
+        init = "\n".join(f'    "{i}" to FloatArray({n}) {{ {_fmt(float(v))}f }},' for i, _, _, v in names)
+        feed = "\n".join(f'        "{i}" to OnnxTensor.createTensor(env, FloatBuffer.wrap(state.getValue("{i}")), longArrayOf({s[0]}, {s[1]})),'
+                         for i, _, s, _ in names)
+        back = "\n".join(f'    state["{i}"] = (out.get("{o}").get() as OnnxTensor).floatBuffer.array()' for i, o, _, _ in names)
+        kotlin = f"""import ai.onnxruntime.*
+import java.nio.FloatBuffer
+import java.nio.LongBuffer
+
+val env = OrtEnvironment.getEnvironment()
+val session = env.createSession(modelBytes, OrtSession.SessionOptions())   // {g['file']}
+val state = mutableMapOf(
+{init}
+)
+fun step(token: Long): FloatArray {{
+    val inputs = mapOf(
+        "{tok_in['name']}" to OnnxTensor.createTensor(env, LongBuffer.wrap(longArrayOf(token)), longArrayOf(1)),
+{feed}
+    )
+    val out = session.run(inputs)
+{back}
+    return (out.get("{logits['name']}").get() as OnnxTensor).floatBuffer.array()
+}}"""
+        sw_init = "\n".join(f'    "{i}": [Float](repeating: {_fmt(float(v))}, count: {n}),' for i, _, _, v in names)
+        sw_feed = "\n".join(f'    inputs["{i}"] = try ORTValue(tensorData: NSMutableData(data: Data(bytes: state["{i}"]!, count: {n} * 4)), elementType: .float, shape: [{s[0]}, {s[1]}])'
+                            for i, _, s, _ in names)
+        sw_back = "\n".join(f'    state["{i}"] = try floats(out["{o}"]!)' for i, o, _, _ in names)
+        swift = f"""import onnxruntime_objc
+
+let env = try ORTEnv(loggingLevel: .warning)
+let session = try ORTSession(env: env, modelPath: modelPath, sessionOptions: nil)   // {g['file']}
+var state: [String: [Float]] = [
+{sw_init}
+]
+func floats(_ v: ORTValue) throws -> [Float] {{
+    let d = try v.tensorData() as Data
+    return d.withUnsafeBytes {{ Array($0.bindMemory(to: Float.self)) }}
+}}
+func step(_ token: Int64) throws -> [Float] {{
+    var inputs: [String: ORTValue] = [:]
+    inputs["{tok_in['name']}"] = try ORTValue(tensorData: NSMutableData(data: withUnsafeBytes(of: token) {{ Data($0) }}), elementType: .int64, shape: [1])
+{sw_feed}
+    let out = try session.run(withInputs: inputs, outputNames: Set([{', '.join(f'"{o}"' for _, o, _, _ in names)}, "{logits['name']}"]), runOptions: nil)
+{sw_back}
+    return try floats(out["{logits['name']}"]!)
+}}"""
+        return kotlin, swift
+    tok_type = "IntArray" if tok_in["dtype"] == "int32" else "LongArray"
+    init = "\n".join(f'    "{i}" to Array({s[0]}) {{ FloatArray({s[1]}) {{ {_fmt(float(v))}f }} }},' for i, _, s, v in names)
+    outs = "\n".join(f'    val {o}_buf = Array({s[0]}) {{ FloatArray({s[1]}) }}' for _, o, s, _ in names)
+    kotlin = f"""import org.tensorflow.lite.Interpreter
+
+val interpreter = Interpreter(modelBuffer)   // {g['file']}
+var state = mutableMapOf<String, Any>(
+{init}
+)
+fun step(token: Int): FloatArray {{
+    val inputs = HashMap<String, Any>(state)
+    inputs["{tok_in['name']}"] = {tok_type.replace("Array", "")}Array(1) {{ token{".toLong()" if tok_type == "LongArray" else ""} }}
+    val logits = Array(1) {{ FloatArray({logits['shape'][-1]}) }}
+{outs}
+    val outputs = mutableMapOf<String, Any>("{logits['name']}" to logits{''.join(f', "{o}" to {o}_buf' for _, o, _, _ in names)})
+    interpreter.runSignature(inputs, outputs, "{sig}")
+{chr(10).join(f'    state["{i}"] = {o}_buf' for i, o, _, _ in names)}
+    return logits[0]
+}}"""
+    swift = f"""import TensorFlowLite
+
+let interpreter = try Interpreter(modelPath: modelPath)   // {g['file']}
+let runner = try interpreter.signatureRunner(with: "{sig}")
+var state: [String: Data] = [:]   // each: {names[0][2]} float32 filled with its initial value (manifest)
+func step(_ token: Int32) throws -> [Float] {{
+    var inputs = state
+    inputs["{tok_in['name']}"] = withUnsafeBytes(of: token) {{ Data($0) }}
+    try runner.invoke(with: inputs)
+{chr(10).join(f'    state["{i}"] = try runner.output(named: "{o}").data' for i, o, _, _ in names)}
+    let logits = try runner.output(named: "{logits['name']}").data
+    return logits.withUnsafeBytes {{ Array($0.bindMemory(to: Float.self)) }}
+}}"""
+    return kotlin, swift

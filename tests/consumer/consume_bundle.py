@@ -1,0 +1,98 @@
+"""A stand-alone app-like consumer of an rwkv-export bundle: it knows only the bundle.
+
+It imports nothing from rwkv_export or runtime_ref — only the runtime (onnxruntime or the LiteRT interpreter), numpy,
+and `tokenizers` for hf-tokenizers bundles — reads manifest.json, joins split parts (checking sha256), builds the
+fresh state from the manifest, feeds the prompt and prints the greedy continuation as JSON on stdout.
+
+    python -I consume_bundle.py BUNDLE_DIR PROMPT N_TOKENS [VARIANT]
+"""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def read_model_bytes(root: Path, graph: dict) -> bytes:
+    if "parts" not in graph:
+        data = (root / graph["file"]).read_bytes()
+        entry = next(f for f in MANIFEST["files"] if f["file"] == graph["file"])
+    else:
+        chunks = []
+        for p in graph["parts"]:
+            b = (root / p["file"]).read_bytes()
+            assert hashlib.sha256(b).hexdigest() == p["sha256"], f"part {p['file']} is damaged"
+            chunks.append(b)
+        data, entry = b"".join(chunks), graph
+    assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{graph['file']} is damaged"
+    return data
+
+
+def encode(text: str) -> list:
+    tok = MANIFEST["tokenizer"]
+    if tok["kind"] == "bytes":
+        return list(text.encode("utf-8"))
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(ROOT / tok["file"])).encode(text).ids
+
+
+class OrtModel:
+    def __init__(self, data: bytes, graph: dict):
+        import onnxruntime as ort
+
+        self.sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        self.graph = graph
+
+    def run(self, feeds: dict) -> dict:
+        names = [o["name"] for o in self.graph["outputs"]]
+        return dict(zip(names, self.sess.run(names, feeds)))
+
+
+class TFLiteModel:
+    def __init__(self, data: bytes, graph: dict):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interp = Interpreter(model_content=data)
+        self.runner = self.interp.get_signature_runner(graph.get("signature", "step"))
+
+    def run(self, feeds: dict) -> dict:
+        return self.runner(**feeds)
+
+
+DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float16": np.float16}
+
+if __name__ == "__main__":
+    ROOT = Path(sys.argv[1])
+    prompt, n = sys.argv[2], int(sys.argv[3])
+    variant = sys.argv[4] if len(sys.argv) > 4 else "fp32"
+    MANIFEST = json.loads((ROOT / "manifest.json").read_text())
+    graph = next(g for g in MANIFEST["graphs"] if g["kind"] == "step" and g["variant"] == variant)
+    data = read_model_bytes(ROOT, graph)
+    model = TFLiteModel(data, graph) if graph["format"] == "tflite" else OrtModel(data, graph)
+
+    token_in = next(i for i in graph["inputs"] if i["role"] == "token")
+    logits_out = next(o for o in graph["outputs"] if o["role"] == "logits")
+    state_in = {i["state"]: i for i in graph["inputs"] if i["role"] == "state"}
+    state_out = {o["state"]: o for o in graph["outputs"] if o["role"] == "state"}
+    state = {t["name"]: np.full(t["shape"], t["init"], dtype=DTYPES[t["dtype"]]) for t in MANIFEST["state"]["tensors"]}
+
+    def step(token: int) -> np.ndarray:
+        feeds = {token_in["name"]: np.array([token], dtype=DTYPES[token_in["dtype"]])}
+        feeds.update({state_in[s]["name"]: state[s] for s in state})
+        out = model.run(feeds)
+        for s in state:
+            state[s] = out[state_out[s]["name"]]
+        return out[logits_out["name"]]
+
+    for t in encode(prompt):
+        logits = step(t)
+    ids = []
+    for _ in range(n):
+        nxt = int(np.argmax(logits))
+        ids.append(nxt)
+        logits = step(nxt)
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("rwkv_export", "runtime_ref"))
+    print(json.dumps({"ids": ids, "leaked_modules": leaked}))
