@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ManifestError
-from .model import STATE_DOCS, STATE_INIT, STATE_NAMES
+from .state import STATE_DOCS, STATE_INIT, STATE_NAMES
 from .tokenizer import sha256_file
 
 MANIFEST_NAME = "manifest.json"

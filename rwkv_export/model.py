@@ -20,18 +20,7 @@ from torch import nn
 
 from .checkpoint import Checkpoint, ModelDims
 
-# The state contract: five tensors of [n_layer, n_embd], named here once. Everything downstream reads the manifest.
-STATE_NAMES = ("att_x", "att_aa", "att_bb", "att_pp", "ffn_x")
-STATE_DOCS = {
-    "att_x": "time mix: LN1 output of the previous token (token shift)",
-    "att_aa": "time mix: WKV numerator, sum of exp(k)*v with the decay applied, scaled by exp(-att_pp)",
-    "att_bb": "time mix: WKV denominator, sum of exp(k) with the decay applied, scaled by exp(-att_pp)",
-    "att_pp": "time mix: running max exponent that keeps att_aa/att_bb finite",
-    "ffn_x": "channel mix: LN2 output of the previous token (token shift)",
-}
-# Fresh-state values. att_pp must be very negative (exp(att_pp - p) == 0 for any real exponent p) yet finite in every
-# dtype a state may be held in (fp16's max is 65504); with att_aa = att_bb = 0 its exact value never matters.
-STATE_INIT = {"att_x": 0.0, "att_aa": 0.0, "att_bb": 0.0, "att_pp": -1.0e4, "ffn_x": 0.0}
+from .state import STATE_DOCS, STATE_INIT, STATE_NAMES  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import logging
 import warnings
 from pathlib import Path
 
-from ..model import STATE_NAMES
+from ..state import STATE_NAMES
 
 NAME = "onnx"
 DEFAULT_OPSET = 18

@@ -1,0 +1,152 @@
+"""Decode speed of the web demo in headless Chromium (onnxruntime-web, wasm, 1 and 2 threads) beside onnxruntime in
+Python, on the same files, for every ONNX step-graph variant an export folder's manifest lists.
+
+    python benchmarks/bench_web.py FOLDER [--tokens 64] [--threads 1,2]
+
+FOLDER is an export folder, e.g. the 169M shapes:  rwkv-export onnx builtin:169m-synthetic -o out169
+Both sides run the same greedy continuation of the same prompt after a warm-up, and report generated tokens per
+second (sampling + one step per token, as `rwkv-export generate` measures it). The prompt is fed token by token in
+both, and its time is reported apart.
+
+Needs: pip install playwright; apt-get install -y chromium; npm ci --prefix web_demo (no `playwright install`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+PROMPT = "\n\nThe RWKV language model is an RNN with transformer-level performance."
+WARMUP_TOKENS = 8
+LOAD_TIMEOUT_MS = 600_000  # a 680 MB fp32 graph: download + session creation take tens of seconds on 2 cores
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def browser_runs(url: str, variant: str, threads: int, tokens: int, browser) -> dict:
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(f"{url}?autoload=1&backend=wasm&verify=0&variant={variant}&threads={threads}")
+        page.wait_for_function("['ready','error','load-failed'].includes(document.body.dataset.status)",
+                               timeout=LOAD_TIMEOUT_MS)
+        if page.evaluate("document.body.dataset.status") != "ready":
+            return {"error": page.inner_text("#error")}
+        info = page.evaluate("window.rwkvDemo.loadInfo")
+        if info["numThreads"] != threads:
+            return {"error": f"page ran {info['numThreads']} threads, asked {threads}"}
+        gen = "o => window.rwkvDemo.generate(o)"
+        page.evaluate(gen, {"prompt": PROMPT, "temperature": 0, "maxTokens": WARMUP_TOKENS})
+        res = page.evaluate(gen, {"prompt": PROMPT, "temperature": 0, "maxTokens": tokens})
+        st = res["stats"]
+        return {
+            "tok_s": st["tokensPerSecond"], "n": st["generatedTokens"], "prompt_ms": st["promptMs"],
+            "prompt_tokens": st["promptTokens"], "load_s": info["totalSeconds"], "session_s": info["sessionSeconds"],
+            "ids": res["ids"], "errors": errors,
+        }
+    finally:
+        page.close()
+
+
+def python_runs(folder: Path, manifest: dict, graph: dict, threads: int, prompt_ids: list[int], tokens: int) -> dict:
+    import numpy as np
+
+    from rwkv_export.runners import OnnxStepRunner
+
+    runner = OnnxStepRunner(folder, manifest, graph, threads=threads)
+
+    def run(n):
+        state = runner.new_state()
+        t0 = time.perf_counter()
+        for tok in prompt_ids:
+            logits, state = runner.step(tok, state)
+        t1 = time.perf_counter()
+        ids = []
+        for _ in range(n):
+            ids.append(int(np.argmax(logits.reshape(-1))))
+            logits, state = runner.step(ids[-1], state)
+        t2 = time.perf_counter()
+        return ids, t1 - t0, t2 - t1
+
+    run(WARMUP_TOKENS)
+    ids, prompt_s, gen_s = run(tokens)
+    return {"tok_s": tokens / gen_s, "prompt_ms": 1000 * prompt_s, "ids": ids}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--tokens", type=int, default=64, help="generated tokens measured (after a warm-up)")
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+
+    from rwkv_export.errors import RwkvExportError
+    from rwkv_export.manifest import read_manifest
+    from rwkv_export.serve import serve_in_thread
+    from rwkv_export.tokenizer import TokenizerSpec, load_tokenizer
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        fail("Playwright is missing: pip install playwright (do not run `playwright install`)")
+    if not Path(CHROMIUM).exists():
+        fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    try:
+        server, url = serve_in_thread(args.folder)  # checks the folder (files, sizes, sha256)
+        manifest = read_manifest(args.folder, verify_files=False)
+        t = manifest["tokenizer"]
+        tok = load_tokenizer(TokenizerSpec("bytes") if t["kind"] == "bytes"
+                             else TokenizerSpec("hf-tokenizers", args.folder / t["file"]))
+    except RwkvExportError as e:
+        fail(str(e))
+    prompt_ids = tok.encode(PROMPT)
+    graphs = [g for g in manifest["graphs"] if g["kind"] == "step" and g["format"] == "onnx"]
+    sizes = {f["file"]: f["size"] for f in manifest["files"]}
+    rows = []
+    print(f"serving {args.folder} at {url}", file=sys.stderr)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        for g in graphs:
+            mb = sum(sizes.get(f, 0) for f in [g["file"], *g.get("data_files", [])]) / 1e6
+            for t in threads:
+                print(f"[{g['variant']}] browser wasm, {t} thread(s)…", file=sys.stderr, flush=True)
+                web = browser_runs(url, g["variant"], t, args.tokens, browser)
+                print(f"[{g['variant']}] onnxruntime Python, {t} thread(s)…", file=sys.stderr, flush=True)
+                py = python_runs(args.folder, manifest, g, t, prompt_ids, args.tokens)
+                rows.append((g, mb, t, web, py))
+        browser.close()
+    server.shutdown()
+
+    d = manifest["model"]
+    print(f"\n{d['n_layer']} layers x {d['n_embd']}, vocab {d['vocab_size']}; prompt {len(prompt_ids)} tokens fed one "
+          f"by one; {args.tokens} greedy tokens after {WARMUP_TOKENS} warm-up; tok/s of generated tokens\n")
+    print("| variant | file | threads | browser wasm tok/s | onnxruntime Python tok/s | browser/Python | "
+          "browser prompt | Python prompt | browser load (session) | same ids |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for g, mb, t, web, py in rows:
+        if "error" in web:
+            print(f"| {g['variant']} | {mb:.0f} MB | {t} | error: {web['error'][:80]} | {py['tok_s']:.1f} | | | | | |")
+            continue
+        same = "yes" if web["ids"] == py["ids"] else f"no ({sum(a == b for a, b in zip(web['ids'], py['ids']))}/{len(py['ids'])})"
+        print(f"| {g['variant']} | {mb:.0f} MB | {t} | {web['tok_s']:.1f} | {py['tok_s']:.1f} | "
+              f"{web['tok_s'] / py['tok_s']:.2f} | {web['prompt_ms']:.0f} ms | {py['prompt_ms']:.0f} ms | "
+              f"{web['load_s']:.1f} s ({web['session_s']:.1f} s) | {same} |")
+
+
+if __name__ == "__main__":
+    main()

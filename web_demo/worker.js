@@ -1,0 +1,359 @@
+// Module worker: downloads the model, runs onnxruntime-web, samples tokens. The page stays responsive because
+// all of this happens here. It deals in token ids only; the page owns the tokenizer.
+//
+// Messages in:  {type:'load', modelBase, manifest, variant, backend:'wasm'|'webgpu', numThreads, ortBase, verify,
+//                useSequence}
+//               {type:'generate', promptIds, params:{temperature, topP, minPRatio, minPPower, maxTokens, seed}, eosId}
+//               {type:'stop'}
+// Messages out: {type:'progress', phase, ...}, {type:'notice', message}, {type:'loaded', info},
+//               {type:'prompt', tokens, ms}, {type:'token', id, n, ms}, {type:'done', ...}, {type:'error', phase, message}
+
+import {
+  float16BitsToFloat32, float32ToFloat16Bits, graphFiles, ioByRole, sequenceGraph, stepGraph,
+} from './manifest.js';
+import { argmax, checkParams, makeRng, sampleToken } from './sampling.js';
+
+const PROGRESS_INTERVAL_MS = 100; // at most ~10 progress messages a second
+const ADAPTER_TIMEOUT_MS = 5000; // requestAdapter() may never settle on some drivers
+
+let ort = null;
+let model = null; // { manifest, step: {session, io, graph}, seq: {...}|null, backend }
+let stopRequested = false;
+let busy = false;
+
+const post = (msg) => self.postMessage(msg);
+
+class PhaseError extends Error {
+  constructor(phase, message) {
+    super(message);
+    this.phase = phase;
+  }
+}
+
+function errorText(e) {
+  if (e == null) return 'unknown error';
+  const msg = typeof e === 'string' ? e : (e.message || String(e));
+  return msg.trim() || (e.name ?? 'error');
+}
+
+// Lets queued messages (stop) be handled between tokens: a MessageChannel task, not setTimeout (clamped to 4 ms).
+function yieldToEvents() {
+  return new Promise((resolve) => {
+    const ch = new MessageChannel();
+    ch.port1.onmessage = () => { ch.port1.close(); resolve(); };
+    ch.port2.postMessage(0);
+  });
+}
+
+async function download(url, expectedSize, onBytes) {
+  let res;
+  try {
+    res = await fetch(url, { cache: 'no-cache' });
+  } catch (e) {
+    throw new PhaseError('download', `cannot fetch ${url}: ${errorText(e)}`);
+  }
+  if (!res.ok) throw new PhaseError('download', `${url}: HTTP ${res.status} ${res.statusText}`);
+  const header = Number(res.headers.get('Content-Length'));
+  const total = expectedSize ?? (Number.isFinite(header) && header > 0 ? header : null);
+  if (expectedSize != null && Number.isFinite(header) && header > 0 && header !== expectedSize) {
+    throw new PhaseError('download', `${url} is ${header} bytes but the manifest says ${expectedSize}: damaged or replaced`);
+  }
+  if (!res.body) {
+    const buf = new Uint8Array(await res.arrayBuffer());
+    onBytes(buf.length);
+    return buf;
+  }
+  const reader = res.body.getReader();
+  let buf = total != null ? new Uint8Array(total) : new Uint8Array(1 << 20);
+  let n = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    if (n + value.length > buf.length) {
+      if (total != null) {
+        await reader.cancel();
+        throw new PhaseError('download', `${url} is longer than the ${total} bytes the manifest lists: damaged or replaced`);
+      }
+      const bigger = new Uint8Array(Math.max(buf.length * 2, n + value.length));
+      bigger.set(buf.subarray(0, n));
+      buf = bigger;
+    }
+    buf.set(value, n);
+    n += value.length;
+    onBytes(value.length);
+  }
+  if (total != null && n !== total) {
+    throw new PhaseError('download', `${url} has ${n} bytes but the manifest lists ${total}: damaged or truncated`);
+  }
+  return total != null ? buf : buf.slice(0, n);
+}
+
+async function sha256Hex(bytes) {
+  const digest = await crypto.subtle.digest('SHA-256', bytes);
+  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+// Download every file of the graphs, with one progress bar over the total bytes.
+async function fetchGraphFiles(manifest, modelBase, graphs, verify) {
+  const files = graphs.flatMap((g) => graphFiles(manifest, g).map((f) => ({ ...f, graph: g })));
+  const total = files.every((f) => f.size != null) ? files.reduce((a, f) => a + f.size, 0) : null;
+  let loaded = 0;
+  let lastPost = 0;
+  const t0 = performance.now();
+  const out = new Map();
+  let verifyMs = 0;
+  for (const f of files) {
+    const url = new URL(f.file, modelBase).href;
+    const report = (force) => {
+      const now = performance.now();
+      if (!force && now - lastPost < PROGRESS_INTERVAL_MS) return;
+      lastPost = now;
+      post({ type: 'progress', phase: 'download', file: f.file, loaded, total, seconds: (now - t0) / 1000 });
+    };
+    report(true);
+    const bytes = await download(url, f.size, (k) => { loaded += k; report(false); });
+    report(true);
+    if (verify && f.sha256) {
+      if (!self.crypto?.subtle) {
+        post({ type: 'notice', message: `${f.file}: sha256 not checked (crypto.subtle needs a secure context: use http://127.0.0.1 or https)` });
+      } else {
+        post({ type: 'progress', phase: 'verify', file: f.file });
+        const tv = performance.now();
+        const got = await sha256Hex(bytes);
+        verifyMs += performance.now() - tv;
+        if (got !== f.sha256) {
+          throw new PhaseError('verify', `${f.file} does not match the manifest (sha256 ${got.slice(0, 12)}… ≠ ${f.sha256.slice(0, 12)}…): damaged or edited`);
+        }
+      }
+    }
+    out.set(f.file, bytes);
+  }
+  return { files: out, seconds: (performance.now() - t0 - verifyMs) / 1000, verifySeconds: verifyMs / 1000, bytes: loaded };
+}
+
+async function probeWebGPU() {
+  if (!self.navigator?.gpu) return { ok: false, why: 'this browser has no WebGPU (navigator.gpu is missing)' };
+  try {
+    const adapter = await Promise.race([
+      navigator.gpu.requestAdapter(),
+      new Promise((resolve) => setTimeout(() => resolve('timeout'), ADAPTER_TIMEOUT_MS)),
+    ]);
+    if (adapter === 'timeout') return { ok: false, why: 'requestAdapter() did not answer' };
+    if (!adapter) return { ok: false, why: 'navigator.gpu.requestAdapter() found no GPU adapter' };
+    return { ok: true };
+  } catch (e) {
+    return { ok: false, why: `requestAdapter() failed: ${errorText(e)}` };
+  }
+}
+
+async function importOrt(ortBase, backend, numThreads) {
+  // The wasm-only build loads the smaller plain wasm binary; the WebGPU build also runs the wasm EP.
+  const file = backend === 'webgpu' ? 'ort.webgpu.min.mjs' : 'ort.wasm.min.mjs';
+  try {
+    ort = await import(new URL(file, ortBase).href);
+  } catch (e) {
+    throw new PhaseError('runtime', `cannot load onnxruntime-web from ${ortBase}${file}: ${errorText(e)} ` +
+      '(run `npm ci --prefix web_demo`)');
+  }
+  ort.env.logLevel = 'error';
+  ort.env.wasm.wasmPaths = ortBase; // absolute: a relative path would resolve against the ORT module, not the page
+  ort.env.wasm.numThreads = numThreads;
+  ort.env.wasm.proxy = false; // already off the main thread
+}
+
+async function createSession(bytes, graph, files, backend) {
+  const opts = { executionProviders: [backend], graphOptimizationLevel: 'all' };
+  const data = graph.data_files || [];
+  if (data.length) {
+    // External data paths are relative to the .onnx file's folder.
+    const dir = graph.file.includes('/') ? graph.file.slice(0, graph.file.lastIndexOf('/') + 1) : '';
+    opts.externalData = data.map((f) => ({ path: f.startsWith(dir) ? f.slice(dir.length) : f, data: files.get(f) }));
+  }
+  return ort.InferenceSession.create(bytes, opts);
+}
+
+function tokenTensor(spec, ids) {
+  const shape = spec.shape.map((d) => (typeof d === 'number' ? d : ids.length));
+  const count = shape.reduce((a, b) => a * b, 1);
+  if (count !== ids.length) throw new Error(`input ${spec.name}: shape ${JSON.stringify(spec.shape)} cannot hold ${ids.length} tokens`);
+  const data = spec.dtype === 'int64' ? BigInt64Array.from(ids, (x) => BigInt(x)) : Int32Array.from(ids);
+  return new ort.Tensor(spec.dtype, data, shape);
+}
+
+function initialState(manifest, io) {
+  const state = {};
+  for (const t of manifest.state.tensors) {
+    const spec = io.stateIn.get(t.name);
+    const count = spec.shape.reduce((a, b) => a * b, 1);
+    const data = spec.dtype === 'float16'
+      ? new Uint16Array(count).fill(float32ToFloat16Bits(t.init))
+      : new Float32Array(count).fill(t.init);
+    state[t.name] = new ort.Tensor(spec.dtype, data, spec.shape);
+  }
+  return state;
+}
+
+// The last vocab-sized row of the logits output as float32 (a sequence graph may return [T, V]).
+function lastLogits(tensor, vocab) {
+  const d = tensor.data;
+  const start = d.length - vocab;
+  if (tensor.type === 'float16') {
+    const out = new Float32Array(vocab);
+    if (typeof Float16Array !== 'undefined' && d instanceof Float16Array) out.set(d.subarray(start));
+    else for (let i = 0; i < vocab; i++) out[i] = float16BitsToFloat32(d[start + i]);
+    return out;
+  }
+  return d.subarray(start);
+}
+
+async function runGraph(part, ids, state) {
+  const { session, io } = part;
+  const feeds = { [io.token.name]: tokenTensor(io.token, ids) };
+  for (const n of io.names) feeds[io.stateIn.get(n).name] = state[n];
+  const out = await session.run(feeds);
+  const next = {};
+  for (const n of io.names) next[n] = out[io.stateOut.get(n).name];
+  return { logits: lastLogits(out[io.logits.name], model.vocab), state: next };
+}
+
+async function load(msg) {
+  const { manifest, variant, modelBase, ortBase, numThreads, verify } = msg;
+  const t0 = performance.now();
+  let backend = msg.backend;
+  if (backend === 'webgpu') {
+    post({ type: 'progress', phase: 'probe' });
+    const probe = await probeWebGPU();
+    if (!probe.ok) {
+      post({ type: 'notice', kind: 'fallback', message: `WebGPU is not available (${probe.why}); using wasm instead.` });
+      backend = 'wasm';
+    }
+  }
+  const step = stepGraph(manifest, variant);
+  const seq = msg.useSequence ? sequenceGraph(manifest, variant) : null;
+  const graphs = seq ? [step, seq] : [step];
+  const stepIo = ioByRole(step, manifest);
+  const seqIo = seq ? ioByRole(seq, manifest) : null;
+
+  post({ type: 'progress', phase: 'runtime', backend, numThreads });
+  await importOrt(ortBase, backend, numThreads);
+
+  const dl = await fetchGraphFiles(manifest, modelBase, graphs, verify);
+
+  post({ type: 'progress', phase: 'session', backend, numThreads });
+  const tSession = performance.now();
+  const make = async (g) => {
+    try {
+      return await createSession(dl.files.get(g.file), g, dl.files, backend);
+    } catch (e) {
+      if (backend !== 'webgpu') throw e;
+      post({ type: 'notice', kind: 'fallback', message: `WebGPU session failed (${errorText(e).split('\n')[0]}); using wasm instead.` });
+      backend = 'wasm';
+      return createSession(dl.files.get(g.file), g, dl.files, backend);
+    }
+  };
+  let stepSession, seqSession = null;
+  try {
+    stepSession = await make(step);
+    if (seq) seqSession = await make(seq);
+  } catch (e) {
+    throw new PhaseError('session', `onnxruntime-web could not open ${step.file}: ${errorText(e)}`);
+  }
+  dl.files.clear(); // the sessions hold their own copies
+  const sessionSeconds = (performance.now() - tSession) / 1000;
+
+  const logitsShape = stepIo.logits.shape;
+  const vocab = typeof logitsShape[logitsShape.length - 1] === 'number' ? logitsShape[logitsShape.length - 1] : manifest.model.vocab_size;
+  model = {
+    manifest, backend, numThreads, vocab,
+    step: { session: stepSession, io: stepIo, graph: step },
+    seq: seqSession ? { session: seqSession, io: seqIo, graph: seq } : null,
+  };
+  // Warm-up: one step from the fresh state, so the first real token does not pay for lazy allocation.
+  post({ type: 'progress', phase: 'warmup' });
+  const tWarm = performance.now();
+  try {
+    await runGraph(model.step, [0], initialState(manifest, stepIo));
+  } catch (e) {
+    model = null;
+    throw new PhaseError('session', `the first step of ${step.file} failed: ${errorText(e)}`);
+  }
+  post({
+    type: 'loaded',
+    info: {
+      variant, backend, numThreads, file: step.file, sequence: seq ? seq.file : null,
+      bytes: dl.bytes, downloadSeconds: dl.seconds, verifySeconds: dl.verifySeconds, sessionSeconds,
+      warmupSeconds: (performance.now() - tWarm) / 1000, totalSeconds: (performance.now() - t0) / 1000,
+      crossOriginIsolated: self.crossOriginIsolated === true,
+    },
+  });
+}
+
+async function generate({ promptIds, params, eosId }) {
+  if (!model) throw new PhaseError('generate', 'no model loaded');
+  checkParams(params);
+  if (!promptIds.length) throw new PhaseError('generate', 'the prompt is empty (it encodes to no tokens)');
+  const bad = promptIds.find((id) => !(Number.isInteger(id) && id >= 0 && id < model.vocab));
+  if (bad !== undefined) throw new PhaseError('generate', `prompt token id ${bad} is outside the model's vocab [0, ${model.vocab})`);
+  const rng = makeRng(params.seed);
+  stopRequested = false;
+  let state = initialState(model.manifest, model.step.io);
+  let logits;
+  const t0 = performance.now();
+  let promptMode = 'step';
+  let promptRuns = 0;
+  if (model.seq && promptIds.length > 1) {
+    // A sequence graph takes at most max_chunk tokens per call (manifest); longer prompts go in chunks.
+    const chunk = Number.isInteger(model.seq.graph.max_chunk) && model.seq.graph.max_chunk > 0 ? model.seq.graph.max_chunk : promptIds.length;
+    for (let i = 0; i < promptIds.length; i += chunk) {
+      ({ logits, state } = await runGraph(model.seq, promptIds.slice(i, i + chunk), state));
+      promptRuns++;
+      await yieldToEvents();
+      if (stopRequested) break;
+    }
+    promptMode = 'sequence';
+  } else {
+    for (const id of promptIds) {
+      ({ logits, state } = await runGraph(model.step, [id], state));
+      promptRuns++;
+      await yieldToEvents();
+      if (stopRequested) break;
+    }
+  }
+  const t1 = performance.now();
+  post({ type: 'prompt', tokens: promptIds.length, ms: t1 - t0, mode: promptMode, runs: promptRuns });
+  const ids = [];
+  let reason = 'max_tokens';
+  for (let i = 0; i < params.maxTokens; i++) {
+    await yieldToEvents();
+    if (stopRequested) { reason = 'stopped'; break; }
+    const id = params.temperature === 0 ? argmax(logits) : sampleToken(logits, params, rng);
+    if (eosId != null && id === eosId) { reason = 'eos'; break; }
+    ids.push(id);
+    post({ type: 'token', id, n: ids.length, ms: performance.now() - t1 });
+    ({ logits, state } = await runGraph(model.step, [id], state));
+  }
+  if (stopRequested && reason === 'max_tokens' && ids.length < params.maxTokens) reason = 'stopped';
+  const t2 = performance.now();
+  post({
+    type: 'done', ids, reason, promptTokens: promptIds.length, promptMs: t1 - t0, promptMode, promptRuns,
+    generatedTokens: ids.length, generateMs: t2 - t1,
+  });
+}
+
+self.onmessage = async (event) => {
+  const msg = event.data;
+  if (msg.type === 'stop') { stopRequested = true; return; }
+  if (busy) { post({ type: 'error', phase: msg.type, fatal: false, message: 'busy: wait for the current run to finish' }); return; }
+  busy = true;
+  try {
+    if (msg.type === 'load') await load(msg);
+    else if (msg.type === 'generate') await generate(msg);
+    else throw new PhaseError('worker', `unknown message type ${msg.type}`);
+  } catch (e) {
+    post({ type: 'error', phase: e.phase ?? msg.type, fatal: msg.type === 'load', message: errorText(e) });
+  } finally {
+    busy = false;
+  }
+};
+
+post({ type: 'ready' });
