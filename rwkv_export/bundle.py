@@ -105,10 +105,15 @@ def make_bundle(source: str, out: str | Path, *, runtime: str = "ort-mobile", qu
                 ckpt = source_from_manifest(manifest["model"]["source"]).load(progress)
                 check_graphs(tmp, manifest, ckpt, progress=progress, raise_on_fail=True)
         else:
-            from .export import export_target
+            from .export import _check_target_installed, build_target
+            from .sources import Source
+            from .tokenizer import resolve_tokenizer
 
-            manifest = export_target("tflite", source, tmp, quant=quant, tokenizer=tokenizer, check=check,
-                                     progress=progress)
+            _check_target_installed("tflite")
+            src = Source(str(source))
+            ckpt = src.load(progress)
+            tok = resolve_tokenizer(ckpt.dims.vocab_size, tokenizer)
+            manifest, _ = build_target("tflite", tmp, src, ckpt, tok, quant=quant, check=check, progress=progress)
         manifest["bundle"] = {"runtime": runtime, "ops_config": OPS_CONFIG if runtime == "ort-mobile" else None,
                               "integration": INTEGRATION}
         (tmp / INTEGRATION).write_text(integration_doc(manifest))
@@ -130,15 +135,29 @@ def integration_doc(m: dict) -> str:
     """Generate INTEGRATION.md from the manifest alone (the same facts an app reads at run time)."""
     md, st, gen, tok = m["model"], m["state"]["tensors"], m["generation"], m["tokenizer"]
     runtime = m.get("bundle", {}).get("runtime") or ("tflite" if m["graphs"][0]["format"] == "tflite" else "ort-mobile")
-    g = m["graphs"][0]
+    g = next(x for x in m["graphs"] if x["kind"] == "step")
+    seqs = [x for x in m["graphs"] if x["kind"] == "sequence"]
     tok_in = next(i for i in g["inputs"] if i["role"] == "token")
     logits = next(o for o in g["outputs"] if o["role"] == "logits")
     state_io = [(t, next(i for i in g["inputs"] if i.get("state") == t["name"]),
                  next(o for o in g["outputs"] if o.get("state") == t["name"])) for t in st]
     rows = "\n".join(f"| `{t['name']}` | `{i['name']}` | `{o['name']}` | {t['shape']} | {t['dtype']} | {_fmt(t['init'])} | {t['doc']} |"
                      for t, i, o in state_io)
-    variants = "\n".join(f"| {x['variant']} | `{x['file']}` | {', '.join(p['file'] for p in x.get('parts', [])) or '-'} |"
-                         for x in m["graphs"])
+    variants = "\n".join(f"| {x['variant']} | {x['kind']} | `{x['file']}` | "
+                         f"{', '.join(p['file'] for p in x.get('parts', [])) or '-'} |" for x in m["graphs"])
+    prompt_note = ""
+    if seqs:
+        q = seqs[0]
+        q_tok = next(i for i in q["inputs"] if i["role"] == "tokens")
+        prompt_note = f"""
+## Prompts in one call
+
+Each `sequence` graph (e.g. `{q['file']}`) is the same model in GPT mode: input `{q_tok['name']}` of shape [T]
+({q_tok['dtype']}, 1 ≤ T ≤ {q['max_chunk']}) plus the same five state inputs; outputs the logits of the last token
+and the state after all T tokens — what T runs of the step graph give (within fp32 rounding), in one call that reads
+the weights once. In step 2 of the loop, feed the prompt through it in chunks of at most {q['max_chunk']} tokens (its
+`max_chunk`), passing the state from chunk to chunk; then decode with the step graph of the same variant.
+"""
     if tok["kind"] == "bytes":
         tok_text = "byte-level: token id = byte value (0–255); decode by concatenating the bytes as UTF-8."
     else:
@@ -158,8 +177,8 @@ Everything below is also in `manifest.json`; an app should read it from there ra
 
 ## Files
 
-| variant | model file | parts |
-|---|---|---|
+| variant | kind | model file | parts |
+|---|---|---|---|
 {variants}
 {parts_note}
 {"A reduced ONNX Runtime build for exactly these models: build ONNX Runtime with `--minimal_build --include_ops_by_config " + OPS_CONFIG + "`." if runtime == "ort-mobile" else "Signature: `" + sig + "` (run it by name; never rely on tensor order)."}
@@ -183,7 +202,7 @@ Tokenizer: {tok_text}{eos}
 3. Take the last logits; sample the next token; run it like a prompt token; append; repeat until you have enough
    tokens{" or sample token 0" if tok["kind"] != "bytes" else ""}.
 4. To keep a conversation, keep the state: it is all the model remembers (RWKV has no KV cache).
-
+{prompt_note}
 Sampling defaults: temperature {gen['temperature']}, top-p {gen['top_p']}, and the min-p rule: drop every token whose
 probability is below {gen['min_p_ratio']} · p_max^{gen['min_p_power']}, then renormalise. Temperature 0 means argmax.
 

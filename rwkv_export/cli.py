@@ -46,19 +46,21 @@ def onnx(
     int4_embedding: bool = typer.Option(False, "--int4-embedding", help="Quantize the embedding table to int4 too."),
     simplify: bool = typer.Option(False, "--simplify", help="Simplify the graph with onnxslim (extra: simplify)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Run the parity gate before writing (default on)."),
+    prefill: bool = typer.Option(True, "--prefill/--no-prefill",
+                                 help="Also export the prompt (GPT-mode sequence) graph of each variant."),
     opset: int = typer.Option(18, help="ONNX opset (>= 18)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress output."),
 ):
     """Export CHECKPOINT's RNN-mode step graph to ONNX, check it against the reference, write a folder."""
     try:
+        from .check import format_any
         from .export import QuantOptions, export_onnx, parse_quant
-        from .parity import format_report
 
         res = export_onnx(checkpoint, out, force=force, tokenizer=tokenizer, quant=parse_quant(quant),
                           quant_options=QuantOptions(int4_block_size, int4_embedding), simplify=simplify,
-                          check=check, opset=opset, progress=_progress(quiet))
+                          check=check, prefill=prefill, opset=opset, progress=_progress(quiet))
         for r in res.reports:
-            typer.echo(format_report(r))
+            typer.echo(format_any(r))
         typer.echo(f"wrote {res.out}/ ({', '.join(f['file'] for f in res.manifest['files'])}, manifest.json)")
     except RwkvExportError as e:
         _fail(e)
@@ -77,16 +79,59 @@ def quantize(
 ):
     """Add quantized variants to an existing export FOLDER (checked before they are added)."""
     try:
+        from .check import format_any
         from .export import QuantOptions, add_variants, parse_quant
-        from .parity import format_report
 
         res = add_variants(folder, parse_quant(quant), checkpoint=checkpoint, force=force, check=check,
                            quant_options=QuantOptions(int4_block_size, int4_embedding), progress=_progress(quiet))
         for r in res.reports:
-            typer.echo(format_report(r))
-        typer.echo(f"updated {res.out}/ (variants: {', '.join(g['variant'] for g in res.manifest['graphs'])})")
+            typer.echo(format_any(r))
+        graphs = [f"{g['variant']} {g['kind']}" for g in res.manifest["graphs"]]
+        typer.echo(f"updated {res.out}/ (graphs: {', '.join(graphs)})")
     except RwkvExportError as e:
         _fail(e)
+
+
+def _edge_command(target: str, checkpoint, out, force, tokenizer, quant, check, quiet):
+    try:
+        from .check import format_any
+        from .export import export_target, parse_quant
+
+        res = export_target(target, checkpoint, out, force=force, tokenizer=tokenizer, quant=parse_quant(quant, target),
+                            check=check, progress=_progress(quiet))
+        for r in res.reports:
+            typer.echo(format_any(r))
+        typer.echo(f"wrote {res.out}/ ({len(res.manifest['files'])} files, manifest.json)")
+    except RwkvExportError as e:
+        _fail(e)
+
+
+@app.command()
+def tflite(
+    checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (model*.tflite, manifest.json, tokenizer)."),
+    force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
+    tokenizer: Optional[str] = typer.Option(None, help="tokenizer.json to ship instead of the bundled one, or 'bytes'."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Extra variants, comma-separated: fp16,int8,int4."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Run the gates in the LiteRT interpreter first."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress output."),
+):
+    """Export CHECKPOINT to TFLite (LiteRT): one .tflite per variant with a `step` signature. Extra: [tflite]."""
+    _edge_command("tflite", checkpoint, out, force, tokenizer, quant, check, quiet)
+
+
+@app.command()
+def tfjs(
+    checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (tfjs*/model.json + shards, manifest.json)."),
+    force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
+    tokenizer: Optional[str] = typer.Option(None, help="tokenizer.json to ship instead of the bundled one, or 'bytes'."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Extra variants, comma-separated: fp16,uint8."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Run the gates in Node with @tensorflow/tfjs first."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress output."),
+):
+    """Export CHECKPOINT to a TF.js graph model (model.json + weight shards) per variant. Checking needs Node."""
+    _edge_command("tfjs", checkpoint, out, force, tokenizer, quant, check, quiet)
 
 
 @app.command()
@@ -96,14 +141,16 @@ def check(
     update_manifest: bool = typer.Option(False, "--update-manifest", help="Store the new parity results."),
     quiet: bool = typer.Option(False, "-q", "--quiet"),
 ):
-    """Re-run the parity gate of every graph in FOLDER against runtime_ref; exit nonzero past tolerance."""
+    """Re-run the gates of every graph in FOLDER against runtime_ref (parity; quality on the eval text for quantized
+    variants); exit nonzero past a tolerance or gate."""
     try:
-        from .check import check_folder
-        from .parity import format_report
+        from .check import check_folder, format_any, gate_all
 
-        reports = check_folder(folder, checkpoint, progress=_progress(quiet), update_manifest=update_manifest)
+        reports = check_folder(folder, checkpoint, progress=_progress(quiet), update_manifest=update_manifest,
+                               raise_on_fail=False)
         for r in reports:
-            typer.echo(format_report(r))
+            typer.echo(format_any(r))
+        gate_all(reports)
     except RwkvExportError as e:
         _fail(e)
 
@@ -139,7 +186,7 @@ def generate(
         sys.stdout.write("\n")
         if not quiet:
             typer.echo(
-                f"[prompt {stats.prompt_tokens} tokens in {stats.prompt_seconds:.2f} s; generated "
+                f"[prompt {stats.prompt_tokens} tokens in {stats.prompt_seconds:.2f} s ({stats.prompt_mode}); generated "
                 f"{stats.generated_tokens} tokens at {stats.tokens_per_second:.1f} tok/s]",
                 err=True,
             )

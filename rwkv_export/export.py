@@ -21,7 +21,12 @@ from .tokenizer import resolve_tokenizer
 STEP_FILE = "model.onnx"
 # variant -> file name (transformers.js-style names)
 VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx", "int4": "model_q4.onnx"}
+# the prompt (sequence, GPT-mode) graph of each variant, exported beside its step graph unless prefill=False
+PREFILL_FILES = {"fp32": "prefill.onnx", "fp16": "prefill_fp16.onnx", "int8": "prefill_int8.onnx",
+                 "int4": "prefill_q4.onnx"}
 QUANT_VARIANTS = ("fp16", "int8", "int4")
+# target -> the variants --quant accepts (besides fp32, always written)
+TARGET_VARIANTS = {"onnx": QUANT_VARIANTS, "tflite": ("fp16", "int8", "int4"), "tfjs": ("fp16", "uint8")}
 
 
 @dataclass
@@ -38,14 +43,15 @@ class ExportResult:
     reports: list
 
 
-def parse_quant(spec: str | None) -> list[str]:
-    """'fp16,int8' -> ['fp16', 'int8'], validated; '' or None -> []."""
+def parse_quant(spec: str | None, target: str = "onnx") -> list[str]:
+    """'fp16,int8' -> ['fp16', 'int8'], validated for the target; '' or None -> []."""
     if not spec:
         return []
+    allowed = TARGET_VARIANTS[target]
     names = [s.strip() for s in spec.split(",") if s.strip()]
-    bad = [n for n in names if n not in QUANT_VARIANTS]
+    bad = [n for n in names if n not in allowed]
     if bad:
-        raise RwkvExportError(f"unknown --quant variant '{bad[0]}'; choose from {', '.join(QUANT_VARIANTS)}")
+        raise RwkvExportError(f"unknown --quant variant '{bad[0]}' for {target}; choose from {', '.join(allowed)}")
     return list(dict.fromkeys(names))
 
 
@@ -63,30 +69,58 @@ def _graph_entry(root: Path, file: str, variant: str, files: list[str], info: di
     return entry
 
 
-def _make_variant(variant: str, root: Path, ckpt, options: QuantOptions, opset: int, progress: Progress) -> dict:
-    """Write one variant's file into `root` (fp32 must already be there for int8/int4); return its graph entry."""
+def _make_variant(variant: str, root: Path, ckpt, options: QuantOptions, opset: int, progress: Progress,
+                  prefill: bool = False) -> list[dict]:
+    """Write one variant's step graph (and, with prefill, its prompt graph) into `root`; fp32 must already be there
+    for int8/int4. Returns the graph entries."""
     from .targets import onnx as onnx_target
 
     file = VARIANT_FILES[variant]
     if variant == "fp16":
         from .model import RWKV4Step, StepOptions
+        from .targets import onnx_seq
 
         opts = StepOptions.for_variant("fp16")
+        info = {"method": "fp16", "rescale_every": opts.rescale_every, "state_dtype": "float32"}
+        module = RWKV4Step(ckpt, opts)
         with progress.stage(f"exporting {file} (fp16 weights and activations, fp32 state, rescale every "
                             f"{opts.rescale_every} layers)"):
-            files = onnx_target.export_step(RWKV4Step(ckpt, opts), root / file, opset)
-        return _graph_entry(root, file, variant, files, {"method": "fp16", "rescale_every": opts.rescale_every,
-                                                         "state_dtype": "float32"})
+            files = onnx_target.export_step(module, root / file, opset)
+        entries = [_graph_entry(root, file, variant, files, info)]
+        if prefill:
+            seq = PREFILL_FILES[variant]
+            with progress.stage(f"exporting {seq} (fp16 prompt graph)"):
+                files = onnx_seq.export_sequence(module, root / seq, opset)
+            entries.append({**onnx_seq.graph_entry(root / seq, files=files, variant=variant), "quantization": info})
+        return entries
     from . import quantize
 
-    src = root / VARIANT_FILES["fp32"]
-    with progress.stage(f"quantizing {file} ({variant})"):
+    def quantize_file(src: Path, dst: Path) -> dict:
         if variant == "int8":
-            info = quantize.quantize_int8(src, root / file, **options.extra.get("int8", {}))
-        else:
-            info = quantize.quantize_int4(src, root / file, block_size=options.int4_block_size,
-                                          include_embedding=options.int4_embedding)
-    return _graph_entry(root, file, variant, [file], info)
+            return quantize.quantize_int8(src, dst, **options.extra.get("int8", {}))
+        return quantize.quantize_int4(src, dst, block_size=options.int4_block_size,
+                                      include_embedding=options.int4_embedding)
+
+    with progress.stage(f"quantizing {file} ({variant})"):
+        info = quantize_file(root / VARIANT_FILES["fp32"], root / file)
+    entries = [_graph_entry(root, file, variant, [file], info)]
+    if prefill and (root / PREFILL_FILES["fp32"]).exists():
+        from .targets import onnx_seq
+
+        seq = PREFILL_FILES[variant]
+        with progress.stage(f"quantizing {seq} ({variant})"):
+            seq_info = quantize_file(root / PREFILL_FILES["fp32"], root / seq)
+        entries.append({**onnx_seq.graph_entry(root / seq, files=[seq], variant=variant), "quantization": seq_info})
+    return entries
+
+
+def _export_prefill(module, root: Path, opset: int, external_data, progress: Progress) -> dict:
+    from .targets import onnx_seq
+
+    file = PREFILL_FILES["fp32"]
+    with progress.stage(f"exporting {file} (prompt graph: T tokens per call, WKV as a parallel scan)"):
+        files = onnx_seq.export_sequence(module, root / file, opset, external_data=external_data)
+    return onnx_seq.graph_entry(root / file, files=files)
 
 
 def export_onnx(
@@ -99,6 +133,7 @@ def export_onnx(
     quant_options: QuantOptions = QuantOptions(),
     simplify: bool = False,
     check: bool = True,
+    prefill: bool = True,
     opset: int | None = None,
     external_data: bool | None = None,
     progress: Progress = QUIET,
@@ -117,6 +152,7 @@ def export_onnx(
             module = RWKV4Step(ckpt)
         with progress.stage(f"exporting {STEP_FILE} (torch.onnx dynamo, opset {opset})"):
             files = onnx_target.export_step(module, tmp / STEP_FILE, opset, external_data)
+        seq_entry = _export_prefill(module, tmp, opset, external_data, progress) if prefill else None
         del module
         if simplify:
             with progress.stage("simplifying with onnxslim"):
@@ -131,8 +167,10 @@ def export_onnx(
             tokenizer=tok.manifest_entry(tok_file),
         )
         manifest["graphs"].append(_graph_entry(tmp, STEP_FILE, "fp32", files))
+        if seq_entry:
+            manifest["graphs"].append(seq_entry)
         for variant in quant:
-            manifest["graphs"].append(_make_variant(variant, tmp, ckpt, quant_options, opset, progress))
+            manifest["graphs"] += _make_variant(variant, tmp, ckpt, quant_options, opset, progress, prefill)
         reports = []
         if check:
             from .check import check_graphs
@@ -170,17 +208,20 @@ def add_variants(folder: str | Path, quant: list[str], *, checkpoint: str | None
     stage = Path(tempfile.mkdtemp(prefix=".variants.partial-", dir=folder))
     try:
         fp32 = next(g for g in manifest["graphs"] if g["kind"] == "step" and g["variant"] == "fp32")
-        for f in [fp32["file"], *fp32["data_files"]]:
-            os.symlink(folder.resolve() / f, stage / f)
-        new = [_make_variant(v, stage, ckpt, quant_options, fp32.get("opset") or 18, progress) for v in quant]
+        seq32 = [g for g in manifest["graphs"] if g["kind"] == "sequence" and g["variant"] == "fp32"]
+        for g in [fp32, *seq32]:
+            for f in [g["file"], *g["data_files"]]:
+                os.symlink(folder.resolve() / f, stage / f)
+        new = [e for v in quant
+               for e in _make_variant(v, stage, ckpt, quant_options, fp32.get("opset") or 18, progress, bool(seq32))]
         reports = []
         if check:
             from .check import check_graphs
 
             staged = copy.deepcopy(manifest)
-            staged["graphs"] = [fp32, *new]
+            staged["graphs"] = new
             reports = check_graphs(stage, staged, ckpt, progress=progress, raise_on_fail=True, variants=list(quant))
-            new = [g for g in staged["graphs"] if g["variant"] in quant]  # now with their parity reports
+            new = staged["graphs"]  # now with their parity and quality reports
         for g in new:
             for f in [g["file"], *g["data_files"]]:
                 os.replace(stage / f, folder / f)
@@ -189,3 +230,80 @@ def add_variants(folder: str | Path, quant: list[str], *, checkpoint: str | None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return ExportResult(out=folder, manifest=manifest, reports=reports)
+
+
+def build_target(target: str, root: Path, src: Source, ckpt, tok, *, quant: list[str] = (), check: bool = True,
+                 progress: Progress = QUIET) -> tuple[dict, list]:
+    """Write the TFLite or TF.js files of `ckpt` (fp32 plus `quant` variants), the tokenizer and their checks into
+    the existing folder `root`; return (manifest, reports). The manifest is not written (the caller does)."""
+    from .model import RWKV4Step
+
+    variants = ["fp32", *[v for v in quant if v != "fp32"]]
+    with progress.stage("building the step graph"):
+        module = RWKV4Step(ckpt)
+    if target == "tflite":
+        from .targets import tflite
+
+        tflite.check_variants(variants, ckpt.dims)
+        with progress.stage(f"converting with litert-torch ({', '.join(variants)})"):
+            graphs = tflite.export_tflite(module, root, variants)
+    elif target == "tfjs":
+        from .targets import tfjs
+
+        tfjs.check_variants(variants)
+        with progress.stage(f"writing TF.js graph models ({', '.join(variants)})"):
+            graphs = tfjs.export_tfjs(module, root, variants)
+    else:
+        raise RwkvExportError(f"unknown target '{target}'; choose from onnx, tflite, tfjs")
+    del module
+    tok_file = None
+    if tok.kind == "hf-tokenizers":
+        tok_file = "tokenizer.json"
+        shutil.copyfile(tok.path, root / tok_file)
+    manifest = new_manifest(dims=ckpt.dims.as_dict(), source=src.manifest_entry(ckpt),
+                            tokenizer=tok.manifest_entry(tok_file))
+    manifest["graphs"] = graphs
+    reports = []
+    if check:
+        from .check import check_graphs
+
+        reports = check_graphs(root, manifest, ckpt, progress=progress, raise_on_fail=True)
+    return manifest, reports
+
+
+def export_target(target: str, source: str, out: str | Path, *, force: bool = False, tokenizer: str | None = None,
+                  quant: list[str] = (), check: bool = True, progress: Progress = QUIET) -> ExportResult:
+    """`rwkv-export tflite|tfjs`: like export_onnx, for the edge targets (staged, checked, then moved into place)."""
+    if target not in ("tflite", "tfjs"):
+        raise RwkvExportError(f"unknown target '{target}'; choose from tflite, tfjs")
+    bad = [v for v in quant if v not in TARGET_VARIANTS[target]]
+    if bad:
+        raise RwkvExportError(f"unknown --quant variant '{bad[0]}' for {target}; "
+                              f"choose from {', '.join(TARGET_VARIANTS[target])}")
+    _check_target_installed(target, check)
+    out = Path(out)
+    check_output_dir(out, force)
+    src = Source(str(source))
+    ckpt = src.load(progress)
+    tok = resolve_tokenizer(ckpt.dims.vocab_size, tokenizer)
+    with staged_output_dir(out, force) as tmp:
+        manifest, reports = build_target(target, tmp, src, ckpt, tok, quant=quant, check=check, progress=progress)
+        write_manifest(tmp, manifest)
+    return ExportResult(out=out, manifest=manifest, reports=reports)
+
+
+def _check_target_installed(target: str, check: bool = True) -> None:
+    """Fail before any slow work when a target's extra is missing (one line naming the install step)."""
+    from .errors import MissingExtraError
+
+    if target == "tflite":
+        import importlib.util
+
+        for mod, pkg in (("litert_torch", "litert-torch"), ("ai_edge_litert", "ai-edge-litert"),
+                         ("ai_edge_quantizer", "ai-edge-quantizer")):
+            if importlib.util.find_spec(mod) is None:
+                raise MissingExtraError(pkg, "tflite")
+    if target == "tfjs" and check:
+        from .tf_runners import require_node
+
+        require_node()

@@ -15,6 +15,7 @@ from .progress import QUIET, Progress
 class GenerationStats:
     prompt_tokens: int
     prompt_seconds: float
+    prompt_mode: str
     generated_tokens: int
     generate_seconds: float
     token_ids: list
@@ -26,7 +27,10 @@ class GenerationStats:
 
 def open_model(target: str, *, variant: str | None = None, tokenizer: str | None = None,
                progress: Progress = QUIET):
-    """An export folder -> (ONNX runner, tokenizer); a checkpoint or builtin:NAME -> (runtime_ref runner, tokenizer)."""
+    """An export folder -> (ONNX runner, tokenizer); a checkpoint or builtin:NAME -> (runtime_ref runner, tokenizer).
+
+    When the folder has a prompt (sequence) graph of the chosen variant, the runner gets it as `runner.prompt`
+    (OnnxSequenceRunner: `forward(tokens, state)`), and generate() feeds prompts through it in chunks."""
     from .tokenizer import TokenizerSpec, load_tokenizer, resolve_tokenizer
 
     p = Path(target)
@@ -36,7 +40,16 @@ def open_model(target: str, *, variant: str | None = None, tokenizer: str | None
 
         manifest = read_manifest(p)
         graph = find_graph(manifest, variant)
+        if graph["format"] not in ("onnx", "ort"):
+            raise RwkvExportError(f"generate runs ONNX/ORT graphs; {graph['file']} is {graph['format']} "
+                                  f"(check it with `rwkv-export check {p}`)")
         runner = OnnxStepRunner(p, manifest, graph)
+        seq = [g for g in manifest["graphs"] if g["kind"] == "sequence" and g["variant"] == graph["variant"]
+               and g["format"] == graph["format"]]
+        if seq:
+            from .seq_runner import OnnxSequenceRunner
+
+            runner.prompt = OnnxSequenceRunner(p, manifest, seq[0])
         t = manifest["tokenizer"]
         if tokenizer is not None:
             spec = resolve_tokenizer(manifest["model"]["vocab_size"], tokenizer)
@@ -64,8 +77,12 @@ def generate(runner, tokenizer, prompt: str, *, max_tokens: int = 100, temperatu
     gen = torch.Generator().manual_seed(seed)
     state = runner.new_state()
     t0 = time.perf_counter()
-    for tok in ids:
-        logits, state = runner.step(tok, state)
+    prompt_runner = getattr(runner, "prompt", None)
+    if prompt_runner is not None:  # GPT mode: the whole prompt in chunks of the graph's max_chunk
+        logits, state = prompt_runner.forward(ids, state)
+    else:
+        for tok in ids:
+            logits, state = runner.step(tok, state)
     t1 = time.perf_counter()
     out: list[int] = []
     dec = StreamDecoder(tokenizer)
@@ -80,4 +97,5 @@ def generate(runner, tokenizer, prompt: str, *, max_tokens: int = 100, temperatu
         logits, state = runner.step(tok, state)
     on_text(dec.flush())
     t2 = time.perf_counter()
-    return GenerationStats(len(ids), t1 - t0, len(out), t2 - t1, out)
+    mode = "prompt graph" if prompt_runner is not None else "token by token"
+    return GenerationStats(len(ids), t1 - t0, mode, len(out), t2 - t1, out)

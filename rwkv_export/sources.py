@@ -15,8 +15,11 @@ from .progress import QUIET, Progress
 from .tokenizer import sha256_file
 
 BUILTIN_PREFIX = "builtin:"
-# name -> (synthetic preset, seed, description)
+DATA_DIR = Path(__file__).parent / "data"
+# name -> (synthetic preset or a bundled checkpoint file under data/, seed, description)
 BUILTINS: dict[str, tuple[str, int, str]] = {
+    "tiny-pydoc": ("tiny-pydoc.safetensors", 0, "4 layers, C=128, bytes; TRAINED on CPython's docstrings (bf16, "
+                   "1.9 MB, ships with the package): it writes Python-doc-like text"),
     "tiny": ("tiny", 0, "2 layers, C=64, byte-level vocab 256, seeded synthetic weights (bf16)"),
     "tiny-ffn": ("tiny-ffn", 0, "3 layers, C=48, ffn 160 (not 4*C), vocab 300, synthetic (bf16)"),
     "169m-synthetic": ("169m", 0, "the exact RWKV-4-Pile-169M shapes (12 x 768, vocab 50277), synthetic (bf16)"),
@@ -39,6 +42,9 @@ class Source:
             from .synthetic import PRESETS, make_state_dict
 
             preset, seed, _ = BUILTINS[name]
+            if preset.endswith(".safetensors"):
+                with progress.stage(f"loading built-in model '{name}'"):
+                    return load_checkpoint(DATA_DIR / preset, progress=progress)
             with progress.stage(f"making built-in model '{name}'"):
                 sd = make_state_dict(PRESETS[preset], seed)
             return from_state_dict(sd, progress=progress)

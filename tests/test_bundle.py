@@ -18,12 +18,13 @@ N_GREEDY = 32
 runner = CliRunner()
 
 
-def consume(bundle: Path, prompt: str, variant: str = "fp32") -> list[int]:
+def consume(bundle: Path, prompt: str, variant: str = "fp32", prompt_graph: str | None = None) -> list[int]:
     # -I: isolated mode, so neither the repo nor the tests folder is on sys.path; env without PYTHONPATH
     out = subprocess.run([sys.executable, "-I", str(CONSUMER), str(bundle), prompt, str(N_GREEDY), variant],
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, check=True)
     res = json.loads(out.stdout)
     assert res["leaked_modules"] == []
+    assert res["prompt_graph"] == prompt_graph
     return res["ids"]
 
 
@@ -52,20 +53,24 @@ def ort_bundle(tmp_path_factory, ckpt):
 def test_ort_bundle_contents(ort_bundle):
     m = json.loads((ort_bundle / "manifest.json").read_text())
     assert m["bundle"]["runtime"] == "ort-mobile"
-    assert [g["format"] for g in m["graphs"]] == ["ort", "ort"]
+    assert [(g["format"], g["kind"], g["variant"]) for g in m["graphs"]] == [
+        ("ort", "step", "fp32"), ("ort", "sequence", "fp32"), ("ort", "step", "fp16"), ("ort", "sequence", "fp16")]
     assert all(len(g["parts"]) >= 3 and all(p["size"] <= 200_000 for p in g["parts"]) for g in m["graphs"])
     assert not any(p.suffix in (".onnx", ".ort") for p in ort_bundle.iterdir())  # only parts remain
     ops = (ort_bundle / "required_operators.config").read_text()
     assert "ai.onnx;" in ops and "MatMul" in ops and "/tmp" not in ops
     doc = (ort_bundle / "INTEGRATION.md").read_text()
-    for name in ("att_x_out", "att_pp", "-10000.0", "OrtSession", "ORTSession", "0.02"):
+    for name in ("att_x_out", "att_pp", "-10000.0", "OrtSession", "ORTSession", "0.02", "Prompts in one call",
+                 "prefill.ort"):
         assert name in doc, name
     assert all(g["onnx_parity"]["passed"] and g["parity"]["passed"] for g in m["graphs"])
 
 
 def test_consumer_knowing_only_the_bundle_generates_the_reference_tokens(ort_bundle, ckpt):
-    prompt = "The state is all the model remembers."
-    assert consume(ort_bundle, prompt) == reference_greedy(ckpt, list(prompt.encode()))
+    # 300+ bytes: more than the prompt graph's max_chunk (255), so the consumer feeds it in two chunks
+    prompt = "The state is all the model remembers. " * 8
+    assert len(prompt.encode()) > 255
+    assert consume(ort_bundle, prompt, prompt_graph="prefill.ort") == reference_greedy(ckpt, list(prompt.encode()))
 
 
 def test_consumer_detects_a_damaged_part(ort_bundle, tmp_path):
@@ -84,7 +89,9 @@ def test_consumer_detects_a_damaged_part(ort_bundle, tmp_path):
 def test_bundle_is_checkable(ort_bundle):
     res = runner.invoke(app, ["check", str(ort_bundle), "-q"])
     assert res.exit_code == 0, res.output
-    assert res.stdout.count("PASS") == 2
+    # parity of the four graphs, and the fp16 step graph's quality gate on the eval text
+    assert res.stdout.count("PASS") == 5, res.stdout
+    assert res.stdout.count("quality ort/fp16") == 1
 
 
 def test_bundle_cli_bad_runtime(tmp_path):
@@ -106,4 +113,19 @@ def test_consumer_with_the_neox_tokenizer(tmp_path):
     assert (out / "tokenizer.json").read_bytes() == NEOX_FILE.read_bytes()
     prompt = "Hello, world! Ünïcödé and code: def f(x):\n    return x"
     ids = Tokenizer.from_file(str(NEOX_FILE)).encode(prompt).ids
-    assert consume(out, prompt) == reference_greedy(ckpt, ids)
+    assert consume(out, prompt, prompt_graph="prefill.ort") == reference_greedy(ckpt, ids)
+
+
+def test_tflite_bundle_consumer(tmp_path, ckpt):
+    """The TFLite runtime: .tflite with its `step` signature; the consumer runs it in the LiteRT interpreter."""
+    res = runner.invoke(app, ["bundle", str(ckpt), "-o", str(tmp_path / "b"), "--runtime", "tflite", "--quant", "int8",
+                              "-q"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert [(g["format"], g["variant"], g["signature"]) for g in m["graphs"]] == [
+        ("tflite", "fp32", "step"), ("tflite", "int8", "step")]
+    assert m["graphs"][1]["quality"]["passed"]
+    doc = (tmp_path / "b" / "INTEGRATION.md").read_text()
+    assert "Signature: `step`" in doc and "Interpreter" in doc
+    prompt = "Phones run the step graph."
+    assert consume(tmp_path / "b", prompt) == reference_greedy(ckpt, list(prompt.encode()))

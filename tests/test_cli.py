@@ -63,7 +63,10 @@ def test_export_writes_folder_with_manifest_and_passing_parity(exported):
     m = json.loads((out / MANIFEST_NAME).read_text())
     assert m["format_version"] == 1 and m["model"]["rwkv_version"] == "4"
     assert (m["model"]["n_layer"], m["model"]["n_embd"], m["model"]["ffn_dim"], m["model"]["vocab_size"]) == (3, 48, 160, 300)
-    (g,) = m["graphs"]
+    g, seq = m["graphs"]  # the step graph, then the prompt graph (exported by default)
+    assert (seq["kind"], seq["file"], seq["variant"], seq["max_chunk"]) == ("sequence", "prefill.onnx", "fp32", 255)
+    assert next(i for i in seq["inputs"] if i["role"] == "tokens")["shape"] == ["T"]
+    assert seq["parity"]["passed"] and seq["parity"]["max_rel"] <= 1e-5 and seq["parity"]["state_max_rel"] <= 1e-5
     assert g["file"] == "model.onnx" and g["opset"] >= 18
     roles = {i["name"]: i["role"] for i in g["inputs"]}
     assert roles["token"] == "token" and [i["state"] for i in g["inputs"] if i["role"] == "state"] == [
@@ -73,7 +76,7 @@ def test_export_writes_folder_with_manifest_and_passing_parity(exported):
     p = g["parity"]
     assert p["passed"] and p["max_rel"] <= 1e-5 and p["greedy_identical"] and p["tokens"] >= 64
     listed = {f["file"]: f for f in m["files"]}
-    assert set(listed) == {"model.onnx"}
+    assert set(listed) == {"model.onnx", "prefill.onnx"}
     assert listed["model.onnx"]["size"] == (out / "model.onnx").stat().st_size
     assert all(s["init"] is not None and np.isfinite(np.float16(s["init"])) for s in m["state"]["tensors"])
 
@@ -124,7 +127,7 @@ def test_external_data_mechanism(tmp_path):
     """Models >= 2 GB must keep weights outside the protobuf; forced here on a tiny model to test the path."""
     from rwkv_export.export import export_onnx
 
-    res = export_onnx("builtin:tiny", tmp_path / "o", external_data=True)
+    res = export_onnx("builtin:tiny", tmp_path / "o", external_data=True, prefill=False)
     g = res.manifest["graphs"][0]
     assert g["data_files"] == ["model.onnx.data"]
     # the big weights move out; small constants may stay inline
@@ -232,7 +235,7 @@ def test_bad_existing_output_without_force(tmp_path):
     res = run("onnx", "builtin:tiny", "-o", out, "-q")
     assert res.exit_code != 0 and "use --force" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    res = run("onnx", "builtin:tiny", "-o", out, "-q", "--force", "--no-check")
+    res = run("onnx", "builtin:tiny", "-o", out, "-q", "--force", "--no-check", "--no-prefill")
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "model.onnx"]
 

@@ -44,9 +44,11 @@ def exported_fp16(tmp_path_factory, ffn_pth):
 
 def test_fp16_variant_has_the_same_io_contract(exported_fp16):
     m = json.loads((exported_fp16 / MANIFEST_NAME).read_text())
-    graphs = {g["variant"]: g for g in m["graphs"]}
+    graphs = {g["variant"]: g for g in m["graphs"] if g["kind"] == "step"}
     assert set(graphs) == {"fp32", "fp16"}
     assert graphs["fp16"]["file"] == "model_fp16.onnx"
+    seqs = {g["variant"]: g["file"] for g in m["graphs"] if g["kind"] == "sequence"}
+    assert seqs == {"fp32": "prefill.onnx", "fp16": "prefill_fp16.onnx"}
     strip = lambda ios: [{k: v for k, v in io.items()} for io in ios]  # noqa: E731
     assert strip(graphs["fp16"]["inputs"]) == strip(graphs["fp32"]["inputs"])
     assert strip(graphs["fp16"]["outputs"]) == strip(graphs["fp32"]["outputs"])
@@ -94,8 +96,10 @@ def test_quantize_command_adds_a_variant_to_an_existing_folder(tmp_path, ffn_pth
     res = run("quantize", out, "--quant", "fp16", "-q")
     assert res.exit_code == 0, res.output
     m = json.loads((out / MANIFEST_NAME).read_text())
-    assert [g["variant"] for g in m["graphs"]] == ["fp32", "fp16"]
-    assert {f["file"] for f in m["files"]} == {"model.onnx", "model_fp16.onnx"}
+    assert [(g["variant"], g["kind"]) for g in m["graphs"]] == [
+        ("fp32", "step"), ("fp32", "sequence"), ("fp16", "step"), ("fp16", "sequence")]
+    assert next(g for g in m["graphs"] if g["variant"] == "fp16" and g["kind"] == "step")["quality"]["passed"]
+    assert {f["file"] for f in m["files"]} == {"model.onnx", "model_fp16.onnx", "prefill.onnx", "prefill_fp16.onnx"}
     assert (out / "model.onnx").read_bytes() == before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     assert run("check", out, "-q").exit_code == 0

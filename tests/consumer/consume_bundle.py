@@ -87,12 +87,29 @@ if __name__ == "__main__":
             state[s] = out[state_out[s]["name"]]
         return out[logits_out["name"]]
 
-    for t in encode(prompt):
-        logits = step(t)
+    prompt_ids = encode(prompt)
+    seq = next((g for g in MANIFEST["graphs"] if g["kind"] == "sequence" and g["variant"] == variant), None)
+    if seq is not None:  # the prompt graph: the whole prompt in chunks of at most max_chunk tokens
+        seq_model = OrtModel(read_model_bytes(ROOT, seq), seq)
+        tokens_in = next(i for i in seq["inputs"] if i["role"] == "tokens")
+        seq_state_in = {i["state"]: i for i in seq["inputs"] if i["role"] == "state"}
+        seq_state_out = {o["state"]: o for o in seq["outputs"] if o["role"] == "state"}
+        seq_logits = next(o for o in seq["outputs"] if o["role"] == "logits")
+        for start in range(0, len(prompt_ids), seq["max_chunk"]):
+            chunk = prompt_ids[start:start + seq["max_chunk"]]
+            feeds = {tokens_in["name"]: np.array(chunk, dtype=DTYPES[tokens_in["dtype"]])}
+            feeds.update({seq_state_in[s]["name"]: state[s] for s in state})
+            out = seq_model.run(feeds)
+            for s in state:
+                state[s] = out[seq_state_out[s]["name"]]
+            logits = out[seq_logits["name"]][-1:]
+    else:
+        for t in prompt_ids:
+            logits = step(t)
     ids = []
     for _ in range(n):
         nxt = int(np.argmax(logits))
         ids.append(nxt)
         logits = step(nxt)
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("rwkv_export", "runtime_ref"))
-    print(json.dumps({"ids": ids, "leaked_modules": leaked}))
+    print(json.dumps({"ids": ids, "leaked_modules": leaked, "prompt_graph": seq["file"] if seq else None}))

@@ -1,0 +1,112 @@
+"""ONNX target, sequence graph: RWKV4Sequence (a prompt chunk of T tokens + state -> logits + state) with T dynamic.
+
+Mirrors targets/onnx.py's export_step: torch.onnx dynamo export at opset >= 18, the same state input/output names,
+"tokens" [T] int64 instead of "token" [1]. The token input's manifest role is "tokens"; a graph entry also carries
+"max_chunk" (the most tokens one call may take; runners feed longer prompts in chunks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..model import STATE_NAMES
+from . import onnx as onnx_target
+
+TOKENS_INPUT = "tokens"
+TOKENS_ROLE = "tokens"
+LOGITS_OUTPUT = onnx_target.LOGITS_OUTPUT
+SEQ_DIM = "T"  # the name of the dynamic token dimension in the graph
+
+INPUT_NAMES = [TOKENS_INPUT, *(onnx_target.state_input_name(s) for s in STATE_NAMES)]
+OUTPUT_NAMES = [LOGITS_OUTPUT, *(onnx_target.state_output_name(s) for s in STATE_NAMES)]
+
+# The traced example's T (any T works, the dimension is dynamic). Chosen so that no size the trace sees is 0 or 1
+# (torch.export specialises those): T-1, T-2 and the WKV scan's block count (3 to 10 blocks) are all >= 2.
+EXAMPLE_TOKENS = 19
+# ONNX metadata_props keys written by export_sequence
+META_MAX_CHUNK = "rwkv_export.max_chunk"
+META_ALL_LOGITS = "rwkv_export.all_logits"
+# The range torch.export is told T may take. It is wider than any max_chunk on purpose: the graph must stay valid
+# (shape-wise) past max_chunk so that its chunk guard, not a shape error, answers an over-long call.
+MAX_TRACE_T = 1 << 20
+
+
+def export_sequence(step_module, path: Path, opset: int = onnx_target.DEFAULT_OPSET, all_logits: bool = False,
+                    external_data: bool | None = None, max_chunk: int | None = None) -> list[str]:
+    """Export the sequence graph of an RWKV4Step to `path`. Returns the files written (the .onnx and, if used, its
+    external data). The graph takes 1 <= T <= max_chunk tokens per call (default seq_model.DEFAULT_MAX_CHUNK)."""
+    import torch
+    import torch.fx.experimental._config
+
+    from ..seq_model import DEFAULT_MAX_CHUNK, RWKV4Sequence
+
+    if opset < onnx_target.MIN_OPSET:
+        raise ValueError(f"opset {opset} is below the minimum {onnx_target.MIN_OPSET}")
+    path = Path(path)
+    module = RWKV4Sequence(step_module, all_logits=all_logits, max_chunk=max_chunk or DEFAULT_MAX_CHUNK).eval()
+    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    if external_data is None:
+        external_data = n_bytes >= onnx_target.EXTERNAL_DATA_THRESHOLD
+    dynamic_shapes = ({0: torch.export.Dim(SEQ_DIM, min=1, max=MAX_TRACE_T)}, *({} for _ in STATE_NAMES))
+    # backed_size_oblivious: sizes derived from T (the WKV scan's block count (T+1)//B) may be 0 or 1 at run time;
+    # without it torch.export guards on them being >= 2 (a contiguity check) and refuses a dynamic T. ONNX ops
+    # broadcast and index the same way whatever those sizes are, and the tests run T = 1 .. 1000 (0 to 31 blocks).
+    oblivious = torch.fx.experimental._config.patch(backed_size_oblivious=True)
+    with onnx_target._quiet_exporter(), torch.no_grad(), oblivious:
+        # torch.export first, on its own: it raises if any op pins T, where torch.onnx.export would quietly fall
+        # back to a looser trace. The same spec again below names the ONNX dimension "T".
+        torch.export.export(module, module.example_inputs(EXAMPLE_TOKENS), dynamic_shapes=dynamic_shapes)
+        program = torch.onnx.export(
+            module,
+            module.example_inputs(EXAMPLE_TOKENS),
+            dynamo=True,
+            opset_version=opset,
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            dynamic_shapes=dynamic_shapes,
+            optimize=True,
+            verbose=False,
+        )
+        # the graph's contract beyond its I/O, in the file itself (graph_entry reads it back for the manifest)
+        program.model.metadata_props[META_MAX_CHUNK] = str(module.max_chunk)
+        program.model.metadata_props[META_ALL_LOGITS] = str(int(all_logits))
+        program.save(str(path), external_data=external_data)
+    files = [path.name]
+    data = path.with_name(path.name + ".data")
+    if external_data and data.exists():
+        files.append(data.name)
+    return files
+
+
+def io_spec(path: Path) -> tuple[list[dict], list[dict], int | None]:
+    """targets.onnx.io_spec with the sequence graph's token input given its role, "tokens"."""
+    inputs, outputs, opset = onnx_target.io_spec(path)
+    for entry in inputs:
+        if entry["name"] == TOKENS_INPUT:
+            entry["role"] = TOKENS_ROLE
+    return inputs, outputs, opset
+
+
+def graph_meta(path: Path) -> dict:
+    """max_chunk and all_logits as export_sequence recorded them in the file's metadata."""
+    import onnx
+
+    from ..errors import ManifestError
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if META_MAX_CHUNK not in props:
+        raise ManifestError(f"{Path(path).name} is not a sequence graph made by export_sequence (no {META_MAX_CHUNK})")
+    return {"max_chunk": int(props[META_MAX_CHUNK]), "all_logits": props.get(META_ALL_LOGITS) == "1"}
+
+
+def graph_entry(path: Path, *, name: str = "prefill", files: list[str] | None = None, variant: str = "fp32") -> dict:
+    """The manifest "graphs" entry for an exported sequence graph: the step graph's fields plus max_chunk and
+    all_logits (read from the file)."""
+    path = Path(path)
+    inputs, outputs, opset = io_spec(path)
+    return {
+        "name": name, "kind": "sequence", "format": "onnx", "variant": variant,
+        "file": path.name, "data_files": list((files or [path.name])[1:]), "opset": opset,
+        **graph_meta(path),
+        "inputs": inputs, "outputs": outputs, "parity": None,
+    }

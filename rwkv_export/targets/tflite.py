@@ -1,0 +1,228 @@
+"""TFLite target (LiteRT, phones): the step graph as a `.tflite` with one named signature, `step`.
+
+Chain: litert-torch converts our torch module (RWKV4Step) directly — one model definition for every target, no
+TensorFlow install, no ONNX round trip. Quantized variants are derived from the converted fp32 flatbuffer with
+ai-edge-quantizer (the quantizer litert-torch itself calls for its recipes), so the slow torch conversion runs once
+however many variants are asked for.
+
+Contract (same as ONNX, read from the file into the manifest): signature `step`, inputs `token` [1] int32 and the five
+states [n_layer, n_embd] float32 under their STATE_NAMES; outputs `logits` [1, V] float32 and `<state>_out`.
+Every variant keeps float32 I/O; only the weights change.
+
+Token dtype: int32. LiteRT's converter lowers int64 to int32 unless told otherwise, TF.js has no int64 at all, and the
+mobile APIs (Kotlin/Java IntBuffer, Swift Int32) are int32-native; a vocabulary of 50,277 is far below 2^31. The
+wrapper takes int32 explicitly so the signature says what it is instead of relying on a silent downcast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from pathlib import Path
+
+from ..errors import MissingExtraError, RwkvExportError
+from ..model import STATE_NAMES
+
+NAME = "tflite"
+SIGNATURE = "step"
+TOKEN_INPUT = "token"
+LOGITS_OUTPUT = "logits"
+TOKEN_DTYPE = "int32"
+
+# variant -> what it is. int8/int4 are dynamic-range: int weights, activations quantized on the fly so XNNPACK runs
+# integer kernels (weight-only would be dequantized back to fp32 when the interpreter loads, saving file size only).
+VARIANTS = {
+    "fp32": "float32 weights and compute",
+    "fp16": "float16 weights (dequantized to fp32 at load; a GPU delegate may compute in fp16), fp32 I/O",
+    "int8": "dynamic range: int8 per-channel weights, activations quantized at run time",
+    "int4": "dynamic range: int4 weights in blocks of 32 along the input dim, activations quantized at run time",
+}
+INT4_BLOCK = 32  # ai-edge-quantizer's blockwise int4; channelwise int4 loses ~1/3 of top-1 on small models
+
+
+def file_name(variant: str) -> str:
+    return "model.tflite" if variant == "fp32" else f"model_{variant}.tflite"
+
+
+def state_output_name(state: str) -> str:
+    return f"{state}_out"
+
+
+def _import_litert_torch():
+    try:
+        with _quiet():  # its import prints torchao's optional-kernel notices
+            import litert_torch
+    except ImportError:
+        raise MissingExtraError("litert-torch", "tflite", "then run tools/install_edge_extras.sh") from None
+    return litert_torch
+
+
+def _import_quantizer():
+    try:
+        import ai_edge_quantizer
+        from ai_edge_quantizer import qtyping, quantizer, recipe, recipe_manager  # noqa: F401
+    except ImportError:
+        raise MissingExtraError("ai-edge-quantizer", "tflite") from None
+    return ai_edge_quantizer
+
+
+@contextlib.contextmanager
+def _quiet():
+    """litert-torch prints a progress tree and ai-edge-quantizer prints sizes and tqdm bars: keep our CLI's output ours."""
+    old = os.environ.get("LITERT_TORCH_SHOW_PROGRESS")
+    os.environ["LITERT_TORCH_SHOW_PROGRESS"] = "n"
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("LITERT_TORCH_SHOW_PROGRESS", None)
+        else:
+            os.environ["LITERT_TORCH_SHOW_PROGRESS"] = old
+
+
+def _signature_wrapper(module):
+    import torch
+
+    class StepSignature(torch.nn.Module):
+        """Named I/O for the converter: keyword inputs, a dict of outputs (names become the signature's names)."""
+
+        def __init__(self, step):
+            super().__init__()
+            self.step = step
+
+        def forward(self, token, att_x, att_aa, att_bb, att_pp, ffn_x):
+            logits, *states = self.step(token, att_x, att_aa, att_bb, att_pp, ffn_x)
+            out = {LOGITS_OUTPUT: logits}
+            out.update({state_output_name(n): s for n, s in zip(STATE_NAMES, states)})
+            return out
+
+    return StepSignature(module).eval()
+
+
+def convert_fp32(module) -> bytes:
+    """RWKV4Step -> fp32 .tflite flatbuffer bytes with the `step` signature."""
+    import torch
+
+    lt = _import_litert_torch()
+    state = module.new_state()
+    sample = {TOKEN_INPUT: torch.zeros(1, dtype=getattr(torch, TOKEN_DTYPE)), **{n: state[n] for n in STATE_NAMES}}
+    with _quiet(), torch.no_grad():
+        edge = lt.signature(SIGNATURE, _signature_wrapper(module), sample_kwargs=sample).convert()
+        return bytes(edge.model_content())
+
+
+def _recipe(variant: str):
+    _import_quantizer()
+    from ai_edge_quantizer import qtyping, recipe, recipe_manager
+
+    if variant == "int8":
+        return recipe.dynamic_wi8_afp32()
+    if variant == "int4":
+        return recipe.dynamic_wi4b32_afp32()
+    if variant == "fp16":  # litert-torch's full_fp16_recipe, spelled out for ai-edge-quantizer
+        rm = recipe_manager.RecipeManager()
+        rm.add_quantization_config(
+            regex=".*",
+            operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+            op_config=qtyping.OpQuantizationConfig(
+                weight_tensor_config=qtyping.TensorQuantizationConfig(
+                    num_bits=16, symmetric=True, granularity=qtyping.QuantGranularity.TENSORWISE,
+                    dtype=qtyping.TensorDataType.FLOAT),
+                compute_precision=qtyping.ComputePrecision.FLOAT,
+                explicit_dequantize=True,
+            ),
+            algorithm_key=recipe.AlgorithmName.FLOAT_CASTING,
+        )
+        return rm.get_quantization_recipe()
+    raise ValueError(f"no quantization recipe for variant '{variant}'")
+
+
+def quantize(fp32_model: bytes, variant: str) -> bytes:
+    """Derive a quantized variant from the fp32 flatbuffer."""
+    if variant == "fp32":
+        return fp32_model
+    rec = _recipe(variant)
+    from ai_edge_quantizer import quantizer
+
+    with _quiet():
+        return bytes(quantizer.Quantizer(bytearray(fp32_model), rec).quantize().quantized_model)
+
+
+def check_variants(variants, dims=None) -> list[str]:
+    """Validate variant names (and, given model dims, that the model's shapes allow them) before any slow work."""
+    variants = list(dict.fromkeys(variants))
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise RwkvExportError(f"unknown tflite variant(s) {', '.join(unknown) or '(none given)'}; "
+                              f"choose from {', '.join(VARIANTS)}")
+    if "int4" in variants and dims is not None:
+        bad = [f"{k}={getattr(dims, k)}" for k in ("n_embd", "ffn_dim") if getattr(dims, k) % INT4_BLOCK]
+        if bad:
+            raise RwkvExportError(f"int4 quantizes in blocks of {INT4_BLOCK} along each matmul's input; "
+                                  f"this model has {', '.join(bad)}, not divisible by {INT4_BLOCK}")
+    return variants
+
+
+def export_tflite(module, out_dir: Path, variants=("fp32",)) -> list[dict]:
+    """Convert `module` (an RWKV4Step) once, write one .tflite per variant into `out_dir`, return their manifest
+    graph entries (format "tflite", "parity": None until a check fills it in)."""
+    out_dir = Path(out_dir)
+    variants = check_variants(variants, getattr(module, "dims", None))
+    if any(v != "fp32" for v in variants):
+        _import_quantizer()  # fail before the slow conversion
+    fp32 = convert_fp32(module)
+    entries = []
+    for variant in variants:
+        path = out_dir / file_name(variant)
+        path.write_bytes(quantize(fp32, variant))
+        inputs, outputs = io_spec(path)
+        entries.append({
+            "name": "step", "kind": "step", "format": NAME, "variant": variant, "file": path.name,
+            "data_files": [], "signature": SIGNATURE, "quantization": VARIANTS[variant],
+            "inputs": inputs, "outputs": outputs, "parity": None,
+        })
+    return entries
+
+
+def _interpreter(path_or_bytes, threads: int | None = None):
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        raise MissingExtraError("ai-edge-litert", "tflite") from None
+    kw = {"model_path": str(path_or_bytes)} if isinstance(path_or_bytes, (str, Path)) else {
+        "model_content": bytes(path_or_bytes)}
+    return Interpreter(num_threads=threads, **kw)
+
+
+_NP_NAMES = {"float32": "float32", "float16": "float16", "int32": "int32", "int64": "int64"}
+
+
+def io_spec(path: Path) -> tuple[list[dict], list[dict]]:
+    """Read the `step` signature from the file itself and give each input/output its role in the step contract.
+    Order follows the step contract (token, states in STATE_NAMES order), not the converter's alphabetical order."""
+    import numpy as np
+
+    sig = _interpreter(path).get_signature_runner(SIGNATURE)
+    ins, outs = sig.get_input_details(), sig.get_output_details()
+
+    def describe(name, d, role, state=None):
+        e = {"name": name, "dtype": _NP_NAMES.get(np.dtype(d["dtype"]).name, np.dtype(d["dtype"]).name),
+             "shape": [int(x) for x in d["shape"]], "role": role}
+        if state:
+            e["state"] = state
+        return e
+
+    def take(table, name, *args):
+        if name not in table:
+            raise RwkvExportError(f"{Path(path).name}: signature '{SIGNATURE}' has no '{name}' "
+                                  f"(has {', '.join(sorted(table))})")
+        return describe(name, table[name], *args)
+
+    inputs = [take(ins, TOKEN_INPUT, "token")] + [take(ins, s, "state", s) for s in STATE_NAMES]
+    outputs = [take(outs, LOGITS_OUTPUT, "logits")] + [take(outs, state_output_name(s), "state", s) for s in STATE_NAMES]
+    return inputs, outputs

@@ -1,0 +1,198 @@
+"""Runners for the edge targets, with OnnxStepRunner's interface (new_state / step), driven by the manifest alone:
+
+- TFLiteStepRunner: the `.tflite` in the LiteRT interpreter (ai-edge-litert), through its named signature;
+- TFJSStepRunner: the TF.js graph model in Node with @tensorflow/tfjs (pure-JS CPU backend). One Node process per
+  runner, kept alive and fed one JSON line per step (tests/js/tfjs_step.mjs), so a 96-step parity run is one launch.
+
+Also `quality`, the measures quantized variants are judged by (top-1 agreement and KL against a reference).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ManifestError, RwkvExportError
+from .runners import NP_DTYPES, io_by_role, new_state_from_manifest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NODE_DIR = REPO_ROOT / "tests" / "js"  # package.json + lockfile: `npm ci --prefix tests/js`
+NODE_SCRIPT = "tfjs_step.mjs"
+NODE_MIN_MAJOR = 20
+
+
+class TFLiteStepRunner:
+    def __init__(self, root: Path, manifest: dict, graph: dict, threads: int | None = None):
+        from .targets.tflite import SIGNATURE, _interpreter
+
+        self.manifest, self.graph = manifest, graph
+        self.io = io_by_role(graph)
+        path = Path(root) / graph["file"]
+        if not path.is_file():
+            raise ManifestError(f"{graph['file']} is listed in the manifest but missing from {root}")
+        self.interpreter = _interpreter(path, threads)
+        sigs = self.interpreter.get_signature_list()
+        name = graph.get("signature", SIGNATURE)
+        if name not in sigs:
+            raise ManifestError(f"{graph['file']} has no signature '{name}' (has {', '.join(sigs) or 'none'})")
+        self.runner = self.interpreter.get_signature_runner(name)
+        self._token_dtype = NP_DTYPES[self.io["token"]["dtype"]]
+
+    def new_state(self) -> dict:
+        return new_state_from_manifest(self.manifest, self.graph)
+
+    def step(self, token: int, state: dict):
+        feeds = {self.io["token"]["name"]: np.array([token], dtype=self._token_dtype)}
+        for s, spec in self.io["state_in"].items():
+            feeds[spec["name"]] = np.asarray(state[s], dtype=NP_DTYPES[spec["dtype"]])
+        outs = self.runner(**feeds)
+        # the interpreter reuses its output buffers: copy before the next call overwrites them
+        logits = np.array(outs[self.io["logits"]["name"]])
+        return logits, {s: np.array(outs[self.io["state_out"][s]["name"]]) for s in self.io["state_in"]}
+
+
+def _node_version(node: str) -> int:
+    out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30)
+    try:
+        return int(out.stdout.strip().lstrip("v").split(".")[0])
+    except ValueError:
+        return 0
+
+
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a, dtype=np.float32).tobytes()).decode("ascii")
+
+
+def _unb64(s: str, shape) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(s), dtype=np.float32).reshape(shape).copy()
+
+
+def require_node(node_dir: Path | None = None) -> str:
+    """The `node` executable, after checking it is recent enough and @tensorflow/tfjs is installed for it."""
+    node_dir = Path(node_dir or NODE_DIR)
+    node = shutil.which("node")
+    hint = f"install Node >= {NODE_MIN_MAJOR} and run `npm ci --prefix {node_dir}` (see tools/install_edge_extras.sh)"
+    if node is None or _node_version(node) < NODE_MIN_MAJOR:
+        raise RwkvExportError(f"running a TF.js model needs Node >= {NODE_MIN_MAJOR}: {hint}")
+    if not (node_dir / "node_modules" / "@tensorflow" / "tfjs-converter").is_dir():
+        raise RwkvExportError(f"running a TF.js model needs @tensorflow/tfjs in {node_dir}: {hint}")
+    return node
+
+
+class TFJSStepRunner:
+    """The TF.js graph model in a persistent Node process. Close it (or use `with`) to end the process."""
+
+    def __init__(self, root: Path, manifest: dict, graph: dict, node_dir: Path | None = None, timeout: float = 600):
+        self.manifest, self.graph = manifest, graph
+        self.io = io_by_role(graph)
+        self.timeout = timeout
+        self.node_rss_mb = None
+        node_dir = Path(node_dir or NODE_DIR)
+        node = require_node(node_dir)
+        model = Path(root) / graph["file"]
+        if not model.is_file():
+            raise ManifestError(f"{graph['file']} is listed in the manifest but missing from {root}")
+        self._shapes = {o["state"]: o["shape"] for o in graph["outputs"] if o["role"] == "state"}
+        self._logits_shape = self.io["logits"]["shape"]
+        # stderr to a file, not a pipe: nobody drains it while stepping, and a full pipe would block Node
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([node, str(node_dir / NODE_SCRIPT), str(model)], cwd=node_dir,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        hello = self._read()
+        self.backend = hello.get("backend")
+        if set(hello.get("states", [])) != set(self.io["state_in"]):
+            self.close()
+            raise ManifestError(f"{graph['file']}: model.json's signature states {hello.get('states')} differ from "
+                                f"the manifest's {sorted(self.io['state_in'])}")
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.close()
+            self._stderr.seek(0)
+            last = (self._stderr.read().strip().splitlines() or ["(no output)"])[-1]
+            raise RwkvExportError(f"the TF.js Node process ended without answering: {last}")
+        msg = json.loads(line)
+        if "error" in msg:
+            raise RwkvExportError(f"TF.js ({self.graph['file']}): {msg['error']}")
+        return msg
+
+    def _ask(self, req: dict) -> dict:
+        if self.proc is None or self.proc.poll() is not None:
+            raise RwkvExportError("the TF.js Node process is not running")
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def _state_req(self, state: dict) -> dict:
+        return {self.io["state_in"][s]["name"]: _b64(state[s]) for s in self.io["state_in"]}
+
+    def _state_resp(self, st: dict) -> dict:
+        # the Node side keys states by the signature's input names, which the manifest records as each input's name
+        by_input = {spec["name"]: s for s, spec in self.io["state_in"].items()}
+        return {by_input[k]: _unb64(v, self._shapes[by_input[k]]) for k, v in st.items()}
+
+    def new_state(self) -> dict:
+        return new_state_from_manifest(self.manifest, self.graph)
+
+    def step(self, token: int, state: dict):
+        r = self._ask({"op": "step", "token": int(token), "state": self._state_req(state)})
+        return _unb64(r["logits"], self._logits_shape), self._state_resp(r["state"])
+
+    def greedy(self, token: int, n: int, state: dict) -> tuple[list[int], float, dict]:
+        """n greedy steps inside Node (no per-step IPC): (tokens, seconds spent in Node, final state).
+        The Node process's resident memory afterwards (MB) is kept in `self.node_rss_mb`."""
+        r = self._ask({"op": "greedy", "token": int(token), "n": int(n), "state": self._state_req(state)})
+        self.node_rss_mb = r.get("rss_mb")
+        return r["tokens"], r["seconds"], self._state_resp(r["state"])
+
+    def close(self) -> None:
+        p, self.proc = getattr(self, "proc", None), None
+        if p is not None and p.poll() is None:
+            p.stdin.close()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def quality(runner, ref, tokens: list[int]) -> dict:
+    """Teacher-forced over `tokens`, each side carrying its own state: top-1 agreement with `ref` and KL(ref || runner)
+    of the next-token distributions (mean and max over steps, in nats). `ref` is a runner too (e.g. ReferenceRunner or
+    another export), so a quantized variant can be judged against the reference or against its own fp32 export."""
+    ms, rs = runner.new_state(), ref.new_state()
+    top1, kls = 0, []
+    for tok in tokens:
+        m, ms = runner.step(tok, ms)
+        r, rs = ref.step(tok, rs)
+        m = np.asarray(m, np.float64).reshape(-1)
+        r = np.asarray(r, np.float64).reshape(-1)
+        lr, lm = _log_softmax(r), _log_softmax(m)
+        kls.append(float((np.exp(lr) * (lr - lm)).sum()))
+        top1 += int(m.argmax() == r.argmax())
+    return {"tokens": len(tokens), "top1_agreement": top1 / len(tokens), "kl_mean": float(np.mean(kls)),
+            "kl_max": float(np.max(kls))}

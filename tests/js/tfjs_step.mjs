@@ -1,0 +1,124 @@
+// Step server for a TF.js graph model, driven by rwkv_export.tf_runners.TFJSStepRunner (one Node process per runner).
+//
+//   node tfjs_step.mjs path/to/model.json
+//
+// Loads the model with @tensorflow/tfjs (pure-JS CPU backend), then answers one JSON line per request line on stdin:
+//   {"op": "step", "token": 5, "state": {"att_x": "<base64 float32>", ...}}
+//     -> {"logits": "<base64 float32>", "state": {"att_x": "<base64 float32>", ...}}
+//   {"op": "greedy", "token": 5, "n": 32, "state": {...}}   (n steps in Node, each feeding back its argmax; timed)
+//     -> {"tokens": [...], "seconds": 1.23, "state": {...}, "rss_mb": 1234.5}
+// Every name is resolved through model.json's `signature` (logical name -> tensor), never by position: inputs are the
+// signature's input keys, the logits are the output whose key is "logits" and each state `s` comes back from the
+// output `${s}_out`. The first line written is {"ready": true, ...} or {"error": "..."}; stdout carries nothing else.
+import { readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { createInterface } from 'node:readline';
+
+// TF.js greets Node users on the console; keep stdout for the protocol.
+for (const k of ['log', 'info', 'warn', 'debug']) console[k] = (...a) => process.stderr.write(a.join(' ') + '\n');
+
+const reply = (obj) => process.stdout.write(JSON.stringify(obj) + '\n');
+const LOGITS = 'logits';
+const stateOut = (s) => `${s}_out`;
+
+function b64ToF32(s) {
+  const u8 = Buffer.from(s, 'base64');
+  const f = new Float32Array(u8.byteLength / 4);
+  new Uint8Array(f.buffer).set(u8);
+  return f;
+}
+const f32ToB64 = (f) => Buffer.from(f.buffer, f.byteOffset, f.byteLength).toString('base64');
+
+async function load(modelPath) {
+  const tf = await import('@tensorflow/tfjs-core');
+  await import('@tensorflow/tfjs-backend-cpu');
+  const tfconv = await import('@tensorflow/tfjs-converter');
+  await tf.setBackend('cpu');
+  await tf.ready();
+  const json = JSON.parse(readFileSync(modelPath, 'utf8'));
+  const dir = dirname(modelPath);
+  const weightSpecs = [];
+  const parts = [];
+  for (const group of json.weightsManifest) {
+    weightSpecs.push(...group.weights);
+    for (const p of group.paths) parts.push(readFileSync(join(dir, p)));
+  }
+  const all = Buffer.concat(parts);
+  const weightData = all.buffer.slice(all.byteOffset, all.byteOffset + all.byteLength);
+  const model = await tfconv.loadGraphModel(tf.io.fromMemory({
+    modelTopology: json.modelTopology, weightSpecs, weightData, format: json.format,
+    generatedBy: json.generatedBy, convertedBy: json.convertedBy, signature: json.signature,
+  }));
+  const sig = json.signature;
+  if (!sig || !sig.inputs || !sig.outputs) throw new Error(`${modelPath} has no signature`);
+  if (!sig.inputs.token || !sig.outputs[LOGITS]) throw new Error('signature lacks "token" or "logits"');
+  const states = Object.keys(sig.inputs).filter((k) => k !== 'token');
+  for (const s of states) if (!sig.outputs[stateOut(s)]) throw new Error(`signature lacks output ${stateOut(s)}`);
+  const shape = (spec) => (spec.tensorShape.dim || []).map((d) => Number(d.size));
+  const outNames = [sig.outputs[LOGITS].name, ...states.map((s) => sig.outputs[stateOut(s)].name)];
+  const tokenDtype = sig.inputs.token.dtype === 'DT_INT32' ? 'int32' : 'float32';
+
+  // one step: token (int) + state (name -> Float32Array) -> {logits, state}
+  function step(token, state) {
+    const feeds = { [sig.inputs.token.name]: tf.tensor([token], shape(sig.inputs.token), tokenDtype) };
+    for (const s of states) feeds[sig.inputs[s].name] = tf.tensor(state[s], shape(sig.inputs[s]), 'float32');
+    const outs = model.execute(feeds, outNames);
+    const vals = outs.map((t) => t.dataSync());
+    for (const t of [...Object.values(feeds), ...outs]) t.dispose();
+    const next = {};
+    states.forEach((s, i) => { next[s] = vals[i + 1]; });
+    return { logits: vals[0], state: next };
+  }
+  return { step, states, backend: tf.getBackend(), version: tf.version_core };
+}
+
+function argmax(a) {
+  let best = 0;
+  for (let i = 1; i < a.length; i++) if (a[i] > a[best]) best = i;
+  return best;
+}
+
+const modelPath = process.argv[2];
+let m;
+try {
+  m = await load(modelPath);
+} catch (e) {
+  reply({ error: `cannot load ${modelPath}: ${e.message.split('\n')[0]}` });
+  process.exit(1);
+}
+reply({ ready: true, backend: m.backend, tfjs: m.version, states: m.states });
+
+const decodeState = (st) => Object.fromEntries(m.states.map((s) => {
+  if (!(s in st)) throw new Error(`request lacks state ${s}`);
+  return [s, b64ToF32(st[s])];
+}));
+const encodeState = (st) => Object.fromEntries(m.states.map((s) => [s, f32ToB64(st[s])]));
+
+const rl = createInterface({ input: process.stdin, crlfDelay: Infinity });
+for await (const line of rl) {
+  if (!line.trim()) continue;
+  try {
+    const req = JSON.parse(line);
+    if (req.op === 'step') {
+      const r = m.step(req.token, decodeState(req.state));
+      reply({ logits: f32ToB64(r.logits), state: encodeState(r.state) });
+    } else if (req.op === 'greedy') {
+      let state = decodeState(req.state);
+      let tok = req.token;
+      const tokens = [];
+      const t0 = process.hrtime.bigint();
+      for (let i = 0; i < req.n; i++) {
+        const r = m.step(tok, state);
+        state = r.state;
+        tok = argmax(r.logits);
+        tokens.push(tok);
+      }
+      const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+      reply({ tokens, seconds, state: encodeState(state), rss_mb: process.memoryUsage().rss / 2 ** 20 });
+    } else {
+      reply({ error: `unknown op ${req.op}` });
+    }
+  } catch (e) {
+    reply({ error: e.message.split('\n')[0] });
+  }
+}
