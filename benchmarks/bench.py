@@ -80,7 +80,7 @@ from rwkv_export.export import export_onnx
 t0 = time.perf_counter(); er = export_onnx({str(ckpt)!r}, {str(out)!r}, check=False); res = {{'export_s': time.perf_counter() - t0}}
 res['size_mb'] = os.path.getsize({str(out / "model.onnx")!r}) / 1e6
 """)
-    rows.append(("export ONNX fp32 (load + graph + save)", f"{r['export_s']:.1f} s", f"{r['size_mb']:.0f} MB",
+    rows.append(("export ONNX fp32: step + prompt graphs (load, trace, save)", f"{r['export_s']:.1f} s", f"{r['size_mb']:.0f} MB",
                  f"{r['peak_rss_mb']:.0f}"))
     size_mb = r["size_mb"]
 

@@ -61,7 +61,8 @@ for T in {lengths!r}:
 
 
 def export(ckpt: Path, out: Path, max_chunk: int | None) -> dict:
-    """The step graph (rwkv-export onnx, no parity check) plus the sequence graph, listed in one manifest."""
+    """`rwkv-export onnx --quant int8,int4` (no parity check): the step and prompt graphs of fp32, int8 and int4.
+    A --max-chunk other than the default re-exports the fp32 prompt graph with it."""
     return child(f"""
 import shutil
 from pathlib import Path
@@ -73,18 +74,16 @@ from rwkv_export.seq_model import DEFAULT_MAX_CHUNK
 from rwkv_export.targets import onnx_seq
 out = Path({str(out)!r}); shutil.rmtree(out, ignore_errors=True)
 t0 = time.perf_counter()
-export_onnx({str(ckpt)!r}, out, check=False, tokenizer='bytes')
-t_step = time.perf_counter() - t0
+export_onnx({str(ckpt)!r}, out, check=False, tokenizer='bytes', quant=['int8', 'int4'])
+t_all = time.perf_counter() - t0
 max_chunk = {max_chunk!r} or DEFAULT_MAX_CHUNK
-step = RWKV4Step(load_checkpoint({str(ckpt)!r}))
-t0 = time.perf_counter()
-files = onnx_seq.export_sequence(step, out / 'prefill.onnx', max_chunk=max_chunk)
-t_seq = time.perf_counter() - t0
-man = read_manifest(out, verify_files=False)
-man['graphs'].append(onnx_seq.graph_entry(out / 'prefill.onnx', files=files))
-write_manifest(out, man)
-res = {{'step_export_s': t_step, 'seq_export_s': t_seq, 'max_chunk': max_chunk,
-        'seq_mb': os.path.getsize(out / 'prefill.onnx') / 1e6}}
+if max_chunk != DEFAULT_MAX_CHUNK:
+    files = onnx_seq.export_sequence(RWKV4Step(load_checkpoint({str(ckpt)!r})), out / 'prefill.onnx', max_chunk=max_chunk)
+    man = read_manifest(out, verify_files=False)
+    man['graphs'] = [g if g['file'] != 'prefill.onnx' else onnx_seq.graph_entry(out / 'prefill.onnx', files=files)
+                     for g in man['graphs']]
+    write_manifest(out, man)
+res = {{'export_s': t_all, 'max_chunk': max_chunk, 'seq_mb': os.path.getsize(out / 'prefill.onnx') / 1e6}}
 """)
 
 
@@ -113,7 +112,7 @@ SEQ_SETUP = """
 from rwkv_export.manifest import read_manifest, find_graph
 from rwkv_export.seq_runner import OnnxSequenceRunner
 root = {root!r}; man = read_manifest(root, verify_files=False)
-runner = OnnxSequenceRunner(root, man, find_graph(man, 'fp32', kind='sequence'), threads={threads}, chunk={chunk})
+runner = OnnxSequenceRunner(root, man, find_graph(man, {variant!r}, kind='sequence'), threads={threads}, chunk={chunk})
 """
 SEQ_RUN = "runner.forward(tokens, runner.new_state())"
 
@@ -149,12 +148,17 @@ def main():
     print("parity: sequence graph vs step graph ...", file=sys.stderr)
     par = parity(out)
 
-    rows = []
-    print("sequence graph ...", file=sys.stderr)
-    r = child(SEQ_SETUP.format(root=str(out), threads=args.threads, chunk=None)
-              + timing_code(SEQ_RUN, lengths, reps))
-    rows.append((f"sequence graph, onnxruntime, {args.threads} threads, chunks <= {info['max_chunk']}", r))
-    seq = r
+    rows, quant_rows = [], {}
+    for variant in ("fp32", "int8", "int4"):
+        print(f"sequence graph {variant} ...", file=sys.stderr)
+        r = child(SEQ_SETUP.format(root=str(out), threads=args.threads, chunk=None, variant=variant)
+                  + timing_code(SEQ_RUN, lengths, reps))
+        rows.append((f"sequence graph {variant}, onnxruntime, {args.threads} threads, chunks <= {info['max_chunk']}",
+                     r))
+        if variant == "fp32":
+            seq = r
+        else:
+            quant_rows[variant] = r
     print("step graph, token by token ...", file=sys.stderr)
     r = child(f"""
 from rwkv_export.manifest import read_manifest, find_graph
@@ -183,12 +187,12 @@ model = RWKV(model={str(ckpt)!r}, strategy='cpu fp32')
     pip = r
 
     load = os.getloadavg()
-    print(f"\n## Prefill (prompt) speed: 169M shapes, synthetic bf16 checkpoint, fp32")
+    print(f"\n## Prefill (prompt) speed: 169M shapes, synthetic bf16 checkpoint")
     print(f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}; "
           f"load average after the runs {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min); "
           f"{reps} runs per cell after a warm-up (the step graph {max(1, reps // 3)})\n")
-    print(f"sequence graph: max_chunk {info['max_chunk']}, {info['seq_mb']:.0f} MB, exported in "
-          f"{info['seq_export_s']:.0f} s; vs the step graph over 64 tokens: max|Δlogits|/std "
+    print(f"sequence graph: max_chunk {info['max_chunk']}, fp32 {info['seq_mb']:.0f} MB (the whole export, step and "
+          f"prompt graphs of fp32, int8, int4: {info['export_s']:.0f} s); fp32 vs the step graph over 64 tokens: max|Δlogits|/std "
           f"{par['logits_rel']:.1e}, worst state tensor {par['state_rel']:.1e}, top-1 "
           f"{'same' if par['top1_same'] else 'DIFFERS'}\n")
     head = " | ".join(f"T={T} tok/s, median / best | CPU s" for T in lengths)
@@ -201,7 +205,8 @@ model = RWKV(model={str(ckpt)!r}, strategy='cpu fp32')
     for T in lengths:
         s, st, p = seq[str(T)]["tok_s"], step[str(T)]["tok_s"], pip[str(T)]["tok_s"]
         print(f"T={T} (medians): sequence graph = {s / st:.1f}x the step graph token by token, {s / p:.1f}x the "
-              f"rwkv pip package")
+              f"rwkv pip package; int8 sequence graph {quant_rows['int8'][str(T)]['tok_s'] / p:.1f}x, int4 "
+              f"{quant_rows['int4'][str(T)]['tok_s'] / p:.1f}x the rwkv pip package")
 
     if args.explore:
         explore(out, info["max_chunk"], lengths[-1], reps)
@@ -214,7 +219,7 @@ def explore(out: Path, max_chunk: int, T: int, reps: int) -> None:
     for threads in (1, 2):
         for chunk in chunks:
             print(f"explore: {threads} threads, chunk {chunk} ...", file=sys.stderr)
-            r = child(SEQ_SETUP.format(root=str(out), threads=threads, chunk=chunk)
+            r = child(SEQ_SETUP.format(root=str(out), threads=threads, chunk=chunk, variant='fp32')
                       + timing_code(SEQ_RUN, [T], reps))
             results.append((f"{threads} threads, chunks <= {chunk}", r[str(T)]))
     options = {

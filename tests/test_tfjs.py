@@ -237,26 +237,3 @@ def test_node_script_reports_a_bad_model_in_one_line(tmp_path):
     (line,) = res.stdout.strip().splitlines()
     assert "cannot load" in json.loads(line)["error"]
 
-
-def test_cli_export_with_variants_then_check(tmp_path):
-    """`rwkv-export tfjs` end to end on the trained tiny-pydoc: fp32 parity gate, quantized variants through the
-    quality gate on the eval text (as ONNX's), the manifest, then `rwkv-export check` on the folder."""
-    from typer.testing import CliRunner
-
-    from rwkv_export.cli import app
-
-    _require_node()
-    quant = "uint8"
-    out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["tfjs", "builtin:tiny-pydoc", "-o", str(out), "--quant", quant, "-q"])
-    assert res.exit_code == 0, res.output
-    assert "parity tfjs/fp32" in res.stdout and f"quality tfjs/{quant}: PASS" in res.stdout, res.stdout
-    m = read_manifest(out)
-    assert [g["variant"] for g in m["graphs"]] == ["fp32", quant]
-    q = m["graphs"][1]["quality"]
-    assert q["passed"] and q["ppl_delta"] <= q["max_ppl_delta"] == 0.01 and q["tokens"] >= 1000
-    res = CliRunner().invoke(app, ["check", str(out), "-q"])
-    assert res.exit_code == 0, res.output
-    assert res.stdout.count("PASS") == 3  # fp32 parity, uint8 parity, its quality gate
-    res = CliRunner().invoke(app, ["tfjs", "builtin:tiny", "-o", str(out), "--quant", "int3"])
-    assert res.exit_code == 2 and "unknown --quant variant 'int3' for tfjs" in res.stderr

@@ -190,26 +190,3 @@ def test_manifest_round_trips_as_json(exported):
     out, m = exported
     assert json.loads((out / MANIFEST_NAME).read_text())["graphs"] == m["graphs"]
 
-
-def test_cli_export_with_variants_then_check(tmp_path):
-    """`rwkv-export tflite` end to end on the trained tiny-pydoc: fp32 parity gate, quantized variants through the
-    quality gate on the eval text (as ONNX's), the manifest, then `rwkv-export check` on the folder."""
-    from typer.testing import CliRunner
-
-    from rwkv_export.cli import app
-
-    _require_extra()
-    quant = "int8"
-    out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["tflite", "builtin:tiny-pydoc", "-o", str(out), "--quant", quant, "-q"])
-    assert res.exit_code == 0, res.output
-    assert "parity tflite/fp32" in res.stdout and f"quality tflite/{quant}: PASS" in res.stdout, res.stdout
-    m = read_manifest(out)
-    assert [g["variant"] for g in m["graphs"]] == ["fp32", quant]
-    q = m["graphs"][1]["quality"]
-    assert q["passed"] and q["ppl_delta"] <= q["max_ppl_delta"] == 0.01 and q["tokens"] >= 1000
-    res = CliRunner().invoke(app, ["check", str(out), "-q"])
-    assert res.exit_code == 0, res.output
-    assert res.stdout.count("PASS") == 3  # fp32 parity, int8 parity, its quality gate
-    res = CliRunner().invoke(app, ["tflite", "builtin:tiny", "-o", str(out), "--quant", "int3"])
-    assert res.exit_code == 2 and "unknown --quant variant 'int3' for tflite" in res.stderr

@@ -531,3 +531,45 @@ def test_cli_serve_prints_url_and_serves(tiny, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def pydoc_quant(tmp_path_factory) -> Path:
+    from rwkv_export.export import export_onnx
+
+    out = tmp_path_factory.mktemp("web_pydoc") / "pydoc"
+    export_onnx("builtin:tiny-pydoc", out, quant=["int8", "int4"], check=False)
+    return out
+
+
+def python_ort_greedy(folder: Path, variant: str, prompt_ids: list[int], n: int) -> list[int]:
+    """onnxruntime in Python on the same files: the prompt through the variant's prompt graph, then greedy steps."""
+    from rwkv_export.manifest import find_graph, read_manifest
+    from rwkv_export.runners import OnnxStepRunner
+    from rwkv_export.seq_runner import OnnxSequenceRunner
+
+    m = read_manifest(folder)
+    step = OnnxStepRunner(folder, m, find_graph(m, variant))
+    logits, state = OnnxSequenceRunner(folder, m, find_graph(m, variant, kind="sequence")).forward(
+        prompt_ids, step.new_state())
+    ids = []
+    for _ in range(n):
+        ids.append(int(np.argmax(logits)))
+        logits, state = step.step(ids[-1], state)
+    return ids
+
+
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+def test_quantized_variant_in_the_page_equals_onnxruntime_in_python(page, pydoc_quant, variant):
+    """The quantized files compute the same numbers in onnxruntime-web (wasm) as in onnxruntime (Python): on the
+    trained tiny-pydoc, 32 greedy tokens after a prompt run through the variant's own prompt graph are identical
+    (a trained model's greedy path is sensitive: a formulation the two runtimes compute differently, like QInt8 in
+    the toolchain probe, flips tokens within a few steps)."""
+    prompt = "Return the value of the"
+    with served(pydoc_quant) as url:
+        info = load_model(page, url, f"?autoload=1&threads=1&variant={variant}")
+        assert info["variant"] == variant and info["sequence"] == f"prefill_{'q4' if variant == 'int4' else variant}.onnx"
+        res = page.evaluate("p => window.rwkvDemo.generate({prompt: p, temperature: 0, maxTokens: %d})" % GREEDY_TOKENS,
+                            prompt)
+    assert res["ids"] == python_ort_greedy(pydoc_quant, variant, list(prompt.encode()), GREEDY_TOKENS)
+    assert page.page_errors == []
