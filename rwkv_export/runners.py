@@ -34,6 +34,15 @@ def read_graph_bytes(root: Path, graph: dict) -> bytes:
     return data
 
 
+def step_feeds(io: dict, token: int, state: dict) -> dict:
+    """The inputs of one step, keyed by the graph's own names: the token as [1] of its dtype, each state tensor in its
+    input's dtype (a no-op when it already is)."""
+    feeds = {io["token"]["name"]: np.array([token], dtype=NP_DTYPES[io["token"]["dtype"]])}
+    for s, spec in io["state_in"].items():
+        feeds[spec["name"]] = np.asarray(state[s], dtype=NP_DTYPES[spec["dtype"]])
+    return feeds
+
+
 def new_state_from_manifest(manifest: dict, graph: dict) -> dict:
     io = io_by_role(graph)
     state = {}
@@ -56,16 +65,12 @@ class OnnxStepRunner:
         model = read_graph_bytes(root, graph) if "parts" in graph else str(Path(root) / graph["file"])
         self.session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         self._out_names = [self.io["logits"]["name"]] + [self.io["state_out"][s]["name"] for s in self.io["state_in"]]
-        self._token_dtype = NP_DTYPES[self.io["token"]["dtype"]]
 
     def new_state(self) -> dict:
         return new_state_from_manifest(self.manifest, self.graph)
 
     def step(self, token: int, state: dict):
-        feeds = {self.io["token"]["name"]: np.array([token], dtype=self._token_dtype)}
-        for s, spec in self.io["state_in"].items():
-            feeds[spec["name"]] = state[s]
-        outs = self.session.run(self._out_names, feeds)
+        outs = self.session.run(self._out_names, step_feeds(self.io, token, state))
         return outs[0], dict(zip(self.io["state_in"], outs[1:]))
 
 

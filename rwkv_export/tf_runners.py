@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ManifestError, RwkvExportError
-from .runners import NP_DTYPES, io_by_role, new_state_from_manifest
+from .runners import io_by_role, new_state_from_manifest, step_feeds
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NODE_DIR = REPO_ROOT / "tests" / "js"  # package.json + lockfile: `npm ci --prefix tests/js`
@@ -42,16 +42,12 @@ class TFLiteStepRunner:
         if name not in sigs:
             raise ManifestError(f"{graph['file']} has no signature '{name}' (has {', '.join(sigs) or 'none'})")
         self.runner = self.interpreter.get_signature_runner(name)
-        self._token_dtype = NP_DTYPES[self.io["token"]["dtype"]]
 
     def new_state(self) -> dict:
         return new_state_from_manifest(self.manifest, self.graph)
 
     def step(self, token: int, state: dict):
-        feeds = {self.io["token"]["name"]: np.array([token], dtype=self._token_dtype)}
-        for s, spec in self.io["state_in"].items():
-            feeds[spec["name"]] = np.asarray(state[s], dtype=NP_DTYPES[spec["dtype"]])
-        outs = self.runner(**feeds)
+        outs = self.runner(**step_feeds(self.io, token, state))
         # the interpreter reuses its output buffers: copy before the next call overwrites them
         logits = np.array(outs[self.io["logits"]["name"]])
         return logits, {s: np.array(outs[self.io["state_out"][s]["name"]]) for s in self.io["state_in"]}
