@@ -105,14 +105,10 @@ def make_bundle(source: str, out: str | Path, *, runtime: str = "ort-mobile", qu
                 ckpt = source_from_manifest(manifest["model"]["source"]).load(progress)
                 check_graphs(tmp, manifest, ckpt, progress=progress, raise_on_fail=True)
         else:
-            from .export import _check_target_installed, build_target
-            from .sources import Source
-            from .tokenizer import resolve_tokenizer
+            from .export import _check_target_installed, build_target, load_source
 
             _check_target_installed("tflite")
-            src = Source(str(source))
-            ckpt = src.load(progress)
-            tok = resolve_tokenizer(ckpt.dims.vocab_size, tokenizer)
+            src, ckpt, tok = load_source(source, tokenizer, progress)
             manifest, _ = build_target("tflite", tmp, src, ckpt, tok, quant=quant, check=check, progress=progress)
         manifest["bundle"] = {"runtime": runtime, "ops_config": OPS_CONFIG if runtime == "ort-mobile" else None,
                               "integration": INTEGRATION}

@@ -67,7 +67,7 @@ def check_graphs(root: Path, manifest: dict, ckpt, *, progress: Progress = QUIET
     import torch
     from runtime_ref import RWKV4
 
-    from .quality import check_quality, evaluate_variant
+    from .quality import evaluate_variant, judge_quality
     from .runners import ReferenceRunner
 
     ref = RWKV4(ckpt.tensors, dtype=torch.float64)
@@ -95,13 +95,7 @@ def check_graphs(root: Path, manifest: dict, ckpt, *, progress: Progress = QUIET
             kind = QUALITY_KIND.get(graph["variant"], graph["variant"])
             with progress.stage(f"quality {graph['format']}/{graph['variant']} vs fp32 on {len(ids)} tokens of "
                                 f"eval text"):
-                rep = evaluate_variant(runner, baseline, ids)
-            try:
-                rep = check_quality(rep, kind)
-            except Exception:  # noqa: BLE001 - recorded as failed here, raised below with the others
-                from .quality import gate_for
-
-                rep = {**rep, "variant": kind, "max_ppl_delta": gate_for(kind), "passed": False}
+                rep = judge_quality(evaluate_variant(runner, baseline, ids), kind)  # raised below, with the others
             graph["quality"] = {"kind": "quality", "target": graph["format"], **rep, "variant": graph["variant"],
                                 "gate": kind, "eval_text": "tiny-pydoc-eval.txt", "baseline": "runtime_ref fp32"}
             reports.append(graph["quality"])
@@ -114,15 +108,11 @@ def check_graphs(root: Path, manifest: dict, ckpt, *, progress: Progress = QUIET
 
 def gate_all(reports: list[dict]) -> None:
     """Raise the typed error of the first failing report."""
-    from .quality import QualityGateError
+    from .quality import raise_if_failed
 
     for r in reports:
         if r.get("kind") == "quality":
-            if not r["passed"]:
-                raise QualityGateError(
-                    f"{r['target']}/{r['variant']}: perplexity {r['ppl']:.4g} is {r['ppl_delta'] * 100:+.2f}% over "
-                    f"fp32's {r['ppl_fp32']:.4g} on {r['tokens']} tokens of eval text, past the "
-                    f"{r['max_ppl_delta'] * 100:g}% gate (KL {r['kl']:.3g}, top-1 {r['top1_agreement']:.3f})")
+            raise_if_failed(r, f"{r['target']}/{r['variant']}")
         else:
             gate(r)
 

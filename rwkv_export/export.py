@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RwkvExportError
-from .manifest import MANIFEST_NAME, new_manifest, read_manifest, write_manifest
+from .manifest import new_manifest, read_manifest, write_manifest
 from .outdir import check_output_dir, staged_output_dir
 from .progress import QUIET, Progress
 from .sources import Source, source_from_manifest
@@ -47,12 +47,33 @@ def parse_quant(spec: str | None, target: str = "onnx") -> list[str]:
     """'fp16,int8' -> ['fp16', 'int8'], validated for the target; '' or None -> []."""
     if not spec:
         return []
+    return validate_quant([s.strip() for s in spec.split(",") if s.strip()], target)
+
+
+def validate_quant(names, target: str) -> list[str]:
+    """The variant names, deduplicated; an unknown one for `target` is a one-line error."""
     allowed = TARGET_VARIANTS[target]
-    names = [s.strip() for s in spec.split(",") if s.strip()]
     bad = [n for n in names if n not in allowed]
     if bad:
         raise RwkvExportError(f"unknown --quant variant '{bad[0]}' for {target}; choose from {', '.join(allowed)}")
     return list(dict.fromkeys(names))
+
+
+def load_source(source: str, tokenizer: str | None, progress: Progress = QUIET):
+    """(Source, its loaded checkpoint, the tokenizer spec that fits it)."""
+    src = Source(str(source))
+    ckpt = src.load(progress)
+    return src, ckpt, resolve_tokenizer(ckpt.dims.vocab_size, tokenizer)
+
+
+def _new_folder_manifest(root: Path, src: Source, ckpt, tok) -> dict:
+    """Copy the tokenizer file (if the model uses one) into `root` and start the folder's manifest."""
+    tok_file = None
+    if tok.kind == "hf-tokenizers":
+        tok_file = "tokenizer.json"
+        shutil.copyfile(tok.path, root / tok_file)
+    return new_manifest(dims=ckpt.dims.as_dict(), source=src.manifest_entry(ckpt),
+                        tokenizer=tok.manifest_entry(tok_file))
 
 
 def _graph_entry(root: Path, file: str, variant: str, files: list[str], info: dict | None = None) -> dict:
@@ -144,9 +165,7 @@ def export_onnx(
     out = Path(out)
     opset = opset or onnx_target.DEFAULT_OPSET
     check_output_dir(out, force)  # fail before the slow part
-    src = Source(str(source))
-    ckpt = src.load(progress)
-    tok = resolve_tokenizer(ckpt.dims.vocab_size, tokenizer)
+    src, ckpt, tok = load_source(source, tokenizer, progress)
     with staged_output_dir(out, force) as tmp:
         with progress.stage("building the step graph"):
             module = RWKV4Step(ckpt)
@@ -157,15 +176,7 @@ def export_onnx(
         if simplify:
             with progress.stage("simplifying with onnxslim"):
                 onnx_target.simplify(tmp / STEP_FILE)
-        tok_file = None
-        if tok.kind == "hf-tokenizers":
-            tok_file = "tokenizer.json"
-            shutil.copyfile(tok.path, tmp / tok_file)
-        manifest = new_manifest(
-            dims=ckpt.dims.as_dict(),
-            source=src.manifest_entry(ckpt),
-            tokenizer=tok.manifest_entry(tok_file),
-        )
+        manifest = _new_folder_manifest(tmp, src, ckpt, tok)
         manifest["graphs"].append(_graph_entry(tmp, STEP_FILE, "fp32", files))
         if seq_entry:
             manifest["graphs"].append(seq_entry)
@@ -256,12 +267,7 @@ def build_target(target: str, root: Path, src: Source, ckpt, tok, *, quant: list
     else:
         raise RwkvExportError(f"unknown target '{target}'; choose from onnx, tflite, tfjs")
     del module
-    tok_file = None
-    if tok.kind == "hf-tokenizers":
-        tok_file = "tokenizer.json"
-        shutil.copyfile(tok.path, root / tok_file)
-    manifest = new_manifest(dims=ckpt.dims.as_dict(), source=src.manifest_entry(ckpt),
-                            tokenizer=tok.manifest_entry(tok_file))
+    manifest = _new_folder_manifest(root, src, ckpt, tok)
     manifest["graphs"] = graphs
     reports = []
     if check:
@@ -276,16 +282,11 @@ def export_target(target: str, source: str, out: str | Path, *, force: bool = Fa
     """`rwkv-export tflite|tfjs`: like export_onnx, for the edge targets (staged, checked, then moved into place)."""
     if target not in ("tflite", "tfjs"):
         raise RwkvExportError(f"unknown target '{target}'; choose from tflite, tfjs")
-    bad = [v for v in quant if v not in TARGET_VARIANTS[target]]
-    if bad:
-        raise RwkvExportError(f"unknown --quant variant '{bad[0]}' for {target}; "
-                              f"choose from {', '.join(TARGET_VARIANTS[target])}")
+    quant = validate_quant(quant, target)
     _check_target_installed(target, check)
     out = Path(out)
     check_output_dir(out, force)
-    src = Source(str(source))
-    ckpt = src.load(progress)
-    tok = resolve_tokenizer(ckpt.dims.vocab_size, tokenizer)
+    src, ckpt, tok = load_source(source, tokenizer, progress)
     with staged_output_dir(out, force) as tmp:
         manifest, reports = build_target(target, tmp, src, ckpt, tok, quant=quant, check=check, progress=progress)
         write_manifest(tmp, manifest)

@@ -129,17 +129,27 @@ def gate_for(variant: str) -> float:
     raise KeyError(f"no quality gate declared for variant '{variant}' (known: {', '.join(PPL_GATES)})")
 
 
+def judge_quality(report: dict, variant: str, max_ppl_delta: float | None = None) -> dict:
+    """The report with the variant's gate and the verdict added (no exception)."""
+    gate = gate_for(variant) if max_ppl_delta is None else max_ppl_delta
+    return {**report, "variant": variant, "max_ppl_delta": gate, "passed": report["ppl_delta"] <= gate}
+
+
+def raise_if_failed(report: dict, where: str | None = None) -> None:
+    """QualityGateError for a judged report past its gate; `where` names it (default: its variant)."""
+    if not report["passed"]:
+        raise QualityGateError(
+            f"{where or report['variant']}: perplexity {report['ppl']:.4g} is {report['ppl_delta'] * 100:+.2f}% over "
+            f"fp32's {report['ppl_fp32']:.4g} on {report['tokens']} tokens, past the "
+            f"{report['max_ppl_delta'] * 100:g}% gate (KL {report['kl']:.3g}, top-1 {report['top1_agreement']:.3f})"
+        )
+
+
 def check_quality(report: dict, variant: str, max_ppl_delta: float | None = None) -> dict:
     """Raise QualityGateError if the report's perplexity increase exceeds the variant's gate; return the report
     with the gate and verdict added."""
-    gate = gate_for(variant) if max_ppl_delta is None else max_ppl_delta
-    report = {**report, "variant": variant, "max_ppl_delta": gate, "passed": report["ppl_delta"] <= gate}
-    if not report["passed"]:
-        raise QualityGateError(
-            f"{variant}: perplexity {report['ppl']:.4g} is {report['ppl_delta'] * 100:+.2f}% over fp32's "
-            f"{report['ppl_fp32']:.4g} on {report['tokens']} tokens, past the {gate * 100:g}% gate "
-            f"(KL {report['kl']:.3g}, top-1 {report['top1_agreement']:.3f})"
-        )
+    report = judge_quality(report, variant, max_ppl_delta)
+    raise_if_failed(report)
     return report
 
 
