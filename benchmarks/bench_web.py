@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("folder", type=Path)
     ap.add_argument("--tokens", type=int, default=64, help="generated tokens measured (after a warm-up)")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--variants", default=None, help="comma-separated variants to run (default: every step graph)")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
 
@@ -116,6 +117,12 @@ def main() -> None:
         fail(str(e))
     prompt_ids = tok.encode(PROMPT)
     graphs = [g for g in manifest["graphs"] if g["kind"] == "step" and g["format"] == "onnx"]
+    if args.variants:
+        wanted = args.variants.split(",")
+        missing = sorted(set(wanted) - {g["variant"] for g in graphs})
+        if missing:
+            fail(f"{args.folder} has no ONNX step graph for variant(s) {', '.join(missing)}")
+        graphs = [g for g in graphs if g["variant"] in wanted]
     sizes = {f["file"]: f["size"] for f in manifest["files"]}
     rows = []
     print(f"serving {args.folder} at {url}", file=sys.stderr)

@@ -4,7 +4,10 @@ One readable module (nanoGPT style). Exporter-specific choices, each for a reaso
 - linear weights are stored transposed, [in, out], and applied as `x @ W`: this exports as MatMul (not Gemm), which
   4-bit quantization (MatMulNBits) needs;
 - LN0 is folded into the embedding table at build time (one row gather per token instead of a LayerNorm);
-- `-exp(time_decay)` and `1 - time_mix` are computed once at build time;
+- `-exp(time_decay)` is computed once at build time, and a layer's token-shift mixes are stacked ([3, C] for time mix,
+  [2, C] for channel mix) so one Sub/Mul/Add + Split produces every matmul input: `prev + (xx - prev) * mix`;
+- the state is split into rows once and concatenated once (no per-row Gather/Unsqueeze); onnxruntime spends ~0.65 us
+  per node, and the graph went from 809 to 589 nodes at 12 layers (int4 decode +18%, int8 +4%, 169M shapes);
 - an fp16 variant (`StepOptions(dtype="float16")`): weights and activations in fp16 with ChatRWKV's rescaling
   (`rescale_every`) keeping activations inside fp16's range, while the WKV accumulators (aa, bb, pp) are computed in
   fp32; the graph's I/O (state and logits) stays fp32 for every variant, so clients never change with the variant.
@@ -53,20 +56,16 @@ class _Layer(nn.Module):
 
         self.ln1_w, self.ln1_b = param(t("ln1.weight")), param(t("ln1.bias"))
         self.ln2_w, self.ln2_b = param(t("ln2.weight")), param(t("ln2.bias"))
-        for name in ("k", "v", "r"):
-            mix = t(f"att.time_mix_{name}").reshape(-1)
-            setattr(self, f"att_mix_{name}", param(mix))
-            setattr(self, f"att_mix_{name}_c", param(1.0 - mix))
+        # token-shift mixes stacked, one row per matmul input: [3, C] (k, v, r) and [2, C] (k, r), so that a layer mixes
+        # all three (two) inputs in three elementwise nodes: prev + (xx - prev) * mix
+        self.att_mix = param(torch.stack([t(f"att.time_mix_{n}").reshape(-1) for n in ("k", "v", "r")]))
         self.att_decay = param(-torch.exp(t("att.time_decay")), torch.float32)  # WKV math stays fp32
         self.att_first = param(t("att.time_first"), torch.float32)
         self.att_key = param(t("att.key.weight").t())
         self.att_value = param(t("att.value.weight").t())
         self.att_receptance = param(t("att.receptance.weight").t())
         self.att_output = param(t("att.output.weight").t() / scale)
-        for name in ("k", "r"):
-            mix = t(f"ffn.time_mix_{name}").reshape(-1)
-            setattr(self, f"ffn_mix_{name}", param(mix))
-            setattr(self, f"ffn_mix_{name}_c", param(1.0 - mix))
+        self.ffn_mix = param(torch.stack([t(f"ffn.time_mix_{n}").reshape(-1) for n in ("k", "r")]))
         self.ffn_key = param(t("ffn.key.weight").t())
         self.ffn_receptance = param(t("ffn.receptance.weight").t())
         self.ffn_value = param(t("ffn.value.weight").t() / scale)
@@ -80,12 +79,10 @@ class _Layer(nn.Module):
         return t if t.dtype == torch.float32 else t.float()
 
     def time_mix(self, x, sx, aa, bb, pp):
-        """x: [1, C]; sx/aa/bb/pp: [C] fp32. Returns the residual update and the new (sx, aa, bb, pp), fp32."""
+        """x: [1, C]; sx/aa/bb/pp: [1, C] fp32. Returns the residual update and the new (sx, aa, bb, pp), fp32."""
         sx = self._c(sx)
         xx = F.layer_norm(x, x.shape[-1:], self.ln1_w, self.ln1_b)
-        xk = xx * self.att_mix_k + sx * self.att_mix_k_c
-        xv = xx * self.att_mix_v + sx * self.att_mix_v_c
-        xr = xx * self.att_mix_r + sx * self.att_mix_r_c
+        xk, xv, xr = (sx + (xx - sx) * self.att_mix).split(1)  # [3, C] -> three [1, C] rows: one Split node
         r = torch.sigmoid(xr @ self.att_receptance)
         k = self._f32(xk @ self.att_key)
         v = self._f32(xv @ self.att_value)
@@ -100,17 +97,16 @@ class _Layer(nn.Module):
         e2 = torch.exp(k - p)
         new_aa = e1 * aa + e2 * v
         new_bb = e1 * bb + e2
-        return (r * self._c(wkv)) @ self.att_output, (self._f32(xx[0]), new_aa[0], new_bb[0], p[0])
+        return (r * self._c(wkv)) @ self.att_output, (self._f32(xx), new_aa, new_bb, p)
 
     def channel_mix(self, x, fx):
         fx = self._c(fx)
         xx = F.layer_norm(x, x.shape[-1:], self.ln2_w, self.ln2_b)
-        xk = xx * self.ffn_mix_k + fx * self.ffn_mix_k_c
-        xr = xx * self.ffn_mix_r + fx * self.ffn_mix_r_c
+        xk, xr = (fx + (xx - fx) * self.ffn_mix).split(1)
         r = torch.sigmoid(xr @ self.ffn_receptance)
         k = torch.relu(xk @ self.ffn_key)
         k = k * k
-        return r * (k @ self.ffn_value), self._f32(xx[0])
+        return r * (k @ self.ffn_value), self._f32(xx)
 
 
 class RWKV4Step(nn.Module):
@@ -137,6 +133,9 @@ class RWKV4Step(nn.Module):
     def forward(self, token, att_x, att_aa, att_bb, att_pp, ffn_x):
         every = self.options.rescale_every
         x = F.embedding(token, self.emb)  # [1, C]: a Gather of one row
+        # each [L, C] state in as L rows of [1, C] (one Split node per state), out as one Concat: the graph never
+        # indexes or re-stacks single rows (that was 180 Gather/Unsqueeze nodes at 12 layers)
+        att_x, att_aa, att_bb, att_pp, ffn_x = (s.split(1) for s in (att_x, att_aa, att_bb, att_pp, ffn_x))
         new = {name: [] for name in STATE_NAMES}
         for i, layer in enumerate(self.layers):
             dx, (sx, aa, bb, pp) = layer.time_mix(x, att_x[i], att_aa[i], att_bb[i], att_pp[i])
@@ -151,7 +150,7 @@ class RWKV4Step(nn.Module):
         logits = x @ self.head
         if logits.dtype != torch.float32:
             logits = logits.float()
-        return (logits, *(torch.stack(new[name]) for name in STATE_NAMES))
+        return (logits, *(torch.cat(new[name]) for name in STATE_NAMES))
 
     def new_state(self) -> dict:
         L, C = self.dims.n_layer, self.dims.n_embd

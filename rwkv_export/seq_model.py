@@ -63,8 +63,10 @@ def _to(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _mix(xx, prev, mix, mix_c):
-    return xx * mix + prev * mix_c
+def _mix(xx, prev, mix):
+    """The token-shift mixes of rows xx [T, C] with their shifted rows prev: mix [M, C] -> M tensors [T, C]
+    (the step graph's `prev + (xx - prev) * mix`, one row of `mix` per matmul input)."""
+    return (prev + (xx - prev) * mix.unsqueeze(1)).unbind(0)
 
 
 def _token_shift(x, first):
@@ -75,8 +77,7 @@ def _token_shift(x, first):
 
 def _ffn(layer: _Layer, xx, prev):
     """Channel mix for rows xx [N, C] with their shifted rows prev [N, C] (_Layer.channel_mix's equations)."""
-    xk = _mix(xx, prev, layer.ffn_mix_k, layer.ffn_mix_k_c)
-    xr = _mix(xx, prev, layer.ffn_mix_r, layer.ffn_mix_r_c)
+    xk, xr = _mix(xx, prev, layer.ffn_mix)
     k = torch.relu(xk @ layer.ffn_key)
     return torch.sigmoid(xr @ layer.ffn_receptance) * ((k * k) @ layer.ffn_value)
 
@@ -185,9 +186,10 @@ class RWKV4Sequence(nn.Module):
             cdt, acc = layer.att_key.dtype, layer.att_decay.dtype
             xx = F.layer_norm(x, x.shape[-1:], layer.ln1_w, layer.ln1_b)
             prev = _token_shift(xx, _to(att_x[i], cdt))
-            r = torch.sigmoid(_mix(xx, prev, layer.att_mix_r, layer.att_mix_r_c) @ layer.att_receptance)
-            k = _to(_mix(xx, prev, layer.att_mix_k, layer.att_mix_k_c) @ layer.att_key, acc)
-            v = _to(_mix(xx, prev, layer.att_mix_v, layer.att_mix_v_c) @ layer.att_value, acc)
+            xk, xv, xr = _mix(xx, prev, layer.att_mix)
+            r = torch.sigmoid(xr @ layer.att_receptance)
+            k = _to(xk @ layer.att_key, acc)
+            v = _to(xv @ layer.att_value, acc)
             wkv, (aa, bb, pp) = wkv_scan(layer.att_decay, layer.att_first, k, v, att_aa[i], att_bb[i], att_pp[i],
                                          self.block_steps, self.group_steps)
             x = x + (r * _to(wkv, cdt)) @ layer.att_output

@@ -1,7 +1,7 @@
 """TF.js target (browsers): the step graph as a TF.js graph model (model.json + weight shards), one folder per variant.
 
 Chain: our own ONNX step graph (targets/onnx.py) translated node by node into a TF.js graph model. The step graph
-uses 13 ONNX op types, each with a direct TF op that TF.js executes (table `_OPS`); an op outside the table is a
+uses 14 ONNX op types, each with a direct TF op that TF.js executes (table `_OPS`); an op outside the table is a
 one-line error naming it. We chose this over tensorflowjs_converter on a SavedModel (onnx2tf) because that chain needs
 TensorFlow (~1 GB), onnx2tf 1.x's exact pins on Python 3.11 and tensorflowjs 4.22, whose install is broken on current
 TensorFlow (it only imports with two modules stubbed). The format we write is the one TF.js 4.x reads (GraphDef as
@@ -187,6 +187,29 @@ def _convert_node(g: _Graph, node, consts: dict, ranks: dict) -> None:
     g.names[out] = res
 
 
+def _convert_split(g: _Graph, node, consts: dict, ranks: dict) -> None:
+    """ONNX Split -> TF SplitV; output i is the TF tensor `name:i`."""
+    import numpy as np
+
+    a = _attrs(node)
+    axis = int(a.get("axis", 0))
+    n = len(node.output)
+    if len(node.input) > 1 and node.input[1]:
+        sizes = consts[node.input[1]].reshape(-1).astype(np.int32)
+    else:  # equal parts (opset 18's num_outputs): SplitV's -1 takes what is left, so only n - 1 sizes must be known
+        sizes = None
+    if sizes is None:
+        dims = ranks.get(("dims", node.input[0]))
+        if dims is None or dims[axis] <= 0:
+            raise RwkvExportError(f"Split {node.name}: equal parts of an axis of unknown size are not handled")
+        sizes = np.full(n, dims[axis] // n, np.int32)
+    res = g.node("SplitV", [g.names[node.input[0]], g.const(sizes, f"{node.output[0]}/sizes"),
+                            g.const(np.int32(axis), f"{node.output[0]}/axis")], node.output[0],
+                 {"num_split": {"i": str(n)}, "Tlen": {"type": "DT_INT32"}})
+    for i, out in enumerate(node.output):
+        g.names[out] = f"{res}:{i}" if i else res
+
+
 def onnx_to_graph(onnx_path: Path) -> tuple[list[dict], list, dict]:
     """ONNX step graph -> (TF nodes, [(const name, array)], signature)."""
     import onnx
@@ -201,6 +224,7 @@ def onnx_to_graph(onnx_path: Path) -> tuple[list[dict], list, dict]:
     for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
         if v.type.tensor_type.HasField("shape"):
             ranks[v.name] = len(v.type.tensor_type.shape.dim)
+            ranks[("dims", v.name)] = [d.dim_value for d in v.type.tensor_type.shape.dim]
     g = _Graph()
     consts = {}
     for init in model.graph.initializer:
@@ -228,6 +252,9 @@ def onnx_to_graph(onnx_path: Path) -> tuple[list[dict], list, dict]:
             consts[node.output[0]] = arr
             ranks[node.output[0]] = arr.ndim
             g.names[node.output[0]] = g.const(arr, node.output[0])
+            continue
+        if node.op_type == "Split":
+            _convert_split(g, node, consts, ranks)
             continue
         if len(node.output) != 1:
             raise RwkvExportError(f"ONNX op {node.op_type} (node {node.name}) has several outputs; not handled")
