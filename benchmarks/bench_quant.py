@@ -35,14 +35,16 @@ FAST_QUANTILE = 0.1  # besides the median step, the 10th-percentile step: an est
 # (label, kind, options); kind None = the fp32 export itself
 VARIANTS = [
     ("fp32", None, {}),
-    ("int8 dynamic-uint8 per-channel (default)", "int8", {}),
-    ("int8 dynamic-uint8 per-tensor", "int8", {"per_channel": False}),
+    ("int8 dynamic-int7 per-channel (default)", "int8", {}),
+    ("int8 dynamic-int7 per-tensor", "int8", {"per_channel": False}),
+    ("int8 dynamic-uint8 per-channel", "int8", {"method": "dynamic-uint8"}),
     ("int8 matmul-nbits b128 acc4", "int8", {"method": "matmul-nbits", "block_size": 128}),
     ("int8 matmul-nbits b32 acc4", "int8", {"method": "matmul-nbits", "block_size": 32}),
     ("int8 qdq (DQ->MatMul, per-column)", "int8", {"method": "qdq"}),
     ("int4 b32 acc4 (default)", "int4", {}),
     ("int4 b32 acc0", "int4", {"accuracy_level": 0}),
     ("int4 b32 acc4 +embedding", "int4", {"include_embedding": True}),
+    ("int4 b64 acc4", "int4", {"block_size": 64}),
     ("int4 b128 acc4", "int4", {"block_size": 128}),
 ]
 # measured ~0.8 tok/s (level 0 dequantizes to fp32 on every call on AVX2): too slow to time, kept out of the table

@@ -9,12 +9,17 @@ Measured with benchmarks/bench_quant.py (169M shapes, 2-core AVX2 box without VN
 fp32 36 / 54; quality = perplexity increase on tiny-pydoc; "web" = max|logits Δ|/std between onnxruntime-web's wasm
 backend and native onnxruntime on the same file):
 
-int8 (`quantize_int8`), three formulations:
-- "dynamic-uint8" (default): onnxruntime's quantize_dynamic, QUInt8 weights with a scale and zero point per output
-  column; MatMul becomes DynamicQuantizeLinear + MatMulInteger (activations quantized to uint8 at run time).
-  171 MB, 95 / 135 tok/s, -0.03%, web 1.5e-6: the same numbers in both runtimes. per_channel=False is 8-13% faster
-  natively but not the same in the browser (web 1e-2: native takes a different kernel), and neither is a symmetric
-  zero point of 128 (1.9e-2) nor QInt8 weights (toolchain.md).
+int8 (`quantize_int8`), four formulations:
+- "dynamic-int7" (default): onnxruntime's quantize_dynamic with QInt8 weights and reduce_range, i.e. symmetric
+  weights in [-64, 64] with a scale per output column; MatMul becomes DynamicQuantizeLinear + MatMulInteger
+  (activations quantized to uint8 at run time), fused by onnxruntime into DynamicQuantizeMatMul. Why 7 bits: on
+  AVX2 without VNNI the uint8 x int8 kernel multiplies byte pairs with vpmaddubsw, whose int16 pair sums saturate
+  for full-range int8 weights (2 * 255 * 127 > 32767), so native and wasm results differed (~9e-2 of std on a test
+  chain); with |w| <= 64 no sum can saturate and both runtimes compute the exact int32 dot products (max|Δ| = 0,
+  measured). The uint8 x int8 kernel is also the fastest we measured in both runtimes: on 113M weights in 48
+  matmuls, native 6.1 ms vs 8.3 for uint8 weights; onnxruntime-web 21 ms vs 41 (2 threads).
+- "dynamic-uint8": the same with QUInt8 weights (scale and zero point per column): the same numbers in both
+  runtimes too (uint8 x uint8 takes a non-saturating path), but slower in both (above).
 - "matmul-nbits": com.microsoft MatMulNBits, bits=8, block-wise along K. Needs accuracy_level 4 (int8
   activations): level 0 dequantizes to fp32 on every call (~0.8 tok/s). b128: 176 MB, 87 / 139 tok/s, web 4.6e-2.
 - "qdq": standard ONNX only, DequantizeLinear(int8 weight, per-column scale) -> MatMul, which any ONNX runtime or
@@ -44,8 +49,8 @@ from pathlib import Path
 
 from .errors import OutputPathError, RwkvExportError
 
-INT8_METHODS = ("dynamic-uint8", "matmul-nbits", "qdq")
-DEFAULT_INT8_METHOD = "dynamic-uint8"
+INT8_METHODS = ("dynamic-int7", "dynamic-uint8", "matmul-nbits", "qdq")
+DEFAULT_INT8_METHOD = "dynamic-int7"
 DEFAULT_INT8_BLOCK_SIZE = 128  # matmul-nbits only: 32 was slower (77 vs 87 tok/s) and 9% bigger for no real gain
 DEFAULT_INT8_ACCURACY_LEVEL = 4  # matmul-nbits only: level 0 (fp32 compute) measured ~40x slower on AVX2
 DEFAULT_INT4_BLOCK_SIZE = 32  # the usual 4-bit block: 32 weights share a scale and zero point
@@ -77,7 +82,7 @@ def quantize_int8(
 ) -> dict:
     """Weight-only-stored int8 quantization of every constant-weight MatMul (head included); see the module doc.
 
-    method: "dynamic-uint8" (per_channel applies), "matmul-nbits" (block_size, accuracy_level apply) or "qdq".
+    method: "dynamic-int7" or "dynamic-uint8" (per_channel applies), "matmul-nbits" (block_size, accuracy_level apply) or "qdq".
     include_embedding: also store the embedding table as int8 rows with a scale each.
     """
     if method not in INT8_METHODS:
@@ -89,8 +94,8 @@ def quantize_int8(
     n_matmul = _check_has_weights(model, src)
     head = _head_weight_name(model)
     with _quiet():
-        if method == "dynamic-uint8":
-            model = _dynamic_uint8(model, per_channel)
+        if method in ("dynamic-int7", "dynamic-uint8"):
+            model = _dynamic(model, per_channel, int7=method == "dynamic-int7")
         elif method == "matmul-nbits":
             model = _nbits(model, bits=8, block_size=block_size, accuracy_level=accuracy_level, embedding=False)
         else:
@@ -98,7 +103,7 @@ def quantize_int8(
         if include_embedding:
             _embedding_int8_rows(model)
     options = {"include_embedding": include_embedding}
-    if method == "dynamic-uint8":
+    if method in ("dynamic-int7", "dynamic-uint8"):
         options["per_channel"] = per_channel
     if method == "matmul-nbits":
         options.update(block_size=block_size, accuracy_level=accuracy_level)
@@ -386,7 +391,8 @@ def _nbits(model, *, bits: int, block_size: int, accuracy_level: int, embedding:
     return q.model.model
 
 
-def _dynamic_uint8(model, per_channel: bool):
+def _dynamic(model, per_channel: bool, int7: bool):
+    """onnxruntime's quantize_dynamic on the MatMuls: int7 -> QInt8 weights in [-64, 64] (reduce_range), else QUInt8."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory(prefix="rwkv-export-q8-") as d:
@@ -394,8 +400,9 @@ def _dynamic_uint8(model, per_channel: bool):
         quantize_dynamic(
             model,
             str(out),
-            weight_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8 if int7 else QuantType.QUInt8,
             per_channel=per_channel,
+            reduce_range=int7,
             op_types_to_quantize=["MatMul"],
             use_external_data_format=model.ByteSize() >= EXTERNAL_DATA_THRESHOLD,
             extra_options={"MatMulConstBOnly": True},

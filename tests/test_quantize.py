@@ -77,17 +77,24 @@ def weight_shapes(path: Path):
     return mm, emb
 
 
-def test_int8_default_is_uint8_matmulinteger_with_head_and_embedding(exported, int8):
+def test_int8_default_is_int7_matmulinteger_with_head_and_embedding(exported, int8):
     root, _ = exported
     path = root / "model_int8.onnx"
     s = weight_summary(path)
     mm, (V, C) = weight_shapes(root / "model.onnx")
-    assert int8["method"] == "dynamic-uint8" and int8["bits"] == 8 and int8["options"]["per_channel"]
+    assert int8["method"] == "dynamic-int7" and int8["bits"] == 8 and int8["options"]["per_channel"]
     assert s["ops"].get("MatMulInteger") == len(mm) and "MatMul" not in s["ops"]
     assert s["fp32_matmul_weights"] == 0
-    assert s["head"] == "uint8 MatMulInteger" and int8["head_quantized"]
+    assert s["head"] == "int8 MatMulInteger" and int8["head_quantized"]
     assert s["embedding"] == "int8 DequantizeLinear" and int8["embedding"] == s["embedding"]
-    # uint8 weights + per-column (scale fp32, zero point uint8); embedding int8 + a scale per row
+    # int7: every MatMulInteger weight within [-64, 64], so uint8 x int8 pair sums fit int16 and AVX2 kernels
+    # (vpmaddubsw saturates) compute exactly what onnxruntime-web's wasm kernels compute
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    for n in (n for n in model.graph.node if n.op_type == "MatMulInteger"):
+        w = numpy_helper.to_array(inits[n.input[1]])
+        assert w.dtype == np.int8 and w.min() >= -64 and w.max() <= 64, n.name
+    # int8 weights + per-column (scale fp32, zero point int8); embedding int8 + a scale per row
     fp32_size = (root / "model.onnx").stat().st_size
     weights = sum(k * n for k, n in mm)
     expected = fp32_size - 4 * (weights + V * C) + weights + sum(5 * n for _, n in mm) + V * C + 4 * V
@@ -134,7 +141,7 @@ def test_quality_gates_pass(exported, int8, int4, fp32_runner, tokens):
         assert rep["ppl_fp32"] < MAX_FP32_PPL
 
 
-@pytest.mark.parametrize("options", [{"method": "matmul-nbits"}, {"method": "qdq"}])
+@pytest.mark.parametrize("options", [{"method": "dynamic-uint8"}, {"method": "matmul-nbits"}, {"method": "qdq"}])
 def test_other_int8_methods_pass_the_gate(exported, fp32_runner, tokens, options):
     root, manifest = exported
     file = f"model_int8_{options['method']}.onnx"
@@ -144,6 +151,8 @@ def test_other_int8_methods_pass_the_gate(exported, fp32_runner, tokens, options
     assert info["head_quantized"] and s["fp32_matmul_weights"] == 0
     if options["method"] == "matmul-nbits":
         assert s["ops"]["MatMulNBits"] == len(mm) and s["head"] == "int8 MatMulNBits"
+    elif options["method"] == "dynamic-uint8":
+        assert s["ops"]["MatMulInteger"] == len(mm) and s["head"] == "uint8 MatMulInteger"
     else:  # one DequantizeLinear per weight, plus the embedding row's
         assert s["ops"]["DequantizeLinear"] == len(mm) + 1 and s["head"] == "int8 DequantizeLinear"
     rep = check_quality(evaluate_variant(runner(root, manifest, file), fp32_runner, tokens[:600]), "int8")
