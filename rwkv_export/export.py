@@ -31,7 +31,7 @@ TARGET_VARIANTS = {"onnx": QUANT_VARIANTS, "tflite": ("fp16", "int8", "int4"), "
 
 @dataclass
 class QuantOptions:
-    int4_block_size: int = 32
+    int4_block_size: int = 128  # quantize.DEFAULT_INT4_BLOCK_SIZE (kept literal: this module stays light)
     int4_embedding: bool = False  # also quantize the embedding table (gather) to 4 bits
     extra: dict = field(default_factory=dict)
 

@@ -5,35 +5,42 @@ replacement for model.onnx (same manifest I/O entry). Every MatMul with a consta
 (the [n_embd, vocab] MatMul, ~30% of the bytes a 169M step reads) included; the embedding table is one row per step,
 so quantizing it only shrinks the file, and is optional.
 
-Measured with benchmarks/bench_quant.py (169M shapes, 2-core AVX2 box without VNNI; tok/s with 1 / 2 threads;
-fp32 36 / 54; quality = perplexity increase on tiny-pydoc; "web" = max|logits Δ|/std between onnxruntime-web's wasm
-backend and native onnxruntime on the same file):
+Measured with benchmarks/bench_quant.py (169M shapes, 2-core AVX2 box without VNNI, all rows timed interleaved;
+quality = perplexity increase on tiny-pydoc; "web" = onnxruntime-web's wasm backend against native onnxruntime on the
+same file over 512 tokens, state fed back; the README has the tables).
 
 int8 (`quantize_int8`), four formulations:
 - "dynamic-int7" (default): onnxruntime's quantize_dynamic with QInt8 weights and reduce_range, i.e. symmetric
   weights in [-64, 64] with a scale per output column; MatMul becomes DynamicQuantizeLinear + MatMulInteger
   (activations quantized to uint8 at run time), fused by onnxruntime into DynamicQuantizeMatMul. Why 7 bits: on
   AVX2 without VNNI the uint8 x int8 kernel multiplies byte pairs with vpmaddubsw, whose int16 pair sums saturate
-  for full-range int8 weights (2 * 255 * 127 > 32767), so native and wasm results differed (~9e-2 of std on a test
-  chain); with |w| <= 64 no sum can saturate and both runtimes compute the exact int32 dot products (max|Δ| = 0,
-  measured). The uint8 x int8 kernel is also the fastest we measured in both runtimes: on 113M weights in 48
-  matmuls, native 6.1 ms vs 8.3 for uint8 weights; onnxruntime-web 21 ms vs 41 (2 threads).
-- "dynamic-uint8": the same with QUInt8 weights (scale and zero point per column): the same numbers in both
-  runtimes too (uint8 x uint8 takes a non-saturating path), but slower in both (above).
+  for full-range int8 weights (2 * 255 * 127 > 32767), so every matmul differed between native and wasm (~9e-2 of
+  std on a test chain: the QInt8 difference notes/toolchain.md found); with |w| <= 64 no sum can saturate and both
+  runtimes compute the exact int32 dot products (test chain: max|Δ| = 0). uint8 x int8 is also the fastest kernel we
+  measured in both runtimes: 113M weights in 48 matmuls took 6.1 ms natively vs 8.3 for uint8 weights, and 21 ms vs
+  41 in onnxruntime-web (2 threads). Quality +0.06%.
+- "dynamic-uint8": the same with QUInt8 weights (scale and zero point per column): slower in both runtimes; -0.03%.
+  Neither dynamic formulation is bit-identical across runtimes over a long generation: exp, sigmoid and LayerNorm
+  differ in the last bit between native and wasm, and sooner or later an activation sits on a rounding boundary of
+  its dynamic quantization and rounds to the neighbouring step; the recurrent state then carries that difference
+  (measured: first such token ~80-100 of 512 on tiny-pydoc for both; afterwards ~3e-2 of std, top-1 99.6-99.8% the
+  same). Only fp32-compute formulations (MatMulNBits accuracy_level 0) stay at rounding level (3e-6), at a fraction
+  of the speed.
 - "matmul-nbits": com.microsoft MatMulNBits, bits=8, block-wise along K. Needs accuracy_level 4 (int8
-  activations): level 0 dequantizes to fp32 on every call (~0.8 tok/s). b128: 176 MB, 87 / 139 tok/s, web 4.6e-2.
+  activations): level 0 dequantizes to fp32 on every call (~0.8 tok/s). Its wasm kernel is slow.
 - "qdq": standard ONNX only, DequantizeLinear(int8 weight, per-column scale) -> MatMul, which any ONNX runtime or
   converter reads. onnxruntime does not constant-fold the DQ back to fp32 at session init: it fuses DQ+MatMul into
   MatMulNBits (8-bit, accuracy 4), except where MatMul+Add was fused into Gemm first (att.output + residual), which
-  keeps a DequantizeLinear per step: 39 / 46 tok/s, barely above fp32. Web 2.7e-2.
+  keeps a DequantizeLinear per step: barely faster than fp32.
 The embedding (include_embedding=True, the default for int8) becomes Gather(int8 rows) + Gather(row scales) ->
 DequantizeLinear: standard ops, one row dequantized per step.
 
 int4 (`quantize_int4`): MatMulNBits bits=4 (onnxruntime's MatMulNBitsQuantizer, round-to-nearest, asymmetric),
-block-wise along K (default 32: 239 MB, +0.85%); the embedding optionally as com.microsoft GatherBlockQuantized
-(4-bit blocks along n_embd: 109 MB, +1.2%). accuracy_level 4 (default): 120 / 184 tok/s, web 2.9e-2 (top-1 the
-same); accuracy_level 0: the same quality and the same numbers in the browser (2.5e-6) but 32 / 60 tok/s natively.
-Block 128: 141 / 213 tok/s, +1.6%. Symmetric blocks measured worse (+1.3% at block 32).
+block-wise along K (default 128: +1.6%, the fastest; block 32: +0.85%, ~25% slower); the embedding optionally as
+com.microsoft GatherBlockQuantized (4-bit blocks along n_embd). accuracy_level 4 (default) quantizes activations to
+int8 inside the kernel; accuracy_level 0 computes in fp32: the same quality and the same numbers in the browser but
+~3x slower natively. onnxruntime-web's wasm MatMulNBits has no fast path (~2 tok/s at 169M), so int4 is for native
+runtimes. Symmetric blocks measured worse (+1.3% at block 32).
 
 Each function returns an info dict for the manifest (method, options, sizes, what was quantized).
 """
@@ -53,7 +60,9 @@ INT8_METHODS = ("dynamic-int7", "dynamic-uint8", "matmul-nbits", "qdq")
 DEFAULT_INT8_METHOD = "dynamic-int7"
 DEFAULT_INT8_BLOCK_SIZE = 128  # matmul-nbits only: 32 was slower (77 vs 87 tok/s) and 9% bigger for no real gain
 DEFAULT_INT8_ACCURACY_LEVEL = 4  # matmul-nbits only: level 0 (fp32 compute) measured ~40x slower on AVX2
-DEFAULT_INT4_BLOCK_SIZE = 32  # the usual 4-bit block: 32 weights share a scale and zero point
+# 128 weights share a scale and zero point: at 169M shapes 2-thread decode 190 tok/s vs 145 for block 32 (interleaved
+# run of bench_quant), for +1.63% perplexity vs +0.85% on tiny-pydoc (gate 5%); `block_size=32` for the last 0.8%
+DEFAULT_INT4_BLOCK_SIZE = 128
 DEFAULT_INT4_ACCURACY_LEVEL = 4  # int8 activations: 3.7x level 0's native speed at the same perplexity
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset (= fp32), 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
 MIN_BLOCK_SIZE = 16  # MatMulNBits and GatherBlockQuantized: a power of two >= 16

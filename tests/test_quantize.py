@@ -12,7 +12,7 @@ from onnx import numpy_helper
 from rwkv_export.errors import OutputPathError, ParityToleranceError, RwkvExportError
 from rwkv_export.export import export_onnx
 from rwkv_export.quality import PPL_GATES, EvalTextError, QualityGateError, check_quality, evaluate_variant, gate_for
-from rwkv_export.quantize import QuantizeError, quantize_int4, quantize_int8, weight_summary
+from rwkv_export.quantize import DEFAULT_INT4_BLOCK_SIZE, QuantizeError, quantize_int4, quantize_int8, weight_summary
 from rwkv_export.runners import OnnxStepRunner
 from rwkv_export.train import EVAL_TEXT, MODEL_FILE
 
@@ -82,7 +82,7 @@ def test_int8_default_is_int7_matmulinteger_with_head_and_embedding(exported, in
     path = root / "model_int8.onnx"
     s = weight_summary(path)
     mm, (V, C) = weight_shapes(root / "model.onnx")
-    assert int8["method"] == "dynamic-int7" and int8["bits"] == 8 and int8["options"]["per_channel"]
+    assert int8["method"] == "dynamic-int7" and int8["bits"] == 8 and int8["options"]["per_channel"] is True
     assert s["ops"].get("MatMulInteger") == len(mm) and "MatMul" not in s["ops"]
     assert s["fp32_matmul_weights"] == 0
     assert s["head"] == "int8 MatMulInteger" and int8["head_quantized"]
@@ -111,13 +111,13 @@ def test_int4_is_matmulnbits_with_head(exported, int4):
     assert len(nbits) == len(mm) and not any(n.op_type == "MatMul" for n in model.graph.node)
     for n in nbits:
         attrs = {a.name: a.i for a in n.attribute}
-        assert attrs["bits"] == 4 and attrs["block_size"] == int4["options"]["block_size"] == 32
+        assert attrs["bits"] == 4 and attrs["block_size"] == int4["options"]["block_size"] == DEFAULT_INT4_BLOCK_SIZE
     assert weight_summary(path)["head"] == "int4 MatMulNBits" and int4["head_quantized"]
     assert int4["embedding"] == "fp32"  # not asked for
     # per 32-weight block: 16 bytes of nibbles, an fp32 scale, a 4-bit zero point
     fp32_size = (root / "model.onnx").stat().st_size
     weights = sum(k * n for k, n in mm)
-    expected = fp32_size - 4 * weights + weights * (0.5 + 4.5 / 32)
+    expected = fp32_size - 4 * weights + weights * (0.5 + 4.5 / DEFAULT_INT4_BLOCK_SIZE)
     assert abs(int4["size"] - expected) <= SIZE_RTOL * expected, (int4["size"], expected)
 
 
@@ -127,7 +127,7 @@ def test_int4_embedding_option(exported, int4):
     assert info["embedding"] == "int4 GatherBlockQuantized"
     _, (V, C) = weight_shapes(root / "model.onnx")
     saved = int4["size"] - info["size"]  # the table went from 4 bytes to ~0.64 bytes per value
-    expected = V * C * (4 - (0.5 + 4.5 / 32))
+    expected = V * C * (4 - (0.5 + 4.5 / DEFAULT_INT4_BLOCK_SIZE))
     assert abs(saved - expected) <= SIZE_RTOL * int4["size"], (saved, expected)
 
 
