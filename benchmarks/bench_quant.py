@@ -42,11 +42,11 @@ VARIANTS = [
     ("int8 matmul-nbits b128 acc4", "int8", {"method": "matmul-nbits", "block_size": 128}),
     ("int8 matmul-nbits b32 acc4", "int8", {"method": "matmul-nbits", "block_size": 32}),
     ("int8 qdq (DQ->MatMul, per-column)", "int8", {"method": "qdq"}),
-    ("int4 b32 acc4 (default)", "int4", {}),
-    ("int4 b32 acc0", "int4", {"accuracy_level": 0}),
-    ("int4 b32 acc4 +embedding", "int4", {"include_embedding": True}),
+    ("int4 b128 acc4 (default)", "int4", {}),
+    ("int4 b128 acc4 +embedding", "int4", {"include_embedding": True}),
     ("int4 b64 acc4", "int4", {"block_size": 64}),
-    ("int4 b128 acc4", "int4", {"block_size": 128}),
+    ("int4 b32 acc4", "int4", {"block_size": 32}),
+    ("int4 b32 acc0", "int4", {"block_size": 32, "accuracy_level": 0}),
 ]
 # measured ~0.8 tok/s (level 0 dequantizes to fp32 on every call on AVX2): too slow to time, kept out of the table
 NOT_TIMED = {"int8 matmul-nbits acc0": "~0.8 tok/s at 169M shapes, 1 thread"}
@@ -134,23 +134,61 @@ class PipDecoder:
         return dt
 
 
-def interleaved(decoders: dict, steps: int, rounds: int) -> dict:
-    """Each decoder: WARMUP steps, then `steps` timed steps in `rounds` rounds, every round visiting the decoders in
-    a rotated order. Load on a shared machine drifts over minutes: interleaving spreads it over every row alike,
-    where timing one variant after another would hand each its own slice of the drift."""
-    names = list(decoders)
-    for d in decoders.values():
-        for _ in range(WARMUP):
-            d.step()
-    times = {n: [] for n in names}
-    per_round = max(1, steps // rounds)
-    for r in range(rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            times[n] += [decoders[n].step() for _ in range(per_round)]
-    return {n: rates(t) for n, t in times.items()}
+def _decoder_worker(conn, kind: str, args: tuple) -> None:
+    """One decoder in its own process: build it, then run the number of steps asked, answering their times."""
+    sys.path.insert(0, str(ROOT))
+    decoder = OrtDecoder(*args) if kind == "ort" else PipDecoder(*args)
+    conn.send("ready")
+    while (n := conn.recv()) is not None:
+        conn.send([decoder.step() for _ in range(n)])
+
+
+def interleaved(specs: dict, steps: int, rounds: int) -> dict:
+    """Each decoder (name -> (kind, args)) in its own process, as an app would run it; WARMUP steps, then `steps`
+    timed steps in `rounds` rounds, every round visiting the decoders in a rotated order. Load on a shared machine
+    drifts over minutes: interleaving spreads it over every row alike, where timing one variant after another would
+    hand each its own slice of the drift. (Decoders sharing one process measured slower with 2 threads: the idle
+    sessions' thread pools compete for the second core.)"""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs, conns = {}, {}
+    try:
+        for name, (kind, args) in specs.items():
+            parent, child_end = ctx.Pipe()
+            procs[name] = ctx.Process(target=_decoder_worker, args=(child_end, kind, args), daemon=True)
+            procs[name].start()
+            conns[name] = parent
+            if parent.recv() != "ready":
+                raise RuntimeError(f"decoder {name} did not start")
+        names = list(specs)
+        for n in names:
+            conns[n].send(WARMUP)
+            conns[n].recv()
+        times = {n: [] for n in names}
+        per_round = max(1, steps // rounds)
+        for r in range(rounds):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                time.sleep(SWITCH_PAUSE_S)
+                conns[n].send(per_round)
+                times[n] += conns[n].recv()
+        return {n: rates(t) for n, t in times.items()}
+    finally:
+        for c in conns.values():
+            try:
+                c.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for p in procs.values():
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
 
 
 BASELINE = "rwkv pip 0.8.32, cpu fp32 (baseline)"
+# Before each decoder's turn: the previous decoder's idle worker threads (onnxruntime's spin-wait after a run, torch's
+# OpenMP pool) must have parked, or they take the second core from the next decoder's first steps.
+SWITCH_PAUSE_S = 0.2
 
 
 def speed(work: Path, steps: int, rounds: int) -> None:
@@ -169,10 +207,9 @@ def speed(work: Path, steps: int, rounds: int) -> None:
     res = {}
     for threads in (1, 2):
         print(f"  timing {len(files) + 1} decoders interleaved, {threads} thread(s) ...", file=sys.stderr, flush=True)
-        decoders = {label: OrtDecoder(path, manifest, threads) for label, _, path, _ in files}
-        decoders[BASELINE] = PipDecoder(pth, threads)
-        res[threads] = interleaved(decoders, steps, rounds)
-        del decoders
+        specs = {label: ("ort", (path, manifest, threads)) for label, _, path, _ in files}
+        specs[BASELINE] = ("pip", (pth, threads))
+        res[threads] = interleaved(specs, steps, rounds)
     rows = [(label, path.stat().st_size / 1e6) for label, _, path, _ in files] + [(BASELINE, pth.stat().st_size / 1e6)]
     fp1, fp2, base1 = res[1][rows[0][0]][0], res[2][rows[0][0]][0], res[1][BASELINE][0]
     print(f"\n## Decode speed, 169M shapes (synthetic weights), onnxruntime CPU; load average {os.getloadavg()[0]:.1f} "
