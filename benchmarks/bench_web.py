@@ -27,7 +27,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 PROMPT = "\n\nThe RWKV language model is an RNN with transformer-level performance."
-WARMUP_TOKENS = int(__import__("os").environ.get("WARMUP_TOKENS", 8))
+WARMUP_TOKENS = 8
 LOAD_TIMEOUT_MS = 600_000  # a 680 MB fp32 graph: download + session creation take tens of seconds on 2 cores
 
 
@@ -127,8 +127,7 @@ def main() -> None:
     rows = []
     print(f"serving {args.folder} at {url}", file=sys.stderr)
     with sync_playwright() as p:
-        extra = __import__("os").environ.get("JSFLAGS")
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + ([f"--js-flags={extra}"] if extra else []))
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         for g in graphs:
             mb = sum(sizes.get(f, 0) for f in [g["file"], *g.get("data_files", [])]) / 1e6
             for t in threads:

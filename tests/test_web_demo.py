@@ -355,6 +355,13 @@ def test_prompt_runs_through_a_sequence_graph_when_the_folder_has_one(page, tiny
     assert res["stats"]["promptRuns"] == -(-len(prompt.encode()) // max_chunk)  # ceil: longer prompts go in chunks
     expected, _ = tiny_reference().greedy(list(prompt.encode()), GREEDY_TOKENS)
     assert res["ids"] == expected
+    # ?sequence=0: the prompt graph is not loaded, the prompt goes token by token, the tokens are the same
+    with served(folder) as url:
+        info = load_model(page, url, "?autoload=1&sequence=0")
+        res = page.evaluate("p => window.rwkvDemo.generate({prompt: p, temperature: 0, maxTokens: %d})" % GREEDY_TOKENS,
+                            prompt)
+    assert info["sequence"] is None and res["stats"]["promptMode"] == "step"
+    assert res["stats"]["promptRuns"] == len(prompt.encode()) and res["ids"] == expected
 
 
 def test_page_stays_responsive_while_generating_and_stop_works(page, tiny):

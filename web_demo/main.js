@@ -329,7 +329,7 @@ demo.load = function load(opts = {}) {
   return new Promise((resolve, reject) => {
     pendingLoad = { resolve, reject };
     worker.postMessage({
-      type: 'load', manifest: demo.manifest, variant, backend, numThreads, verify, useSequence: opts.useSequence ?? true,
+      type: 'load', manifest: demo.manifest, variant, backend, numThreads, verify, useSequence: opts.useSequence ?? params.get('sequence') !== '0',
       modelBase: modelBase.href, ortBase,
     });
   });
