@@ -60,8 +60,8 @@ INT8_METHODS = ("dynamic-int7", "dynamic-uint8", "matmul-nbits", "qdq")
 DEFAULT_INT8_METHOD = "dynamic-int7"
 DEFAULT_INT8_BLOCK_SIZE = 128  # matmul-nbits only: 32 was slower (77 vs 87 tok/s) and 9% bigger for no real gain
 DEFAULT_INT8_ACCURACY_LEVEL = 4  # matmul-nbits only: level 0 (fp32 compute) measured ~40x slower on AVX2
-# 128 weights share a scale and zero point: at 169M shapes 2-thread decode 190 tok/s vs 145 for block 32 (interleaved
-# run of bench_quant), for +1.63% perplexity vs +0.85% on tiny-pydoc (gate 5%); `block_size=32` for the last 0.8%
+# 128 weights share a scale and zero point: at 169M shapes decode 139 / 150 tok/s (1 / 2 threads) vs 117 / 142 for block
+# 32 (bench_quant), for +1.63% perplexity vs +0.85% on tiny-pydoc (gate 5%); `block_size=32` for the last 0.8%
 DEFAULT_INT4_BLOCK_SIZE = 128
 DEFAULT_INT4_ACCURACY_LEVEL = 4  # int8 activations: 3.7x level 0's native speed at the same perplexity
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset (= fp32), 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
