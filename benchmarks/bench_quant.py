@@ -120,12 +120,11 @@ class PipDecoder:
         from rwkv.model import RWKV
 
         self.torch = torch
-        self.threads = threads
+        torch.set_num_threads(threads)  # its own process (interleaved()): set once
         self.model = RWKV(model=str(pth.with_suffix("")), strategy="cpu fp32", verbose=False)
         self.state, self.tok = None, 0
 
     def step(self) -> float:
-        self.torch.set_num_threads(self.threads)
         with self.torch.no_grad():
             t = time.perf_counter()
             out, self.state = self.model.forward([self.tok], self.state)
@@ -136,7 +135,6 @@ class PipDecoder:
 
 def _decoder_worker(conn, kind: str, args: tuple) -> None:
     """One decoder in its own process: build it, then run the number of steps asked, answering their times."""
-    sys.path.insert(0, str(ROOT))
     decoder = OrtDecoder(*args) if kind == "ort" else PipDecoder(*args)
     conn.send("ready")
     while (n := conn.recv()) is not None:

@@ -15,6 +15,7 @@ from .errors import RwkvExportError
 from .manifest import new_manifest, read_manifest, write_manifest
 from .outdir import check_output_dir, staged_output_dir
 from .progress import QUIET, Progress
+from .quantize import DEFAULT_INT4_BLOCK_SIZE
 from .sources import Source, source_from_manifest
 from .tokenizer import resolve_tokenizer
 
@@ -31,7 +32,7 @@ TARGET_VARIANTS = {"onnx": QUANT_VARIANTS, "tflite": ("fp16", "int8", "int4"), "
 
 @dataclass
 class QuantOptions:
-    int4_block_size: int = 128  # quantize.DEFAULT_INT4_BLOCK_SIZE (kept literal: this module stays light)
+    int4_block_size: int = DEFAULT_INT4_BLOCK_SIZE
     int4_embedding: bool = False  # also quantize the embedding table (gather) to 4 bits
     extra: dict = field(default_factory=dict)
 

@@ -56,7 +56,8 @@ from pathlib import Path
 
 from .errors import OutputPathError, RwkvExportError
 
-INT8_METHODS = ("dynamic-int7", "dynamic-uint8", "matmul-nbits", "qdq")
+DYNAMIC_METHODS = ("dynamic-int7", "dynamic-uint8")  # onnxruntime's quantize_dynamic; per_channel applies
+INT8_METHODS = (*DYNAMIC_METHODS, "matmul-nbits", "qdq")
 DEFAULT_INT8_METHOD = "dynamic-int7"
 DEFAULT_INT8_BLOCK_SIZE = 128  # matmul-nbits only: 32 was slower (77 vs 87 tok/s) and 9% bigger for no real gain
 DEFAULT_INT8_ACCURACY_LEVEL = 4  # matmul-nbits only: level 0 (fp32 compute) measured ~40x slower on AVX2
@@ -91,7 +92,8 @@ def quantize_int8(
 ) -> dict:
     """Weight-only-stored int8 quantization of every constant-weight MatMul (head included); see the module doc.
 
-    method: "dynamic-int7" or "dynamic-uint8" (per_channel applies), "matmul-nbits" (block_size, accuracy_level apply) or "qdq".
+    method: "dynamic-int7" or "dynamic-uint8" (per_channel applies), "matmul-nbits" (block_size, accuracy_level
+    apply) or "qdq".
     include_embedding: also store the embedding table as int8 rows with a scale each.
     """
     if method not in INT8_METHODS:
@@ -103,7 +105,7 @@ def quantize_int8(
     n_matmul = _check_has_weights(model, src)
     head = _head_weight_name(model)
     with _quiet():
-        if method in ("dynamic-int7", "dynamic-uint8"):
+        if method in DYNAMIC_METHODS:
             model = _dynamic(model, per_channel, int7=method == "dynamic-int7")
         elif method == "matmul-nbits":
             model = _nbits(model, bits=8, block_size=block_size, accuracy_level=accuracy_level, embedding=False)
@@ -112,7 +114,7 @@ def quantize_int8(
         if include_embedding:
             _embedding_int8_rows(model)
     options = {"include_embedding": include_embedding}
-    if method in ("dynamic-int7", "dynamic-uint8"):
+    if method in DYNAMIC_METHODS:
         options["per_channel"] = per_channel
     if method == "matmul-nbits":
         options.update(block_size=block_size, accuracy_level=accuracy_level)

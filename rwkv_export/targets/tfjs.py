@@ -1,8 +1,8 @@
 """TF.js target (browsers): the step graph as a TF.js graph model (model.json + weight shards), one folder per variant.
 
 Chain: our own ONNX step graph (targets/onnx.py) translated node by node into a TF.js graph model. The step graph
-uses 14 ONNX op types, each with a direct TF op that TF.js executes (table `_OPS`); an op outside the table is a
-one-line error naming it. We chose this over tensorflowjs_converter on a SavedModel (onnx2tf) because that chain needs
+uses 14 ONNX op types, each with a direct TF op that TF.js executes (`_convert_node`, `_convert_split`); any other op
+is a one-line error naming it. We chose this over tensorflowjs_converter on a SavedModel (onnx2tf) because that chain needs
 TensorFlow (~1 GB), onnx2tf 1.x's exact pins on Python 3.11 and tensorflowjs 4.22, whose install is broken on current
 TensorFlow (it only imports with two modules stubbed). The format we write is the one TF.js 4.x reads (GraphDef as
 JSON in `modelTopology`, weights in `weightsManifest`), and it is checked by running it in Node with @tensorflow/tfjs.
@@ -187,22 +187,19 @@ def _convert_node(g: _Graph, node, consts: dict, ranks: dict) -> None:
     g.names[out] = res
 
 
-def _convert_split(g: _Graph, node, consts: dict, ranks: dict) -> None:
-    """ONNX Split -> TF SplitV; output i is the TF tensor `name:i`."""
+def _convert_split(g: _Graph, node, consts: dict, shapes: dict) -> None:
+    """ONNX Split -> TF SplitV; output i is the TF tensor `name:i`. `shapes`: tensor name -> its static shape."""
     import numpy as np
 
-    a = _attrs(node)
-    axis = int(a.get("axis", 0))
+    axis = int(_attrs(node).get("axis", 0))
     n = len(node.output)
     if len(node.input) > 1 and node.input[1]:
         sizes = consts[node.input[1]].reshape(-1).astype(np.int32)
-    else:  # equal parts (opset 18's num_outputs): SplitV's -1 takes what is left, so only n - 1 sizes must be known
-        sizes = None
-    if sizes is None:
-        dims = ranks.get(("dims", node.input[0]))
-        if dims is None or dims[axis] <= 0:
+    else:  # equal parts (opset 18's num_outputs): the axis must have a static size
+        shape = shapes.get(node.input[0])
+        if shape is None or shape[axis] <= 0:
             raise RwkvExportError(f"Split {node.name}: equal parts of an axis of unknown size are not handled")
-        sizes = np.full(n, dims[axis] // n, np.int32)
+        sizes = np.full(n, shape[axis] // n, np.int32)
     res = g.node("SplitV", [g.names[node.input[0]], g.const(sizes, f"{node.output[0]}/sizes"),
                             g.const(np.int32(axis), f"{node.output[0]}/axis")], node.output[0],
                  {"num_split": {"i": str(n)}, "Tlen": {"type": "DT_INT32"}})
@@ -220,11 +217,11 @@ def onnx_to_graph(onnx_path: Path) -> tuple[list[dict], list, dict]:
         model = shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - ranks are only needed for the MatMul check, which then errors clearly
         pass
-    ranks = {}
+    ranks, shapes = {}, {}
     for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
         if v.type.tensor_type.HasField("shape"):
-            ranks[v.name] = len(v.type.tensor_type.shape.dim)
-            ranks[("dims", v.name)] = [d.dim_value for d in v.type.tensor_type.shape.dim]
+            shapes[v.name] = [d.dim_value for d in v.type.tensor_type.shape.dim]
+            ranks[v.name] = len(shapes[v.name])
     g = _Graph()
     consts = {}
     for init in model.graph.initializer:
@@ -254,7 +251,7 @@ def onnx_to_graph(onnx_path: Path) -> tuple[list[dict], list, dict]:
             g.names[node.output[0]] = g.const(arr, node.output[0])
             continue
         if node.op_type == "Split":
-            _convert_split(g, node, consts, ranks)
+            _convert_split(g, node, consts, shapes)
             continue
         if len(node.output) != 1:
             raise RwkvExportError(f"ONNX op {node.op_type} (node {node.name}) has several outputs; not handled")
