@@ -36,17 +36,19 @@ def fail(msg: str) -> None:
     raise SystemExit(2)
 
 
-def browser_runs(url: str, variant: str, threads: int, tokens: int, browser) -> dict:
+def browser_runs(url: str, variant: str, threads: int, tokens: int, browser, backend: str = "wasm") -> dict:
     page = browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     try:
-        page.goto(f"{url}?autoload=1&backend=wasm&verify=0&variant={variant}&threads={threads}")
+        page.goto(f"{url}?autoload=1&backend={backend}&verify=0&variant={variant}&threads={threads}")
         page.wait_for_function("['ready','error','load-failed'].includes(document.body.dataset.status)",
                                timeout=LOAD_TIMEOUT_MS)
         if page.evaluate("document.body.dataset.status") != "ready":
             return {"error": page.inner_text("#error")}
         info = page.evaluate("window.rwkvDemo.loadInfo")
+        if info["backend"] != backend:
+            return {"error": f"page ran {info['backend']}, asked {backend}"}
         if info["numThreads"] != threads:
             return {"error": f"page ran {info['numThreads']} threads, asked {threads}"}
         gen = "o => window.rwkvDemo.generate(o)"
@@ -92,6 +94,8 @@ def main() -> None:
     ap.add_argument("folder", type=Path)
     ap.add_argument("--tokens", type=int, default=64, help="generated tokens measured (after a warm-up)")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--backend", choices=["wasm", "webgpu"], default="wasm",
+                    help="webgpu starts Chromium with --enable-unsafe-webgpu (headless: SwiftShader's CPU adapter)")
     ap.add_argument("--variants", default=None, help="comma-separated variants to run (default: every step graph)")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
@@ -127,12 +131,14 @@ def main() -> None:
     rows = []
     print(f"serving {args.folder} at {url}", file=sys.stderr)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        extra = ["--enable-unsafe-webgpu"] if args.backend == "webgpu" else []
+        base = [a for a in CHROMIUM_ARGS if not (extra and a == "--disable-gpu")]
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=base + extra)
         for g in graphs:
             mb = sum(sizes.get(f, 0) for f in [g["file"], *g.get("data_files", [])]) / 1e6
             for t in threads:
                 print(f"[{g['variant']}] browser wasm, {t} thread(s)…", file=sys.stderr, flush=True)
-                web = browser_runs(url, g["variant"], t, args.tokens, browser)
+                web = browser_runs(url, g["variant"], t, args.tokens, browser, args.backend)
                 print(f"[{g['variant']}] onnxruntime Python, {t} thread(s)…", file=sys.stderr, flush=True)
                 py = python_runs(args.folder, manifest, g, t, prompt_ids, args.tokens)
                 rows.append((g, mb, t, web, py))

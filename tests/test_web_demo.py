@@ -3,7 +3,8 @@
 Checks: greedy ids in the page equal runtime_ref's; seeded sampling is reproducible and only draws tokens the
 sampling rule allows (and the JS rule equals runtime_ref.sampling_probs); the NeoX tokenizer in the page equals
 Python `tokenizers`; broken model files, missing and invalid manifests show an error on the page; the page stays
-responsive while generating and Stop stops; WebGPU without an adapter falls back visibly; the server's headers,
+responsive while generating and Stop stops; WebGPU without an adapter falls back visibly, and with SwiftShader's
+adapter (--enable-unsafe-webgpu) runs the WebGPU EP for real with the same greedy ids; the server's headers,
 path rules and one-line errors; the `serve` CLI. Saves a screenshot to tests/_artifacts/screenshot.png
 (git-ignored; docs/screenshot.png in the README is a copy of one).
 
@@ -409,6 +410,33 @@ def test_webgpu_choice_without_adapter_falls_back_visibly(page, tiny):
         assert info["backend"] == "wasm"
         assert any(n["kind"] == "fallback" and "WebGPU is not available" in n["message"] for n in notices), notices
         assert visible and "using wasm instead" in visible[0]
+
+
+def test_webgpu_runs_for_real_on_swiftshader(browser, tiny):
+    """Chromium started with --enable-unsafe-webgpu exposes SwiftShader's WebGPU adapter (a CPU implementation that
+    ships in Debian's chromium-common): the demo runs the step graph on onnxruntime-web's WebGPU EP, and its 32
+    greedy tokens equal runtime_ref's. (Not a speed path: it exists so the WebGPU code path is tested without a GPU.)"""
+    prompt = "Hello"
+    args = [a for a in CHROMIUM_ARGS if a != "--disable-gpu"] + ["--enable-unsafe-webgpu"]
+    with served(tiny) as url:
+        b = browser.browser_type.launch(executable_path=str(CHROMIUM), args=args)
+        try:
+            pg = b.new_page()
+            pg.set_default_timeout(LOAD_TIMEOUT_MS)
+            errors = []
+            pg.on("pageerror", lambda e: errors.append(str(e)))
+            info = load_model(pg, url, "?autoload=1&backend=webgpu&sequence=0")
+            webgpu = pg.evaluate("window.rwkvDemo.webgpu")
+            res = pg.evaluate("p => window.rwkvDemo.generate({prompt: p, temperature: 0, maxTokens: %d})" % GREEDY_TOKENS,
+                              prompt)
+            notices = pg.evaluate("window.rwkvDemo.notices")
+        finally:
+            b.close()
+    assert webgpu["available"], webgpu
+    assert info["backend"] == "webgpu", notices
+    expected, _ = tiny_reference().greedy(list(prompt.encode()), GREEDY_TOKENS)
+    assert res["ids"] == expected
+    assert errors == []
 
 
 # ---- errors shown on the page -------------------------------------------------------------------------------------

@@ -216,6 +216,14 @@ async function runGraph(part, ids, state) {
   return { logits: lastLogits(out[io.logits.name], model.vocab), state: next };
 }
 
+async function releaseModel() {
+  const m = model;
+  model = null;
+  for (const part of [m?.step, m?.seq]) {
+    if (part) await part.session.release().catch(() => {});
+  }
+}
+
 async function load(msg) {
   const { manifest, variant, modelBase, ortBase, numThreads, verify } = msg;
   const t0 = performance.now();
@@ -251,32 +259,63 @@ async function load(msg) {
       return createSession(dl.files.get(g.file), g, dl.files, backend);
     }
   };
-  let stepSession, seqSession = null;
-  try {
-    stepSession = await make(step);
-    if (seq) seqSession = await make(seq);
-  } catch (e) {
-    throw new PhaseError('session', `onnxruntime-web could not open ${step.file}: ${errorText(e)}`);
-  }
-  dl.files.clear(); // the sessions hold their own copies
-  const sessionSeconds = (performance.now() - tSession) / 1000;
-
+  const open = async () => {
+    try {
+      const stepSession = await make(step);
+      return { stepSession, seqSession: seq ? await make(seq) : null };
+    } catch (e) {
+      throw new PhaseError('session', `onnxruntime-web could not open ${step.file}: ${errorText(e)}`);
+    }
+  };
   const logitsShape = stepIo.logits.shape;
   const vocab = typeof logitsShape[logitsShape.length - 1] === 'number' ? logitsShape[logitsShape.length - 1] : manifest.model.vocab_size;
-  model = {
-    manifest, backend, numThreads, vocab,
-    step: { session: stepSession, io: stepIo, graph: step },
-    seq: seqSession ? { session: seqSession, io: seqIo, graph: seq } : null,
+  const install = ({ stepSession, seqSession }) => {
+    model = {
+      manifest, backend, numThreads, vocab,
+      step: { session: stepSession, io: stepIo, graph: step },
+      seq: seqSession ? { session: seqSession, io: seqIo, graph: seq } : null,
+    };
   };
-  // Warm-up: one step from the fresh state, so the first real token does not pay for lazy allocation.
+  // Warm-up: one call of each graph from the fresh state, so the first real token does not pay for lazy allocation.
+  const warm = async () => {
+    for (const part of [model.step, model.seq]) {
+      if (!part) continue;
+      try {
+        await runGraph(part, [0], initialState(manifest, part.io));
+      } catch (e) {
+        throw new PhaseError('session', `the first run of ${part.graph.file} failed: ${errorText(e)}`);
+      }
+    }
+  };
+  install(await open());
+  let sessionSeconds = (performance.now() - tSession) / 1000;
+  // A WebGPU session can open and still fail here (an adapter's limits, e.g. storage buffers per shader stage, are only
+  // checked when a kernel is first built): then the page falls back to wasm like a failed session would.
   post({ type: 'progress', phase: 'warmup' });
-  const tWarm = performance.now();
+  let tWarm = performance.now();
   try {
-    await runGraph(model.step, [0], initialState(manifest, stepIo));
+    await warm();
   } catch (e) {
-    model = null;
-    throw new PhaseError('session', `the first step of ${step.file} failed: ${errorText(e)}`);
+    if (backend !== 'webgpu') {
+      model = null;
+      throw e;
+    }
+    post({ type: 'notice', kind: 'fallback', message: `WebGPU failed: ${errorText(e).split('\n')[0]}; using wasm instead.` });
+    await releaseModel();
+    backend = 'wasm';
+    post({ type: 'progress', phase: 'session', backend, numThreads });
+    const t = performance.now();
+    install(await open());
+    sessionSeconds += (performance.now() - t) / 1000;
+    tWarm = performance.now();
+    try {
+      await warm();
+    } catch (e2) {
+      model = null;
+      throw e2;
+    }
   }
+  dl.files.clear(); // the sessions hold their own copies
   post({
     type: 'loaded',
     info: {
