@@ -155,6 +155,12 @@ def load_model(page, url: str, query: str = "?autoload=1") -> dict:
     return page.evaluate("window.rwkvDemo.loadInfo")
 
 
+def default_warmup_steps() -> int:
+    m = re.search(r"^const DEFAULT_WARMUP_STEPS = (\d+);", (WEB_DEMO_DIR / "worker.js").read_text(), re.M)
+    assert m, "worker.js defines DEFAULT_WARMUP_STEPS"
+    return int(m.group(1))
+
+
 def error_banner(page) -> str:
     page.wait_for_selector("#error:not([hidden])", timeout=LOAD_TIMEOUT_MS)
     return page.inner_text("#error")
@@ -185,6 +191,7 @@ def test_greedy_tokens_equal_reference_and_screenshot(page, tiny):
         assert wait_status(page, "ready", "load-failed") == "ready", page.inner_text("#error")
         info = page.evaluate("window.rwkvDemo.loadInfo")
         assert (info["backend"], info["numThreads"], info["variant"]) == ("wasm", 2, "fp32")
+        assert info["warmupSteps"] == default_warmup_steps()
         page.fill("#prompt", prompt)
         page.fill("#temperature", "0")
         page.fill("#max_tokens", str(GREEDY_TOKENS))
@@ -203,6 +210,7 @@ def test_greedy_tokens_equal_reference_and_screenshot(page, tiny):
     assert re.fullmatch(r"\d+(\.\d+)? tok/s", speed), speed
     assert prompt_stat.startswith(f"{len(prompt)} tokens in "), prompt_stat
     assert res["stats"]["generatedTokens"] == GREEDY_TOKENS and res["stats"]["tokensPerSecond"] > 0
+    assert 0 < res["stats"]["modelMs"] <= res["stats"]["generateMs"]
     assert page.page_errors == []
 
 
@@ -213,8 +221,8 @@ def test_seeded_sampling_reproducible_and_within_the_rule(page, tiny):
     params = dict(temperature=1.3, topP=0.6, minPRatio=0.05, minPPower=2.0, maxTokens=24)
     prompt = "seed"
     with served(tiny) as url:
-        info = load_model(page, url, "?autoload=1&threads=1")
-        assert info["numThreads"] == 1
+        info = load_model(page, url, "?autoload=1&threads=1&warmup=0")
+        assert (info["numThreads"], info["warmupSteps"]) == (1, 0)
         run = lambda seed: page.evaluate(
             "([p, o]) => window.rwkvDemo.generate({prompt: p, ...o})", [prompt, {**params, "seed": seed}]
         )["ids"]

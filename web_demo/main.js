@@ -2,7 +2,8 @@
 // downloads and runs the model, and streams decoded tokens into the page.
 //
 // URL parameters (all optional): model=URL of the export folder (default: model/, where `rwkv-export serve` puts
-// it), variant=NAME, backend=wasm|webgpu, threads=N, verify=0 (skip the sha256 check), autoload=1.
+// it), variant=NAME, backend=wasm|webgpu, threads=N, verify=0 (skip the sha256 check), autoload=1, sequence=0 (prompt
+// through the step graph), warmup=N (JIT warm-up steps after load; worker.js says why).
 // window.rwkvDemo is a small API for tests and scripts: load(), generate(), stop(), encode(), decode(), status.
 
 import { loadTokenizer } from './tokenizer.js';
@@ -225,7 +226,12 @@ function onProgress(p) {
   else if (p.phase === 'probe') startPhaseClock('Looking for a WebGPU adapter');
   else if (p.phase === 'runtime') startPhaseClock(`Loading onnxruntime-web (${p.backend})`);
   else if (p.phase === 'session') startPhaseClock(`Creating the inference session (${p.backend}, ${p.numThreads} thread${p.numThreads > 1 ? 's' : ''}): compiling and optimizing the graph`);
-  else if (p.phase === 'warmup') startPhaseClock('Warm-up step');
+  else if (p.phase === 'warmup') {
+    if (p.steps) {
+      stopPhaseClock();
+      showPhase(`Warming up (the browser compiles onnxruntime's hot code): step ${p.step} / ${p.steps}`, { loaded: p.step, total: p.steps });
+    } else startPhaseClock('Warm-up step');
+  }
 }
 
 function newWorker() {
@@ -330,6 +336,7 @@ demo.load = function load(opts = {}) {
     pendingLoad = { resolve, reject };
     worker.postMessage({
       type: 'load', manifest: demo.manifest, variant, backend, numThreads, verify, useSequence: opts.useSequence ?? params.get('sequence') !== '0',
+      warmupSteps: opts.warmupSteps ?? (params.has('warmup') ? Number(params.get('warmup')) : undefined),
       modelBase: modelBase.href, ortBase,
     });
   });
@@ -348,18 +355,34 @@ function safePush(decoder, id) {
   }
 }
 
+// Streamed text is drawn at most every RENDER_INTERVAL_MS, and only the new text is appended: layout and paint run on
+// the same two cores as the model, and redrawing the whole output on every frame cost ~10% of the tokens/s at 169M.
+const RENDER_INTERVAL_MS = 100;
 let renderQueued = false;
+let lastRender = 0;
 function scheduleRender() {
   if (renderQueued) return;
   renderQueued = true;
-  requestAnimationFrame(render);
+  const wait = Math.max(0, RENDER_INTERVAL_MS - (performance.now() - lastRender));
+  setTimeout(() => requestAnimationFrame(render), wait);
+}
+
+// Sets el's text to `text`, appending only what is new when `text` extends what el shows.
+const shownText = new WeakMap();
+function showText(el, text) {
+  const shown = shownText.get(el);
+  if (shown !== undefined && el.textContent === shown && text.startsWith(shown)) {
+    if (text.length > shown.length) el.append(text.slice(shown.length));
+  } else el.textContent = text;
+  shownText.set(el, text);
 }
 
 function render() {
   renderQueued = false;
+  lastRender = performance.now();
   const r = pendingRun ?? demo.lastResult;
   if (!r) return;
-  $('out-gen').textContent = r.text;
+  showText($('out-gen'), r.text);
   const n = r.ids.length;
   const why = r.reason === 'stopped' ? ' (stopped)' : r.reason === 'eos' ? ' (end of text)' : '';
   $('stat-gen').textContent = `${n} token${n === 1 ? '' : 's'}${why}`;
@@ -437,7 +460,7 @@ function finishRun(msg) {
     prompt: r.prompt, promptIds: r.promptIds, ids: msg.ids, text: r.text, reason: msg.reason, params: r.params,
     stats: {
       promptTokens: msg.promptTokens, promptMs: msg.promptMs, promptMode: msg.promptMode, promptRuns: msg.promptRuns,
-      generatedTokens: msg.generatedTokens, generateMs: msg.generateMs,
+      generatedTokens: msg.generatedTokens, generateMs: msg.generateMs, modelMs: msg.modelMs,
       tokensPerSecond: msg.generateMs > 0 ? (1000 * msg.generatedTokens) / msg.generateMs : null,
     },
   };

@@ -2,7 +2,7 @@
 // all of this happens here. It deals in token ids only; the page owns the tokenizer.
 //
 // Messages in:  {type:'load', modelBase, manifest, variant, backend:'wasm'|'webgpu', numThreads, ortBase, verify,
-//                useSequence}
+//                useSequence, warmupSteps}
 //               {type:'generate', promptIds, params:{temperature, topP, minPRatio, minPPower, maxTokens, seed}, eosId}
 //               {type:'stop'}
 // Messages out: {type:'progress', phase, ...}, {type:'notice', message}, {type:'loaded', info},
@@ -15,6 +15,14 @@ import { argmax, checkParams, makeRng, sampleToken } from './sampling.js';
 
 const PROGRESS_INTERVAL_MS = 100; // at most ~10 progress messages a second
 const ADAPTER_TIMEOUT_MS = 5000; // requestAdapter() may never settle on some drivers
+// JIT warm-up after load. V8 first runs onnxruntime's wasm with its baseline compiler (Liftoff) and compiles the hot
+// functions with TurboFan in the background once they have run enough; on a busy 2-core machine that compile competes
+// with the model for the cores. Measured at 169M int8, 2 threads, 32-token generations right after load:
+// 38, 25, 37, 40, 45, 46 tok/s (Chromium started with --no-liftoff: 45-47 from the first one, after a 15 s load).
+// The dip came from the prompt graph's kernels (first used by the first prompt) compiling during the second run.
+// So while loading the page runs the prompt graph on a 16-token chunk 4 times and then this many steps (~2 s at
+// 169M): 42, 45, 44, 41, 41, 38 tok/s in a minute like the first. URL: warmup=N (0: no JIT warm-up).
+const DEFAULT_WARMUP_STEPS = 32;
 
 let ort = null;
 let model = null; // { manifest, step: {session, io, graph}, seq: {...}|null, backend }
@@ -287,6 +295,27 @@ async function load(msg) {
       }
     }
   };
+  // More steps for the JIT (DEFAULT_WARMUP_STEPS), with progress; the state runs on from step to step like in decoding.
+  const jitWarmup = async () => {
+    const steps = Number.isInteger(msg.warmupSteps) && msg.warmupSteps >= 0 ? msg.warmupSteps : DEFAULT_WARMUP_STEPS;
+    let state = initialState(manifest, stepIo);
+    let last = 0;
+    if (model.seq && steps > 0) {
+      // the prompt graph's kernels (matrix-matrix products) are other functions than a step's: make them hot too
+      const chunk = Math.min(16, Number.isInteger(model.seq.graph.max_chunk) ? model.seq.graph.max_chunk : 16);
+      const ids = Array.from({ length: chunk }, (_, i) => i % 2);
+      for (let i = 0; i < 4; i++) await runGraph(model.seq, ids, initialState(manifest, model.seq.io));
+    }
+    for (let i = 0; i < steps; i++) {
+      ({ state } = await runGraph(model.step, [i % 2], state));
+      const now = performance.now();
+      if (now - last > PROGRESS_INTERVAL_MS || i === steps - 1) {
+        post({ type: 'progress', phase: 'warmup', step: i + 1, steps });
+        last = now;
+      }
+    }
+    return steps;
+  };
   install(await open());
   let sessionSeconds = (performance.now() - tSession) / 1000;
   // A WebGPU session can open and still fail here (an adapter's limits, e.g. storage buffers per shader stage, are only
@@ -316,12 +345,13 @@ async function load(msg) {
     }
   }
   dl.files.clear(); // the sessions hold their own copies
+  const warmupSteps = backend === 'wasm' ? await jitWarmup() : 0;
   post({
     type: 'loaded',
     info: {
       variant, backend, numThreads, file: step.file, sequence: seq ? seq.file : null,
       bytes: dl.bytes, downloadSeconds: dl.seconds, verifySeconds: dl.verifySeconds, sessionSeconds,
-      warmupSeconds: (performance.now() - tWarm) / 1000, totalSeconds: (performance.now() - t0) / 1000,
+      warmupSeconds: (performance.now() - tWarm) / 1000, warmupSteps, totalSeconds: (performance.now() - t0) / 1000,
       crossOriginIsolated: self.crossOriginIsolated === true,
     },
   });
@@ -362,6 +392,7 @@ async function generate({ promptIds, params, eosId }) {
   post({ type: 'prompt', tokens: promptIds.length, ms: t1 - t0, mode: promptMode, runs: promptRuns });
   const ids = [];
   let reason = 'max_tokens';
+  let modelMs = 0; // time inside onnxruntime for the generated tokens (the rest: sampling, messages, JS)
   for (let i = 0; i < params.maxTokens; i++) {
     await yieldToEvents();
     if (stopRequested) { reason = 'stopped'; break; }
@@ -369,13 +400,15 @@ async function generate({ promptIds, params, eosId }) {
     if (eosId != null && id === eosId) { reason = 'eos'; break; }
     ids.push(id);
     post({ type: 'token', id, n: ids.length, ms: performance.now() - t1 });
+    const tRun = performance.now();
     ({ logits, state } = await runGraph(model.step, [id], state));
+    modelMs += performance.now() - tRun;
   }
   if (stopRequested && reason === 'max_tokens' && ids.length < params.maxTokens) reason = 'stopped';
   const t2 = performance.now();
   post({
     type: 'done', ids, reason, promptTokens: promptIds.length, promptMs: t1 - t0, promptMode, promptRuns,
-    generatedTokens: ids.length, generateMs: t2 - t1,
+    generatedTokens: ids.length, generateMs: t2 - t1, modelMs,
   });
 }
 
