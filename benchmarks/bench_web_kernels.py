@@ -60,6 +60,7 @@ window.ready = true;
 FORMULATIONS = [
     ("fp32 MatMul", "fp32.onnx", None),
     ("int8 int7 (DynamicQuantizeMatMul, default)", "int8_int7.onnx", ("int8", {"method": "dynamic-int7"})),
+    ("int8 int7 per tensor", "int8_int7_tensor.onnx", ("int8", {"method": "dynamic-int7", "per_channel": False})),
     ("int8 uint8 (DynamicQuantizeMatMul)", "int8_uint8.onnx", ("int8", {"method": "dynamic-uint8"})),
     ("int8 MatMulNBits b128 acc4", "int8_nbits.onnx", ("int8", {"method": "matmul-nbits"})),
     ("int4 MatMulNBits b128 acc4 (default)", "int4_acc4.onnx", ("int4", {})),

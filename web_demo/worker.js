@@ -23,6 +23,8 @@ const ADAPTER_TIMEOUT_MS = 5000; // requestAdapter() may never settle on some dr
 // So while loading the page runs the prompt graph on a 16-token chunk 4 times and then this many steps (~2 s at
 // 169M): 42, 45, 44, 41, 41, 38 tok/s in a minute like the first. URL: warmup=N (0: no JIT warm-up).
 const DEFAULT_WARMUP_STEPS = 32;
+// ... and at most this long: a slow variant (int4 runs ~4 tok/s in wasm) would otherwise add many seconds to loading.
+const WARMUP_MAX_MS = 3000;
 
 let ort = null;
 let model = null; // { manifest, step: {session, io, graph}, seq: {...}|null, backend }
@@ -298,23 +300,27 @@ async function load(msg) {
   // More steps for the JIT (DEFAULT_WARMUP_STEPS), with progress; the state runs on from step to step like in decoding.
   const jitWarmup = async () => {
     const steps = Number.isInteger(msg.warmupSteps) && msg.warmupSteps >= 0 ? msg.warmupSteps : DEFAULT_WARMUP_STEPS;
+    const t0 = performance.now();
+    const late = () => performance.now() - t0 > WARMUP_MAX_MS;
     let state = initialState(manifest, stepIo);
     let last = 0;
     if (model.seq && steps > 0) {
       // the prompt graph's kernels (matrix-matrix products) are other functions than a step's: make them hot too
       const chunk = Math.min(16, Number.isInteger(model.seq.graph.max_chunk) ? model.seq.graph.max_chunk : 16);
       const ids = Array.from({ length: chunk }, (_, i) => i % 2);
-      for (let i = 0; i < 4; i++) await runGraph(model.seq, ids, initialState(manifest, model.seq.io));
+      for (let i = 0; i < 4 && !late(); i++) await runGraph(model.seq, ids, initialState(manifest, model.seq.io));
     }
-    for (let i = 0; i < steps; i++) {
-      ({ state } = await runGraph(model.step, [i % 2], state));
+    let done = 0;
+    while (done < steps && !late()) {
+      ({ state } = await runGraph(model.step, [done % 2], state));
+      done++;
       const now = performance.now();
-      if (now - last > PROGRESS_INTERVAL_MS || i === steps - 1) {
-        post({ type: 'progress', phase: 'warmup', step: i + 1, steps });
+      if (now - last > PROGRESS_INTERVAL_MS || done === steps) {
+        post({ type: 'progress', phase: 'warmup', step: done, steps });
         last = now;
       }
     }
-    return steps;
+    return done;
   };
   install(await open());
   let sessionSeconds = (performance.now() - tSession) / 1000;
