@@ -1,7 +1,7 @@
 """The matmul ceiling of each weight formulation in onnxruntime-web (wasm, headless Chromium), beside onnxruntime in
 Python: how many tokens per second the linear layers alone would allow, with nothing else in the graph.
 
-    python benchmarks/bench_web_kernels.py [--workdir bench_out/web_kernels] [--threads 1,2] [--runs 20]
+    python benchmarks/bench_web_kernels.py [--workdir bench_out/web_kernels] [--threads 1,2] [--rounds 5] [--calls 4]
 
 For the model shapes (default: RWKV-4-Pile-169M's, 12 x 768, FFN 3072, vocab 50277) the script builds one ONNX graph
 holding exactly one token's matmuls -- per layer the four 768x768 attention matrices, the FFN's key, value and
@@ -43,16 +43,21 @@ const ort = await import('/ort/ort.wasm.min.mjs');
 ort.env.wasm.wasmPaths = location.origin + '/ort/';
 ort.env.wasm.numThreads = Number(q.get('threads'));
 ort.env.logLevel = 'error';
-window.timeGraph = async (file, runs, warmup, dim) => {
+const sessions = new Map();
+window.openGraph = async (file, warmup, dim) => {
   const bytes = new Uint8Array(await (await fetch('/m/' + file)).arrayBuffer());
   const s = await ort.InferenceSession.create(bytes, { executionProviders: ['wasm'], graphOptimizationLevel: 'all' });
   const x = new ort.Tensor('float32', new Float32Array(dim).fill(0.1), [1, dim]);
   for (let i = 0; i < warmup; i++) await s.run({ x });
+  sessions.set(file, { s, x });
+};
+window.timeGraph = async (file, calls) => {
+  const { s, x } = sessions.get(file);
   const ts = [];
-  for (let i = 0; i < runs; i++) { const t = performance.now(); await s.run({ x }); ts.push(performance.now() - t); }
-  await s.release();
+  for (let i = 0; i < calls; i++) { const t = performance.now(); await s.run({ x }); ts.push(performance.now() - t); }
   return ts;
 };
+window.closeAll = async () => { for (const { s } of sessions.values()) await s.release(); sessions.clear(); };
 window.ready = true;
 </script></body></html>"""
 
@@ -94,21 +99,39 @@ def build_chain(path: Path, n_layer: int, n_embd: int, ffn: int, vocab: int) -> 
     return sum(k * n for k, n in shapes)
 
 
-def native_times(path: Path, threads: int, runs: int, dim: int) -> list[float]:
-    """One onnxruntime session in a process of its own (idle thread pools of other sessions would take a core)."""
-    code = f"""
-import json, time, numpy as np, onnxruntime as ort
-so = ort.SessionOptions(); so.intra_op_num_threads = {threads}; so.log_severity_level = 3
-s = ort.InferenceSession({str(path)!r}, so, providers=['CPUExecutionProvider'])
-x = np.full((1, {dim}), 0.1, np.float32)
-for _ in range({WARMUP}): s.run(None, {{'x': x}})
-ts = []
-for _ in range({runs}):
-    t = time.perf_counter(); s.run(None, {{'x': x}}); ts.append(1000 * (time.perf_counter() - t))
-print(json.dumps(ts))
+class NativeSession:
+    """One onnxruntime session in a process of its own (idle thread pools of other sessions in the same process would
+    take a core), timing `calls` runs whenever asked, so that its rounds interleave with everyone else's."""
+
+    CODE = """
+import json, sys, time, numpy as np, onnxruntime as ort
+path, threads, dim, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+so = ort.SessionOptions(); so.intra_op_num_threads = threads; so.log_severity_level = 3
+s = ort.InferenceSession(path, so, providers=['CPUExecutionProvider'])
+x = np.full((1, dim), 0.1, np.float32)
+for _ in range(warmup): s.run(None, {'x': x})
+print('ready', flush=True)
+for line in sys.stdin:
+    ts = []
+    for _ in range(int(line)):
+        t = time.perf_counter(); s.run(None, {'x': x}); ts.append(1000 * (time.perf_counter() - t))
+    print(json.dumps(ts), flush=True)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def __init__(self, path: Path, threads: int, dim: int):
+        self.p = subprocess.Popen([sys.executable, "-c", self.CODE, str(path), str(threads), str(dim), str(WARMUP)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.p.stdout.readline().strip() != "ready":
+            raise SystemExit(f"error: onnxruntime could not run {path}")
+
+    def time(self, calls: int) -> list[float]:
+        self.p.stdin.write(f"{calls}\n")
+        self.p.stdin.flush()
+        return json.loads(self.p.stdout.readline())
+
+    def close(self) -> None:
+        self.p.stdin.close()
+        self.p.wait()
 
 
 def serve(workdir: Path):
@@ -150,7 +173,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench_out" / "web_kernels")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
-    ap.add_argument("--runs", type=int, default=20, help="timed calls per cell (after a warm-up)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all rows")
+    ap.add_argument("--calls", type=int, default=4, help="timed calls per row and round (after a warm-up)")
     ap.add_argument("--shape", default="12,768,3072,50277", help="n_layer,n_embd,ffn,vocab")
     ap.add_argument("--only", default=None, help="comma-separated files to run (e.g. int8_int7.onnx)")
     args = ap.parse_args()
@@ -188,18 +212,29 @@ def main() -> None:
             page = browser.new_page()
             page.goto(f"{url}?threads={t}")
             page.wait_for_function("window.ready === true", timeout=60_000)
-            for label, file, _ in rows:
-                print(f"[{label}] {t} thread(s): page…", file=sys.stderr, flush=True)
-                web = page.evaluate("([f, n, w, d]) => window.timeGraph(f, n, w, d)", [file, args.runs, WARMUP, n_embd])
-                print(f"[{label}] {t} thread(s): Python…", file=sys.stderr, flush=True)
-                nat = native_times(wd / file, t, args.runs, n_embd)
-                results.append((label, file, t, statistics.median(web), statistics.median(nat)))
+            print(f"{t} thread(s): opening {len(rows)} graphs in the page and in Python…", file=sys.stderr, flush=True)
+            native = {}
+            for _, file, _ in rows:
+                page.evaluate("([f, w, d]) => window.openGraph(f, w, d)", [file, WARMUP, n_embd])
+                native[file] = NativeSession(wd / file, t, n_embd)
+            web_ts = {file: [] for _, file, _ in rows}
+            nat_ts = {file: [] for _, file, _ in rows}
+            # every row a few calls per round, the page and Python in turn: a busy minute lands on all rows alike
+            for r in range(args.rounds):
+                print(f"{t} thread(s): round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+                for _, file, _ in rows:
+                    web_ts[file] += page.evaluate("([f, n]) => window.timeGraph(f, n)", [file, args.calls])
+                    nat_ts[file] += native[file].time(args.calls)
+            page.evaluate("window.closeAll()")
             page.close()
+            for label, file, _ in rows:
+                native[file].close()
+                results.append((label, file, t, statistics.median(web_ts[file]), statistics.median(nat_ts[file])))
         browser.close()
     server.shutdown()
 
     print(f"\nOne token's matmuls ({n_weights / 1e6:.1f}M weights: {n_layer} layers x (4 x {n_embd}^2 + FFN "
-          f"{n_embd}x{ffn}, {ffn}x{n_embd}, {n_embd}^2) + head {n_embd}x{vocab}); median of {args.runs} calls\n")
+          f"{n_embd}x{ffn}, {ffn}x{n_embd}, {n_embd}^2) + head {n_embd}x{vocab}); median of {args.rounds} interleaved rounds x {args.calls} calls\n")
     print("| formulation | file | threads | page (wasm) ms | page ceiling tok/s | Python ms | page / Python |")
     print("|---|---|---|---|---|---|---|")
     for label, file, t, web_ms, nat_ms in results:

@@ -13,4 +13,5 @@ run decode     "$PY" benchmarks/bench_decode.py bench_out/169
 run quant      "$PY" benchmarks/bench_quant.py
 run prefill    "$PY" benchmarks/bench_prefill.py
 run edge       "$PY" benchmarks/bench_edge.py
-run web        "$PY" benchmarks/bench_web.py bench_out/169 --tokens 32
+run web        "$PY" benchmarks/bench_web.py bench_out/169
+run webkernels "$PY" benchmarks/bench_web_kernels.py
