@@ -300,8 +300,8 @@ async function load(msg) {
   // More steps for the JIT (DEFAULT_WARMUP_STEPS), with progress; the state runs on from step to step like in decoding.
   const jitWarmup = async () => {
     const steps = Number.isInteger(msg.warmupSteps) && msg.warmupSteps >= 0 ? msg.warmupSteps : DEFAULT_WARMUP_STEPS;
-    const t0 = performance.now();
-    const late = () => performance.now() - t0 > WARMUP_MAX_MS;
+    const tStart = performance.now();
+    const late = () => performance.now() - tStart > WARMUP_MAX_MS;
     let state = initialState(manifest, stepIo);
     let last = 0;
     if (model.seq && steps > 0) {
