@@ -28,11 +28,12 @@ OPS_CONFIG = "required_operators.config"
 INTEGRATION = "INTEGRATION.md"
 
 
-def _convert_to_ort(onnx_files: list[Path], out_dir: Path, progress: Progress) -> None:
-    """Convert ONNX files to ORT format (Fixed optimization style, ARM target: the phone is the target)."""
+def _convert_to_ort(onnx_files: list[Path], out_dir: Path, progress: Progress, data_files: list[Path] = ()) -> None:
+    """Convert ONNX files to ORT format (Fixed optimization style, ARM target: the phone is the target). data_files:
+    their external data, which the .ort files then hold inside."""
     work = Path(tempfile.mkdtemp(prefix=".ortconv-", dir=out_dir))
     try:
-        for f in onnx_files:
+        for f in dict.fromkeys([*onnx_files, *data_files]):
             shutil.copyfile(f, work / f.name)
         cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(work),
                "--output_dir", str(work / "ort"), "--optimization_style", "Fixed", "--target_platform", "arm"]
@@ -91,7 +92,8 @@ def make_bundle(source: str, out: str | Path, *, runtime: str = "ort-mobile", qu
                               tokenizer=tokenizer, check=check, progress=progress)
             manifest = res.manifest
             src_dir = onnx_dir / "onnx"
-            _convert_to_ort([src_dir / g["file"] for g in manifest["graphs"]], tmp, progress)
+            _convert_to_ort([src_dir / g["file"] for g in manifest["graphs"]], tmp, progress,
+                            [src_dir / f for g in manifest["graphs"] for f in g["data_files"]])
             for g in manifest["graphs"]:
                 g["onnx_parity"] = g.pop("parity")
                 g["format"], g["file"], g["data_files"] = "ort", Path(g["file"]).stem + ".ort", []

@@ -108,13 +108,14 @@ def _make_variant(variant: str, root: Path, ckpt, options: QuantOptions, opset: 
         with progress.stage(f"exporting {file} (fp16 weights and activations, fp32 state, rescale every "
                             f"{opts.rescale_every} layers)"):
             files = onnx_target.export_step(module, root / file, opset)
-        entries = [_graph_entry(root, file, variant, files, info)]
-        if prefill:
-            seq = PREFILL_FILES[variant]
-            with progress.stage(f"exporting {seq} (fp16 prompt graph)"):
-                files = onnx_seq.export_sequence(module, root / seq, opset)
-            entries.append({**onnx_seq.graph_entry(root / seq, files=files, variant=variant), "quantization": info})
-        return entries
+        if not prefill:
+            return [_graph_entry(root, file, variant, files, info)]
+        seq = PREFILL_FILES[variant]
+        with progress.stage(f"exporting {seq} (fp16 prompt graph)"):
+            onnx_seq.export_sequence(module, root / seq, opset)
+        data = _share(root, file, seq, progress)
+        return [_graph_entry(root, file, variant, [file, *data], info),
+                {**onnx_seq.graph_entry(root / seq, files=[seq, *data], variant=variant), "quantization": info}]
     from . import quantize
 
     def quantize_file(src: Path, dst: Path) -> dict:
@@ -125,15 +126,25 @@ def _make_variant(variant: str, root: Path, ckpt, options: QuantOptions, opset: 
 
     with progress.stage(f"quantizing {file} ({variant})"):
         info = quantize_file(root / VARIANT_FILES["fp32"], root / file)
-    entries = [_graph_entry(root, file, variant, [file], info)]
-    if prefill and (root / PREFILL_FILES["fp32"]).exists():
-        from .targets import onnx_seq
+    if not (prefill and (root / PREFILL_FILES["fp32"]).exists()):
+        return [_graph_entry(root, file, variant, [file, *info.get("data_files", [])], info)]
+    from .targets import onnx_seq
 
-        seq = PREFILL_FILES[variant]
-        with progress.stage(f"quantizing {seq} ({variant})"):
-            seq_info = quantize_file(root / PREFILL_FILES["fp32"], root / seq)
-        entries.append({**onnx_seq.graph_entry(root / seq, files=[seq], variant=variant), "quantization": seq_info})
-    return entries
+    seq = PREFILL_FILES[variant]
+    with progress.stage(f"quantizing {seq} ({variant})"):
+        seq_info = quantize_file(root / PREFILL_FILES["fp32"], root / seq)
+    data = _share(root, file, seq, progress)
+    return [_graph_entry(root, file, variant, [file, *data], info),
+            {**onnx_seq.graph_entry(root / seq, files=[seq, *data], variant=variant), "quantization": seq_info}]
+
+
+def _share(root: Path, step_file: str, seq_file: str, progress: Progress) -> list[str]:
+    """Put the step and prompt graphs' weights into one data file (shared_data.py says why)."""
+    from .shared_data import data_file_name, share_weights
+
+    name = data_file_name(step_file)
+    with progress.stage(f"sharing one weights file between {step_file} and {seq_file} ({name})"):
+        return share_weights(root, [step_file, seq_file], name)
 
 
 def _export_prefill(module, root: Path, opset: int, external_data, progress: Progress) -> dict:
@@ -177,6 +188,9 @@ def export_onnx(
         if simplify:
             with progress.stage("simplifying with onnxslim"):
                 onnx_target.simplify(tmp / STEP_FILE)
+        if seq_entry:
+            files = [STEP_FILE, *_share(tmp, STEP_FILE, seq_entry["file"], progress)]
+            seq_entry["data_files"] = files[1:]
         manifest = _new_folder_manifest(tmp, src, ckpt, tok)
         manifest["graphs"].append(_graph_entry(tmp, STEP_FILE, "fp32", files))
         if seq_entry:
@@ -221,9 +235,8 @@ def add_variants(folder: str | Path, quant: list[str], *, checkpoint: str | None
     try:
         fp32 = next(g for g in manifest["graphs"] if g["kind"] == "step" and g["variant"] == "fp32")
         seq32 = [g for g in manifest["graphs"] if g["kind"] == "sequence" and g["variant"] == "fp32"]
-        for g in [fp32, *seq32]:
-            for f in [g["file"], *g["data_files"]]:
-                os.symlink(folder.resolve() / f, stage / f)
+        for f in dict.fromkeys(f for g in [fp32, *seq32] for f in [g["file"], *g["data_files"]]):
+            os.symlink(folder.resolve() / f, stage / f)
         new = [e for v in quant
                for e in _make_variant(v, stage, ckpt, quant_options, fp32.get("opset") or 18, progress, bool(seq32))]
         reports = []
@@ -234,9 +247,8 @@ def add_variants(folder: str | Path, quant: list[str], *, checkpoint: str | None
             staged["graphs"] = new
             reports = check_graphs(stage, staged, ckpt, progress=progress, raise_on_fail=True, variants=list(quant))
             new = staged["graphs"]  # now with their parity and quality reports
-        for g in new:
-            for f in [g["file"], *g["data_files"]]:
-                os.replace(stage / f, folder / f)
+        for f in dict.fromkeys(f for g in new for f in [g["file"], *g["data_files"]]):  # a shared data file once
+            os.replace(stage / f, folder / f)
         manifest["graphs"] = [g for g in manifest["graphs"] if g["variant"] not in quant] + new
         write_manifest(folder, manifest)
     finally:

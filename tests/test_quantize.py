@@ -14,6 +14,7 @@ from rwkv_export.export import export_onnx
 from rwkv_export.quality import PPL_GATES, EvalTextError, QualityGateError, check_quality, evaluate_variant, gate_for
 from rwkv_export.quantize import DEFAULT_INT4_BLOCK_SIZE, QuantizeError, quantize_int4, quantize_int8, weight_summary
 from rwkv_export.runners import OnnxStepRunner
+from rwkv_export.shared_data import onnx_bytes
 from rwkv_export.train import EVAL_TEXT, MODEL_FILE
 
 EVAL_BYTES = 1500  # eval text per quality check: the paired ppl delta is stable to ~0.1% at this length (measured)
@@ -95,7 +96,7 @@ def test_int8_default_is_int7_matmulinteger_with_head_and_embedding(exported, in
         w = numpy_helper.to_array(inits[n.input[1]])
         assert w.dtype == np.int8 and w.min() >= -64 and w.max() <= 64, n.name
     # int8 weights + per-column (scale fp32, zero point int8); embedding int8 + a scale per row
-    fp32_size = (root / "model.onnx").stat().st_size
+    fp32_size = onnx_bytes(root / "model.onnx")
     weights = sum(k * n for k, n in mm)
     expected = fp32_size - 4 * (weights + V * C) + weights + sum(5 * n for _, n in mm) + V * C + 4 * V
     assert int8["size"] == path.stat().st_size
@@ -115,7 +116,7 @@ def test_int4_is_matmulnbits_with_head(exported, int4):
     assert weight_summary(path)["head"] == "int4 MatMulNBits" and int4["head_quantized"]
     assert int4["embedding"] == "fp32"  # not asked for
     # per 32-weight block: 16 bytes of nibbles, an fp32 scale, a 4-bit zero point
-    fp32_size = (root / "model.onnx").stat().st_size
+    fp32_size = onnx_bytes(root / "model.onnx")
     weights = sum(k * n for k, n in mm)
     expected = fp32_size - 4 * weights + weights * (0.5 + 4.5 / DEFAULT_INT4_BLOCK_SIZE)
     assert abs(int4["size"] - expected) <= SIZE_RTOL * expected, (int4["size"], expected)

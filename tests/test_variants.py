@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from rwkv_export.checkpoint import from_state_dict
+from rwkv_export.shared_data import onnx_bytes
 from rwkv_export.cli import app
 from rwkv_export.manifest import MANIFEST_NAME
 from rwkv_export.model import STATE_NAMES, RWKV4Step, StepOptions
@@ -70,7 +71,7 @@ def test_fp16_file_stores_every_weight_matrix_in_fp16(exported_fp16):
     mats = [t for t in model.graph.initializer if len(t.dims) == 2]
     assert len(mats) == 3 * (7 + 2) + 2  # per layer 7 matrices and the 2 stacked token-shift mixes; head; embedding
     assert all(t.data_type == onnx.TensorProto.FLOAT16 for t in mats), [t.name for t in mats if t.data_type != 10]
-    assert (exported_fp16 / "model_fp16.onnx").stat().st_size < 0.7 * (exported_fp16 / "model.onnx").stat().st_size
+    assert onnx_bytes(exported_fp16 / "model_fp16.onnx") < 0.7 * onnx_bytes(exported_fp16 / "model.onnx")
 
 
 def test_rescale_is_mathematically_neutral():
@@ -99,7 +100,8 @@ def test_quantize_command_adds_a_variant_to_an_existing_folder(tmp_path, ffn_pth
     assert [(g["variant"], g["kind"]) for g in m["graphs"]] == [
         ("fp32", "step"), ("fp32", "sequence"), ("fp16", "step"), ("fp16", "sequence")]
     assert next(g for g in m["graphs"] if g["variant"] == "fp16" and g["kind"] == "step")["quality"]["passed"]
-    assert {f["file"] for f in m["files"]} == {"model.onnx", "model_fp16.onnx", "prefill.onnx", "prefill_fp16.onnx"}
+    assert {f["file"] for f in m["files"]} == {"model.onnx", "model_fp16.onnx", "prefill.onnx", "prefill_fp16.onnx",
+                                               "model.onnx.data", "model_fp16.onnx.data"}
     assert (out / "model.onnx").read_bytes() == before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     assert run("check", out, "-q").exit_code == 0

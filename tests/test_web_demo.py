@@ -192,6 +192,11 @@ def test_greedy_tokens_equal_reference_and_screenshot(page, tiny):
         info = page.evaluate("window.rwkvDemo.loadInfo")
         assert (info["backend"], info["numThreads"], info["variant"]) == ("wasm", 2, "fp32")
         assert info["warmupSteps"] == default_warmup_steps()
+        # step graph, prompt graph and their one shared weights file, each downloaded once
+        graphs = [g for g in read_manifest(tiny)["graphs"] if g["variant"] == "fp32"]
+        files = {f for g in graphs for f in [g["file"], *g["data_files"]]}
+        assert len(graphs) == 2 and len(files) == 3
+        assert info["bytes"] == sum((tiny / f).stat().st_size for f in files)
         page.fill("#prompt", prompt)
         page.fill("#temperature", "0")
         page.fill("#max_tokens", str(GREEDY_TOKENS))

@@ -105,7 +105,10 @@ async function sha256Hex(bytes) {
 
 // Download every file of the graphs, with one progress bar over the total bytes.
 async function fetchGraphFiles(manifest, modelBase, graphs, verify) {
-  const files = graphs.flatMap((g) => graphFiles(manifest, g).map((f) => ({ ...f, graph: g })));
+  // each file once: a variant's step and prompt graphs share one weights file
+  const seen = new Set();
+  const files = graphs.flatMap((g) => graphFiles(manifest, g).map((f) => ({ ...f, graph: g })))
+    .filter((f) => !seen.has(f.file) && seen.add(f.file));
   const total = files.every((f) => f.size != null) ? files.reduce((a, f) => a + f.size, 0) : null;
   let loaded = 0;
   let lastPost = 0;
