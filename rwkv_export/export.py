@@ -113,9 +113,7 @@ def _make_variant(variant: str, root: Path, ckpt, options: QuantOptions, opset: 
         seq = PREFILL_FILES[variant]
         with progress.stage(f"exporting {seq} (fp16 prompt graph)"):
             onnx_seq.export_sequence(module, root / seq, opset)
-        data = _share(root, file, seq, progress)
-        return [_graph_entry(root, file, variant, [file, *data], info),
-                {**onnx_seq.graph_entry(root / seq, files=[seq, *data], variant=variant), "quantization": info}]
+        return _shared_pair(root, variant, file, seq, info, info, progress)
     from . import quantize
 
     def quantize_file(src: Path, dst: Path) -> dict:
@@ -128,14 +126,10 @@ def _make_variant(variant: str, root: Path, ckpt, options: QuantOptions, opset: 
         info = quantize_file(root / VARIANT_FILES["fp32"], root / file)
     if not (prefill and (root / PREFILL_FILES["fp32"]).exists()):
         return [_graph_entry(root, file, variant, [file, *info.get("data_files", [])], info)]
-    from .targets import onnx_seq
-
     seq = PREFILL_FILES[variant]
     with progress.stage(f"quantizing {seq} ({variant})"):
         seq_info = quantize_file(root / PREFILL_FILES["fp32"], root / seq)
-    data = _share(root, file, seq, progress)
-    return [_graph_entry(root, file, variant, [file, *data], info),
-            {**onnx_seq.graph_entry(root / seq, files=[seq, *data], variant=variant), "quantization": seq_info}]
+    return _shared_pair(root, variant, file, seq, info, seq_info, progress)
 
 
 def _share(root: Path, step_file: str, seq_file: str, progress: Progress) -> list[str]:
@@ -145,6 +139,16 @@ def _share(root: Path, step_file: str, seq_file: str, progress: Progress) -> lis
     name = data_file_name(step_file)
     with progress.stage(f"sharing one weights file between {step_file} and {seq_file} ({name})"):
         return share_weights(root, [step_file, seq_file], name)
+
+
+def _shared_pair(root: Path, variant: str, file: str, seq: str, info: dict, seq_info: dict,
+                 progress: Progress) -> list[dict]:
+    """A variant's step and prompt graph entries, their weights moved into one shared data file first."""
+    from .targets import onnx_seq
+
+    data = _share(root, file, seq, progress)
+    return [_graph_entry(root, file, variant, [file, *data], info),
+            {**onnx_seq.graph_entry(root / seq, files=[seq, *data], variant=variant), "quantization": seq_info}]
 
 
 def _export_prefill(module, root: Path, opset: int, external_data, progress: Progress) -> dict:

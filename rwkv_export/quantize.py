@@ -217,7 +217,9 @@ def _finish(model, src: Path, dst: Path, *, bits: int, method: str, options: dic
         raise QuantizeError(f"{left} of {n_matmul} MatMul weights were left in fp32 (unsupported shape?)")
     files = _save(model, dst)
     size = sum((dst.parent / f).stat().st_size for f in files)
-    src_size = src.stat().st_size + sum(p.stat().st_size for p in _external_files(src))
+    from .shared_data import onnx_bytes
+
+    src_size = onnx_bytes(src)
     summary = weight_summary(dst)
     return {
         "variant": f"int{bits}",
@@ -235,21 +237,6 @@ def _finish(model, src: Path, dst: Path, *, bits: int, method: str, options: dic
         "embedding": summary["embedding"],
         "ops": summary["ops"],
     }
-
-
-def _external_files(path: Path) -> list[Path]:
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        return []
-    locs = set()
-    for t in model.graph.initializer:
-        for e in t.external_data:
-            if e.key == "location":
-                locs.add(e.value)
-    return [path.parent / loc for loc in sorted(locs) if (path.parent / loc).exists()]
 
 
 def _save(model, dst: Path) -> list[str]:
