@@ -20,11 +20,19 @@ and positions before the chunk are a finite identity (p = NEG_FILL, a = b = 0), 
 result at element t is the max-normalised form the step graph keeps (its pp is the max over the same exponents), so
 the final (att_aa, att_bb, att_pp) compare tensor by tensor with T steps of the step graph.
 
-Two levels keep the scan cheap: Hillis-Steele steps d = 1, 2, 4 inside blocks of 8 elements, then the same over the
-block totals (decay 8w per block), then one combine that brings each element what precedes its block. That is 4 to 5
-combines per element for any chunk up to 255 tokens instead of log2(T) (8 at 255). The graph takes any T up to
-`max_chunk` (a dynamic dimension); runners feed longer prompts in chunks. More tokens than the scan covers would give
-wrong numbers, so the graph answers such a call with NaN logits (the chunk guard).
+Two levels keep the scan cheap. The n = T + 1 elements are laid out as [G, 8, C] blocks (the last block filled up
+with copies of the last element, which no real prefix sees). Level 1 runs the step recurrence along the 8 positions
+of every block at once: 7 combines on [G, C] slices. Level 2 is a Hillis-Steele scan over the G block totals (steps
+d = 1, 2, 4, ..., decay 8w per block), and one last combine brings each element what precedes its block. The graph
+takes any T up to `max_chunk` (a dynamic dimension); runners feed longer prompts in chunks. More tokens than the scan
+covers would give wrong numbers, so the graph answers such a call with NaN logits (the chunk guard).
+
+What the scan costs is mostly onnxruntime's per-node overhead and passes over memory, not arithmetic; measured with
+12 layers' scans alone at C = 768 on a 2-core Intel Xeon (interleaved runs, T = 64 / 255): the earlier form (Hillis-
+Steele steps inside flat blocks, shifts as Pad + Slice, a and b apart, exp unfloored) 44 / 139 ms; flooring exp
+(EXP_FLOOR) 33 / 106 ms; shifts as one Gather each and a, b stacked 26 / 69 ms; the sequential level 1 here 20-25 /
+63-78 ms. Tried and not kept: computing level 1's exponents first and then every weight at once (fewer nodes, slower:
+27 vs 29 ms), blocks of 4 (slower at both T), blocks of 16 (same at T = 64, faster at 255, but twice the fp32 error).
 
 Why not the pairwise [T, T, C] form (all i < t weights at once, max-subtracted): exact too, but ~8 passes over
 T*T*C numbers per layer; at C = 768, T = 64 onnxruntime took 33 ms per layer for it against ~5 ms for a one-level
@@ -48,14 +56,19 @@ from .model import STATE_NAMES, RWKV4Step, _Layer
 # each weight over more rows; benchmarks/bench_prefill.py --explore), and the two-level scan makes a large max_chunk
 # cost nothing at small T.
 DEFAULT_MAX_CHUNK = 255
-# Hillis-Steele steps inside blocks of 2**BLOCK_STEPS elements; the block totals are scanned in a second level.
-# 8-element blocks: 3 steps + 1 combine per element, plus (group steps) / 8 -- the fewest passes over [T, C] for
-# chunks of 64 to 255.
+# Blocks of 2**BLOCK_STEPS elements (level 1 runs along them); the block totals are scanned in a second level.
 BLOCK_STEPS = 3
 MAX_SCAN_STEPS = 12  # 4096 tokens per call: past that the [T, F] activations alone pass 50 MB per layer
 # "Minus infinity" for positions before the chunk: finite in fp32 (so p - max never meets -inf - -inf), and so
 # negative that exp of it, shifted by any real exponent or decay, is exactly 0.
 NEG_FILL = -1.0e30
+# Every exponent difference goes through exp floored at -60 (e^-60 = 8.7e-27). In every combine one side has weight
+# exactly 1 (its exponent is the max), so the floor changes a result by at most e^-60 of it: nothing at fp32 (or
+# fp64) resolution. Without the floor, onnxruntime's Exp takes a slow path for inputs below about -88, where its
+# result is subnormal: 20x slower per element on an Intel Xeon (380 vs 18 us for 65 x 768 inputs), and the scan
+# meets such inputs everywhere (masked positions, fast-decaying channels over many tokens). -60 rather than -87:
+# the products of e^-60 with the scan's (a, b) values stay normal numbers too.
+EXP_FLOOR = -60.0
 
 
 def _to(t, dtype):
@@ -82,27 +95,16 @@ def _ffn(layer: _Layer, xx, prev):
     return torch.sigmoid(xr @ layer.ffn_receptance) * ((k * k) @ layer.ffn_value)
 
 
-def _combine(p_left, a_left, b_left, p, a, b):
-    """(e^p_left (a_left, b_left)) + (e^p (a, b)) in the stable form: the new exponent is the larger one."""
+def _exp(x):
+    """exp of an exponent difference (always <= 0 here), floored at EXP_FLOOR: see EXP_FLOOR."""
+    return torch.exp(torch.clamp(x, min=EXP_FLOOR))
+
+
+def _combine(p_left, ab_left, p, ab):
+    """(e^p_left ab_left) + (e^p ab) in the stable form: the new exponent is the larger one. ab: (a, b) stacked on
+    the first dimension, so one op serves both."""
     p_new = torch.maximum(p_left, p)
-    e_left, e_right = torch.exp(p_left - p_new), torch.exp(p - p_new)
-    return p_new, a_left * e_left + a * e_right, b_left * e_left + b * e_right
-
-
-def _shift(x, d: int, dim: int, fill: float):
-    """x shifted by d along dim (toward higher indices), the first d entries `fill`, same shape."""
-    pads = [0, 0] * (x.dim() - 1 - dim) + [d, 0]
-    return F.pad(x, pads, value=fill).narrow(dim, 0, x.shape[dim])
-
-
-def _scan(p, a, b, w_unit, steps: int, dim: int):
-    """Inclusive prefix scan (Hillis-Steele) of (p, a, b) along `dim`, each position decaying by w_unit [C]:
-    correct for up to 2**steps positions."""
-    for s in range(steps):
-        d = 1 << s
-        p, a, b = _combine(_shift(p, d, dim, NEG_FILL) + w_unit * d, _shift(a, d, dim, 0.0), _shift(b, d, dim, 0.0),
-                           p, a, b)
-    return p, a, b
+    return p_new, ab_left * _exp(p_left - p_new) + ab * _exp(p - p_new)
 
 
 def wkv_scan(w, u, k, v, aa, bb, pp, block_steps: int, group_steps: int):
@@ -110,42 +112,48 @@ def wkv_scan(w, u, k, v, aa, bb, pp, block_steps: int, group_steps: int):
 
     Returns (wkv [T, C], (aa, bb, pp) after the last token), equal to T applications of the step recurrence.
     """
+    B, C = 1 << block_steps, k.shape[1]
+    n = k.shape[0] + 1  # the carried state + T tokens
+    G = (n + B - 1) // B  # blocks
     # The carried state is element 0 and token t element t+1: A_0 = e^w A_{-1} + e^{k_0} v_0 is the same combine as
-    # between any two tokens.
-    p = torch.cat([pp.unsqueeze(0), k])  # [n, C], n = T + 1
-    a = torch.cat([aa.unsqueeze(0), v])
-    b = torch.cat([bb.unsqueeze(0), torch.ones_like(v)])
-    B = 1 << block_steps
-    pos = torch.arange(p.shape[0])
-    j = (pos % B).unsqueeze(-1)  # [n, 1]: position inside its block of B elements
-    # level 1: prefixes inside each block (the layout stays flat [n, C]: a reshape to [n / B, B, C] would need n
-    # padded to a multiple of B, which torch.export cannot prove for a dynamic n; a mask drops the elements that a
-    # shift brings over from the block before)
-    for s in range(block_steps):
+    # between any two tokens. a and b travel stacked, [2, ...].
+    tok = torch.stack([v, torch.ones_like(v)])  # [2, T, C]: each token's own (a, b), at exponent k
+    p = torch.cat([pp.unsqueeze(0), k])  # [n, C]
+    ab = torch.cat([torch.stack([aa, bb]).unsqueeze(1), tok], 1)  # [2, n, C]
+    # blocks of B elements, [G, B, C]: the last block is filled up by repeating the last element (a Gather, as
+    # torch.export cannot pad by an amount that depends on T). Fill elements come after every real one, so no real
+    # prefix sees them.
+    fill = torch.arange(G * B).clamp(max=n - 1)
+    P, AB = p.index_select(0, fill).reshape(G, B, C), ab.index_select(1, fill).reshape(2, G, B, C)
+    # level 1: the step recurrence along each block, all G blocks at once (B - 1 combines on [G, C] slices)
+    ps, abs_ = list(P.split(1, 1)), list(AB.split(1, 2))
+    for j in range(1, B):
+        ps[j], abs_[j] = _combine(ps[j - 1] + w, abs_[j - 1], ps[j], abs_[j])
+    # level 2: Hillis-Steele over the block totals (decay B*w per block). Step d combines the total d blocks
+    # earlier; for the first d blocks there is none: a Gather of block 0 whose exponent a mask sets to NEG_FILL.
+    pg, abg = ps[-1].squeeze(1), abs_[-1].squeeze(2)
+    blocks = torch.arange(G)
+    for s in range(group_steps):
         d = 1 << s
-        p_left = _shift(p, d, 0, NEG_FILL) + w * d
-        if group_steps:
-            p_left = torch.where(j >= d, p_left, NEG_FILL)
-        p, a, b = _combine(p_left, _shift(a, d, 0, 0.0), _shift(b, d, 0, 0.0), p, a, b)
-    if group_steps:
-        # level 2: prefixes over the totals of the whole blocks (their last elements), B*w of decay per block
-        ends = torch.arange(p.shape[0] // B) * B + (B - 1)
-        pg, ag, bg = _scan(p[ends], a[ends], b[ends], w * B, group_steps, dim=0)
-        # each element: the blocks before its own (identity for block 0), decayed over its j+1 positions in the
-        # block, then its own in-block prefix
-        g = pos // B
-        none = p.new_full((1, p.shape[1]), NEG_FILL)  # the identity, for block 0
-        zero = p.new_zeros((1, p.shape[1]))
-        pg = torch.cat([none, pg])[g] + (j + 1).to(w.dtype) * w
-        ag, bg = torch.cat([zero, ag])[g], torch.cat([zero, bg])[g]
-        p, a, b = _combine(pg, ag, bg, p, a, b)
+        earlier = (blocks - d).clamp(min=0)
+        mask = torch.where(blocks.unsqueeze(-1) >= d, 0.0, NEG_FILL)
+        pg, abg = _combine(pg.index_select(0, earlier) + (mask + w * (d * B)), abg.index_select(1, earlier), pg, abg)
+    # what precedes each block (block 0: the identity, p = NEG_FILL, a = b = 0), decayed over the j+1 positions to
+    # each element j of the block, combined into the element's in-block prefix
+    pg = torch.cat([p.new_full((1, C), NEG_FILL), pg]).index_select(0, blocks)
+    abg = torch.cat([ab.new_zeros((2, 1, C)), abg], 1).index_select(1, blocks)
+    decay = torch.arange(1, B + 1).to(w.dtype).unsqueeze(-1) * w  # [B, C]
+    P, AB = _combine(pg.unsqueeze(1) + decay, abg.unsqueeze(2), torch.cat(ps, 1), torch.cat(abs_, 2))
+    # back to [n, C], without the fill (a Gather of the first n rows: a slice would make torch.export guard on
+    # n <= G * B, which it cannot prove)
+    real = torch.arange(n)
+    P, AB = P.reshape(G * B, C).index_select(0, real), AB.reshape(2, G * B, C).index_select(1, real)
     # wkv_t reads the state after token t-1, i.e. element t (element 0 = the carried state)
-    p_prev, a_prev, b_prev = p[:-1], a[:-1], b[:-1]
+    p_prev = P[:-1]
     ww = u + k
     q = torch.maximum(p_prev, ww)
-    e_state, e_tok = torch.exp(p_prev - q), torch.exp(ww - q)
-    wkv = (e_state * a_prev + e_tok * v) / (e_state * b_prev + e_tok)
-    return wkv, (a[-1], b[-1], p[-1])
+    num_den = AB[:, :-1] * _exp(p_prev - q) + tok * _exp(ww - q)
+    return num_den[0] / num_den[1], (AB[0, -1], AB[1, -1], P[-1])
 
 
 class RWKV4Sequence(nn.Module):

@@ -20,13 +20,24 @@ ALIGN = 64  # every tensor starts at a multiple of 64 bytes in the data file
 
 
 def onnx_bytes(path: Path) -> int:
-    """Bytes of an ONNX graph on disk: the .onnx file and every external-data file it points to."""
+    """Bytes of one ONNX graph on disk: the .onnx file and the external data its initializers point to. A data file
+    shared with another graph counts only with the ranges this graph uses (each once); a tensor whose external
+    data names no length counts its whole file."""
     import onnx
 
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
-    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
+    ranges, whole = set(), set()
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        ext = {e.key: e.value for e in t.external_data}
+        if "length" in ext:
+            ranges.add((ext["location"], int(ext.get("offset", 0)), int(ext["length"])))
+        else:
+            whole.add(ext["location"])
+    return (path.stat().st_size + sum(length for loc, _, length in ranges if loc not in whole)
+            + sum((path.parent / loc).stat().st_size for loc in whole))
 
 
 def data_file_name(step_file: str) -> str:

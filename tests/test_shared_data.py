@@ -4,6 +4,7 @@ distinct tensor once (matched by content, not name), and compute exactly what th
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import onnx
@@ -68,21 +69,33 @@ def test_export_folder_shares_one_data_file_per_variant(tmp_path):
     """An export with the prompt graph: each variant's two graphs list the same single data file, which holds the
     step graph's weights once (the prompt graph adds no copy), and the manifest lists it once."""
     from rwkv_export.export import export_onnx
+    from rwkv_export.seq_model import BLOCK_STEPS
 
     out = tmp_path / "out"
     export_onnx("builtin:tiny", out, quant=["int8"], check=False)
     m = json.loads((out / "manifest.json").read_text())
     listed = [f["file"] for f in m["files"]]
     assert len(listed) == len(set(listed))
+    C = m["model"]["n_embd"]
+
+    def external(path):
+        model = onnx.load(str(path), load_external_data=False)
+        return {(d["offset"], d["length"]): list(t.dims) for t in model.graph.initializer
+                if t.data_location == TensorProto.EXTERNAL
+                for d in [{e.key: e.value for e in t.external_data}]}
+
     for variant in ("fp32", "int8"):
         step, seq = (next(g for g in m["graphs"] if g["variant"] == variant and g["kind"] == k)
                      for k in ("step", "sequence"))
         assert step["data_files"] == seq["data_files"] == [step["file"] + ".data"]
         data = out / step["data_files"][0]
         assert data.name in listed
-        step_model = onnx.load(str(out / step["file"]), load_external_data=False)
-        step_bytes = sum(int({e.key: e.value for e in t.external_data}["length"])
-                         for t in step_model.graph.initializer if t.data_location == TensorProto.EXTERNAL)
-        # every byte in the data file is one of the step graph's tensors (plus alignment); the prompt graph's
-        # tensors are the same ones
-        assert step_bytes <= data.stat().st_size <= step_bytes + ALIGN * len(step_model.graph.initializer)
+        step_ext, seq_ext = external(out / step["file"]), external(out / seq["file"])
+        # the prompt graph's weights are the step graph's (same ranges); what it has of its own are the scan's small
+        # derived tables (a decay per block position, [2**BLOCK_STEPS, C] per layer), no weight copy
+        own = {r: dims for r, dims in seq_ext.items() if r not in step_ext}
+        assert all(math.prod(dims) <= (1 << BLOCK_STEPS) * C for dims in own.values()), own
+        assert len(seq_ext) - len(own) >= 0.9 * len(step_ext)
+        # every byte in the data file is one of those tensors, each once (plus alignment)
+        used = sum(int(length) for _, length in set(step_ext) | set(own))
+        assert used <= data.stat().st_size <= used + ALIGN * (len(step_ext) + len(own))
