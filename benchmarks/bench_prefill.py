@@ -4,8 +4,9 @@ Prompt tokens/s at T = 64 and 512 (by default) for
   - the sequence graph (GPT mode, rwkv_export.seq_model) in onnxruntime, fed in chunks by OnnxSequenceRunner,
   - the step graph in onnxruntime fed token by token (what a client without the sequence graph does),
   - the `rwkv` pip package's sequence mode, `model.forward(tokens, None)`, strategy "cpu fp32" (JIT and CUDA off),
-all in one run, each in its own Python process, printed as a table with ratios. A prompt is timed from a fresh state
-to the last token's logits; each cell gives the median and the best of --repeats runs after one warm-up run.
+all in one run, printed as a table with ratios. A prompt is timed from a fresh state to the last token's logits. The
+rows are interleaved: --repeats rounds, each running every row once in a fresh Python process (one warm-up, then
+three timed runs per length; the step graph one); each cell gives the median and the best over all timed runs.
 
     python benchmarks/bench_prefill.py [--workdir bench_out/prefill] [--lengths 64 512] [--threads 2] [--explore]
 
@@ -56,8 +57,22 @@ for T in {lengths!r}:
         {run_expr}
         walls.append(time.perf_counter() - w0); cpus.append(time.process_time() - c0)
     res[str(T)] = {{'tok_s': T / statistics.median(walls), 'best_tok_s': T / min(walls),
-                    'cpu_s': statistics.median(cpus)}}
+                    'cpu_s': statistics.median(cpus), 'walls': walls, 'cpus': cpus}}
 """
+
+
+def merge_runs(results: list[dict], lengths: list[int]) -> dict:
+    """One row's children (timing_code results, one per round) as one cell per length: tokens/s from the median and
+    the fastest wall time over all their timed runs, and the median CPU time."""
+    import statistics
+
+    cells = {}
+    for T in lengths:
+        walls = [w for r in results for w in r[str(T)]["walls"]]
+        cpus = [c for r in results for c in r[str(T)]["cpus"]]
+        cells[str(T)] = {"tok_s": T / statistics.median(walls), "best_tok_s": T / min(walls),
+                         "cpu_s": statistics.median(cpus)}
+    return cells
 
 
 def export(ckpt: Path, out: Path, max_chunk: int | None) -> dict:
@@ -122,7 +137,7 @@ def main():
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench_out" / "prefill")
     ap.add_argument("--lengths", type=int, nargs="+", default=[64, 512], help="prompt lengths T")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for the main table")
-    ap.add_argument("--repeats", type=int, default=5, help="timed runs per cell (the step graph gets a third)")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds: timed runs per cell (the step graph joins a third of them)")
     ap.add_argument("--max-chunk", type=int, default=None, help="sequence graph max_chunk (default: seq_model's)")
     ap.add_argument("--reuse", action="store_true", help="reuse an export in --workdir made by an earlier run")
     ap.add_argument("--explore", action="store_true", help="also time chunk sizes, threads and session options")
@@ -148,19 +163,17 @@ def main():
     print("parity: sequence graph vs step graph ...", file=sys.stderr)
     par = parity(out)
 
-    rows, quant_rows = [], {}
-    for variant in ("fp32", "int8", "int4"):
-        print(f"sequence graph {variant} ...", file=sys.stderr)
-        r = child(SEQ_SETUP.format(root=str(out), threads=args.threads, chunk=None, variant=variant)
-                  + timing_code(SEQ_RUN, lengths, reps))
-        rows.append((f"sequence graph {variant}, onnxruntime, {args.threads} threads, chunks <= {info['max_chunk']}",
-                     r))
-        if variant == "fp32":
-            seq = r
-        else:
-            quant_rows[variant] = r
-    print("step graph, token by token ...", file=sys.stderr)
-    r = child(f"""
+    # Every row is timed in rounds: each round runs each row once, in a fresh process (load, one warm-up, then three
+    # timed runs per length), so a busy minute on this shared machine lands on every row alike instead of on
+    # whichever row was running then. The step graph row (~15 s per 512-token prompt) runs once per round and joins
+    # the first third of the rounds.
+    from importlib.metadata import version
+
+    seq_name = "sequence graph {}, onnxruntime, {} threads, chunks <= {}"
+    specs = [(seq_name.format(v, args.threads, info["max_chunk"]),
+              SEQ_SETUP.format(root=str(out), threads=args.threads, chunk=None, variant=v), SEQ_RUN, reps, 3)
+             for v in ("fp32", "int8", "int4")]
+    specs.append((f"step graph token by token, onnxruntime, {args.threads} threads", f"""
 from rwkv_export.manifest import read_manifest, find_graph
 from rwkv_export.runners import OnnxStepRunner
 root = {str(out)!r}; man = read_manifest(root, verify_files=False)
@@ -170,27 +183,30 @@ def feed(tokens):
     for t in tokens:
         logits, state = runner.step(t, state)
     return logits
-""" + timing_code("feed(tokens)", lengths, max(1, reps // 3)))
-    rows.append((f"step graph token by token, onnxruntime, {args.threads} threads", r))
-    step = r
-    print("rwkv pip package ...", file=sys.stderr)
-    r = child(f"""
+""", "feed(tokens)", max(1, reps // 3), 1))
+    specs.append((f"rwkv pip package {version('rwkv')}, forward(tokens), cpu fp32, torch {args.threads} threads", f"""
 import torch
 from rwkv.model import RWKV
 torch.set_grad_enabled(False)
+torch.set_num_threads({args.threads})
 model = RWKV(model={str(ckpt)!r}, strategy='cpu fp32')
-""" + timing_code("model.forward(tokens, None)", lengths, reps) + "res['threads'] = torch.get_num_threads()\n")
-    from importlib.metadata import version
-
-    rows.append((f"rwkv pip package {version('rwkv')}, forward(tokens), cpu fp32, torch {r.pop('threads')} threads",
-                 r))
-    pip = r
+""", "model.forward(tokens, None)", reps, 3))
+    runs = {name: [] for name, *_ in specs}
+    for rnd in range(reps):
+        for name, setup, run_expr, n_rounds, per_round in specs:
+            if rnd < n_rounds:
+                print(f"round {rnd + 1}/{reps}: {name} ...", file=sys.stderr)
+                runs[name].append(child(setup + timing_code(run_expr, lengths, per_round)))
+    rows = [(name, merge_runs(runs[name], lengths)) for name, *_ in specs]
+    seq, quant_rows = rows[0][1], {"int8": rows[1][1], "int4": rows[2][1]}
+    step, pip = rows[3][1], rows[4][1]
 
     load = os.getloadavg()
     print(f"\n## Prefill (prompt) speed: 169M shapes, synthetic bf16 checkpoint")
     print(f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}; "
           f"load average after the runs {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min); "
-          f"{reps} runs per cell after a warm-up (the step graph {max(1, reps // 3)})\n")
+          f"rows interleaved: {reps} rounds (the step graph {max(1, reps // 3)}), each row in a fresh process per round "
+          f"(one warm-up, then 3 timed runs per length; the step graph 1); median and best over all timed runs\n")
     print(f"sequence graph: max_chunk {info['max_chunk']}, fp32 {info['seq_mb']:.0f} MB (the whole export, step and "
           f"prompt graphs of fp32, int8, int4: {info['export_s']:.0f} s); fp32 vs the step graph over 64 tokens: max|Δlogits|/std "
           f"{par['logits_rel']:.1e}, worst state tensor {par['state_rel']:.1e}, top-1 "
