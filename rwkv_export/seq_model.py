@@ -31,8 +31,9 @@ What the scan costs is mostly onnxruntime's per-node overhead and passes over me
 12 layers' scans alone at C = 768 on a 2-core Intel Xeon (interleaved runs, T = 64 / 255): the earlier form (Hillis-
 Steele steps inside flat blocks, shifts as Pad + Slice, a and b apart, exp unfloored) 44 / 139 ms; flooring exp
 (EXP_FLOOR) 33 / 106 ms; shifts as one Gather each and a, b stacked 26 / 69 ms; the sequential level 1 here 20-25 /
-63-78 ms. Tried and not kept: computing level 1's exponents first and then every weight at once (fewer nodes, slower:
-27 vs 29 ms), blocks of 4 (slower at both T), blocks of 16 (same at T = 64, faster at 255, but twice the fp32 error).
+63-78 ms. Tried and not kept: computing level 1's exponents first and then every weight at once (fewer nodes, yet
+29 vs 27 ms), blocks of 4 (slower at both T), blocks of 16 (same at T = 64, faster at 255, but twice the fp32
+error), the group level as one pairwise [G, G, C] step (T = 64 5 % faster, T = 255 37 % slower).
 
 Why not the pairwise [T, T, C] form (all i < t weights at once, max-subtracted): exact too, but ~8 passes over
 T*T*C numbers per layer; at C = 768, T = 64 onnxruntime took 33 ms per layer for it against ~5 ms for a one-level
