@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -43,8 +44,8 @@ def child(code: str, timeout: int = 3600) -> dict:
 
 def timing_code(run_expr: str, lengths: list[int], repeats: int) -> str:
     """Code timing `run_expr` (which feeds the list `tokens` from a fresh state) for each prompt length: one warm-up,
-    then `repeats` runs: tokens/s from the median and from the fastest wall time, and the median process CPU time
-    (all threads; less disturbed than wall time by other processes on a shared machine)."""
+    then `repeats` runs, each run's wall time and process CPU time (all threads; less disturbed than wall time by
+    other processes on a shared machine) kept for merge_runs."""
     return f"""
 import numpy as np
 res = {{}}
@@ -56,16 +57,13 @@ for T in {lengths!r}:
         w0, c0 = time.perf_counter(), time.process_time()
         {run_expr}
         walls.append(time.perf_counter() - w0); cpus.append(time.process_time() - c0)
-    res[str(T)] = {{'tok_s': T / statistics.median(walls), 'best_tok_s': T / min(walls),
-                    'cpu_s': statistics.median(cpus), 'walls': walls, 'cpus': cpus}}
+    res[str(T)] = {{'walls': walls, 'cpus': cpus}}
 """
 
 
 def merge_runs(results: list[dict], lengths: list[int]) -> dict:
     """One row's children (timing_code results, one per round) as one cell per length: tokens/s from the median and
     the fastest wall time over all their timed runs, and the median CPU time."""
-    import statistics
-
     cells = {}
     for T in lengths:
         walls = [w for r in results for w in r[str(T)]["walls"]]
@@ -137,7 +135,8 @@ def main():
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench_out" / "prefill")
     ap.add_argument("--lengths", type=int, nargs="+", default=[64, 512], help="prompt lengths T")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for the main table")
-    ap.add_argument("--repeats", type=int, default=5, help="rounds: timed runs per cell (the step graph joins a third of them)")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="rounds; each runs every row once, 3 timed runs (the step graph: 1, in a third of the rounds)")
     ap.add_argument("--max-chunk", type=int, default=None, help="sequence graph max_chunk (default: seq_model's)")
     ap.add_argument("--reuse", action="store_true", help="reuse an export in --workdir made by an earlier run")
     ap.add_argument("--explore", action="store_true", help="also time chunk sizes, threads and session options")
@@ -205,8 +204,8 @@ model = RWKV(model={str(ckpt)!r}, strategy='cpu fp32')
     print(f"\n## Prefill (prompt) speed: 169M shapes, synthetic bf16 checkpoint")
     print(f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}; "
           f"load average after the runs {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min); "
-          f"rows interleaved: {reps} rounds (the step graph {max(1, reps // 3)}), each row in a fresh process per round "
-          f"(one warm-up, then 3 timed runs per length; the step graph 1); median and best over all timed runs\n")
+          f"rows interleaved: {reps} rounds (the step graph {max(1, reps // 3)}), each row in a fresh process per "
+          f"round (one warm-up, then 3 timed runs per length; the step graph 1); median and best over all timed runs\n")
     print(f"sequence graph: max_chunk {info['max_chunk']}, fp32 {info['seq_mb']:.0f} MB (the whole export, step and "
           f"prompt graphs of fp32, int8, int4: {info['export_s']:.0f} s); fp32 vs the step graph over 64 tokens: max|Δlogits|/std "
           f"{par['logits_rel']:.1e}, worst state tensor {par['state_rel']:.1e}, top-1 "
@@ -237,7 +236,7 @@ def explore(out: Path, max_chunk: int, T: int, reps: int) -> None:
             print(f"explore: {threads} threads, chunk {chunk} ...", file=sys.stderr)
             r = child(SEQ_SETUP.format(root=str(out), threads=threads, chunk=chunk, variant='fp32')
                       + timing_code(SEQ_RUN, [T], reps))
-            results.append((f"{threads} threads, chunks <= {chunk}", r[str(T)]))
+            results.append((f"{threads} threads, chunks <= {chunk}", merge_runs([r], [T])[str(T)]))
     options = {
         "no spinning (session.intra_op.allow_spinning=0)":
             "so.add_session_config_entry('session.intra_op.allow_spinning', '0')",
@@ -258,7 +257,7 @@ so = ort.SessionOptions(); so.intra_op_num_threads = 2; so.log_severity_level = 
 {line}
 runner.session = ort.InferenceSession(os.path.join(root, runner.graph['file']), so, providers=['CPUExecutionProvider'])
 """ + timing_code(SEQ_RUN, [T], reps))
-        results.append((f"2 threads, chunks <= {max_chunk}, {name}", r[str(T)]))
+        results.append((f"2 threads, chunks <= {max_chunk}, {name}", merge_runs([r], [T])[str(T)]))
     print("explore: QUInt8 dynamic quantization of the sequence graph ...", file=sys.stderr)
     r = child(f"""
 import numpy as np, onnxruntime as ort
@@ -276,9 +275,9 @@ probe = [int(t) for t in np.random.default_rng(1).integers(0, 50277, {T})]
 ref, got = fp32.forward(probe, fp32.new_state())[0], runner.forward(probe, runner.new_state())[0]
 del fp32
 dev = float(np.abs(got.astype(np.float64) - ref).max() / ref.std())
-""" + timing_code(SEQ_RUN, [T], reps) + f"res['{T}']['dev'] = dev\n")
+""" + timing_code(SEQ_RUN, [T], reps) + "res['dev'] = dev\n")
     results.append((f"2 threads, chunks <= {max_chunk}, QUInt8 dynamic weights (max|Δlogits|/std vs fp32 "
-                    f"{r[str(T)]['dev']:.2f})", r[str(T)]))
+                    f"{r['dev']:.2f})", merge_runs([r], [T])[str(T)]))
     print("explore: fp32 MatMul-only ceiling ...", file=sys.stderr)
     r = child(f"""
 import numpy as np, onnxruntime as ort
@@ -302,7 +301,7 @@ def run_all(tokens):
         sess.run(None, {{'x': xs[:n]}})
 """ + timing_code("run_all(tokens)", [T], reps))
     results.append((f"ceiling: nothing but the layers' 12 x 7 fp32 MatMuls (one chain, same shapes), 2 threads, "
-                    f"chunks <= {max_chunk}", r[str(T)]))
+                    f"chunks <= {max_chunk}", merge_runs([r], [T])[str(T)]))
     load = os.getloadavg()
     print(f"\n### Sequence graph settings, T={T} (load average {load[0]:.1f} / {load[1]:.1f})\n")
     print("| setting | tok/s, median / best | CPU s |\n|---|---|---|")
