@@ -9,31 +9,37 @@ couples the tokens; it runs inside the graph as a parallel prefix scan over the 
     A_t = e^w A_{t-1} + e^{k_t} v_t,   B_t = e^w B_{t-1} + e^{k_t},   (A_{-1}, B_{-1}) = the carried state
     wkv_t = (A_{t-1} + e^{u+k_t} v_t) / (B_{t-1} + e^{u+k_t})
 
-Each scan element is held as (p, a, b) meaning (e^p a, e^p b) -- the state's own (att_pp, att_aa, att_bb) form; the
-carried state is element 0 and token t element t+1. Combining the segment that ends d elements earlier (which decays
-by e^{d w} on the way) into element t is
+Each scan element is held as (p, a, b) meaning (e^p a, e^p b) -- the state's own (att_pp, att_aa, att_bb) form;
+token t is the element (k_t, v_t, 1). Combining the segment that ends d tokens earlier (which decays by e^{d w} on
+the way) into element t is
 
     p' = max(p_{t-d} + d w, p_t),   (a, b)' = (a, b)_{t-d} e^{p_{t-d} + d w - p'} + (a, b)_t e^{p_t - p'}
 
 Every exponent is <= 0 and the max is always finite (a k, or the carried pp), so no exp overflows whatever the decay,
-and positions before the chunk are a finite identity (p = NEG_FILL, a = b = 0), so no -inf - -inf appears. The
-result at element t is the max-normalised form the step graph keeps (its pp is the max over the same exponents), so
-the final (att_aa, att_bb, att_pp) compare tensor by tensor with T steps of the step graph.
+and "nothing yet" is a finite identity (p = NEG_FILL, a = b = 0), so no -inf - -inf appears. Results are in the
+max-normalised form the step graph keeps (its pp is the max over the same exponents), so the final (att_aa, att_bb,
+att_pp) compare tensor by tensor with T steps of the step graph.
 
-Two levels keep the scan cheap. The n = T + 1 elements are laid out as [G, 8, C] blocks (the last block filled up
-with copies of the last element, which no real prefix sees). Level 1 runs the step recurrence along the 8 positions
-of every block at once: 7 combines on [G, C] slices. Level 2 is a Hillis-Steele scan over the G block totals (steps
-d = 1, 2, 4, ..., decay 8w per block), and one last combine brings each element what precedes its block. The graph
-takes any T up to `max_chunk` (a dynamic dimension); runners feed longer prompts in chunks. More tokens than the scan
-covers would give wrong numbers, so the graph answers such a call with NaN logits (the chunk guard).
+Two levels keep the scan cheap. The T tokens are laid out as [8, G, C] (position in block, block, channel; the last
+block filled up with copies of the last token, which no real prefix sees). Level 1 runs the step recurrence along
+the 8 positions of every block at once: 7 combines on [G, C] slices, keeping each position's exclusive prefix. Level
+2 is a Hillis-Steele scan (steps d = 1, 2, 4, ..., decay 8w per block) over rows [carried state, block totals],
+which gives the state before every block. wkv is then one three-way combine per token (the state before its block
+decayed to its position, its exclusive in-block prefix, itself with the bonus u): the full [T, C] tensors are
+touched by about 30 elementwise passes per layer, the [G, C] slices by ~150 small nodes. The graph takes any T up to
+`max_chunk` (a dynamic dimension); runners feed longer prompts in chunks. More tokens than the scan covers would give
+wrong numbers, so the graph answers such a call with NaN logits (the chunk guard).
 
-What the scan costs is mostly onnxruntime's per-node overhead and passes over memory, not arithmetic; measured with
-12 layers' scans alone at C = 768 on a 2-core Intel Xeon (interleaved runs, T = 64 / 255): the earlier form (Hillis-
-Steele steps inside flat blocks, shifts as Pad + Slice, a and b apart, exp unfloored) 44 / 139 ms; flooring exp
-(EXP_FLOOR) 33 / 106 ms; shifts as one Gather each and a, b stacked 26 / 69 ms; the sequential level 1 here 20-25 /
-63-78 ms. Tried and not kept: computing level 1's exponents first and then every weight at once (fewer nodes, yet
-29 vs 27 ms), blocks of 4 (slower at both T), blocks of 16 (same at T = 64, faster at 255, but twice the fp32
-error), the group level as one pairwise [G, G, C] step (T = 64 5 % faster, T = 255 37 % slower).
+What the scan costs is onnxruntime's passes over memory and per-node overhead, not arithmetic (on the 2-core Xeon an
+Add over [64, 768] takes ~17 us and is not split across threads; one over [9, 768] ~3 us). Measured with 12 layers'
+scans alone at C = 768 on a 2-core Intel Xeon (interleaved runs, T = 64 / 255): the first form (Hillis-Steele steps
+inside flat blocks, shifts as Pad + Slice, a and b apart, exp unfloored) 44 / 139 ms; flooring exp (EXP_FLOOR) 33 /
+106 ms; shifts as one Gather each and a, b stacked 26 / 69 ms; a sequential level 1 with the carried state as
+element 0 and inclusive prefixes combined with the block's predecessor, then wkv from them, 20-25 / 63-78 ms; the
+form here (state as a level-2 row, exclusive prefixes, wkv as one three-way combine: ~20 fewer [T, C] passes per
+layer) 16 / 49-52 ms. Tried and not kept: computing level 1's exponents first and then every weight at once (fewer
+nodes, more [T, C] passes: no faster), blocks of 4 (slower at both T), blocks of 16 (same at T = 64, faster at 255,
+but twice the fp32 error), the group level as one pairwise [G, G, C] step (T = 64 5 % faster, T = 255 37 % slower).
 
 Why not the pairwise [T, T, C] form (all i < t weights at once, max-subtracted): exact too, but ~8 passes over
 T*T*C numbers per layer; at C = 768, T = 64 onnxruntime took 33 ms per layer for it against ~5 ms for a one-level
@@ -52,8 +58,8 @@ from torch import nn
 from .errors import RwkvExportError
 from .model import STATE_NAMES, RWKV4Step, _Layer
 
-# Tokens per call: 2**m - 1 (the scan covers 2**m elements, the carried state being one). At 169M shapes a 512-token
-# prompt ran at 417 / 730 tok/s (1 / 2 threads) in chunks of <= 255 against 383 / 595 in chunks of 64 (GEMMs reuse
+# Tokens per call: 2**m - 1 (the scan would cover 2**m; 2**m - 1 was its reach when the carried state was an element,
+# and manifests and clients know it by now). At 169M shapes a 512-token prompt ran at 417 / 730 tok/s (1 / 2 threads) in chunks of <= 255 against 383 / 595 in chunks of 64 (GEMMs reuse
 # each weight over more rows; benchmarks/bench_prefill.py --explore), and the two-level scan makes a large max_chunk
 # cost nothing at small T.
 DEFAULT_MAX_CHUNK = 255
@@ -109,52 +115,60 @@ def _combine(p_left, ab_left, p, ab):
 
 
 def wkv_scan(w, u, k, v, aa, bb, pp, block_steps: int, group_steps: int):
-    """WKV over a chunk. w, u, aa, bb, pp: [C]; k, v: [T, C] with T < 2**(block_steps + group_steps).
+    """WKV over a chunk. w, u, aa, bb, pp: [C]; k, v: [T, C] with T <= 2**(block_steps + group_steps).
 
     Returns (wkv [T, C], (aa, bb, pp) after the last token), equal to T applications of the step recurrence.
     """
-    B, C = 1 << block_steps, k.shape[1]
-    n = k.shape[0] + 1  # the carried state + T tokens
-    G = (n + B - 1) // B  # blocks
-    # The carried state is element 0 and token t element t+1: A_0 = e^w A_{-1} + e^{k_0} v_0 is the same combine as
-    # between any two tokens. a and b travel stacked, [2, ...].
-    tok = torch.stack([v, torch.ones_like(v)])  # [2, T, C]: each token's own (a, b), at exponent k
-    p = torch.cat([pp.unsqueeze(0), k])  # [n, C]
-    ab = torch.cat([torch.stack([aa, bb]).unsqueeze(1), tok], 1)  # [2, n, C]
-    # blocks of B elements, [G, B, C]: the last block is filled up by repeating the last element (a Gather, as
-    # torch.export cannot pad by an amount that depends on T). Fill elements come after every real one, so no real
-    # prefix sees them.
-    fill = torch.arange(G * B).clamp(max=n - 1)
-    P, AB = p.index_select(0, fill).reshape(G, B, C), ab.index_select(1, fill).reshape(2, G, B, C)
-    # level 1: the step recurrence along each block, all G blocks at once (B - 1 combines on [G, C] slices)
-    ps, abs_ = list(P.split(1, 1)), list(AB.split(1, 2))
+    B, C, T = 1 << block_steps, k.shape[1], k.shape[0]
+    G = (T + B - 1) // B  # blocks
+    # Tokens in position-major blocks [B, G, C]: token g*B + j sits at [j, g], so each position's slice across the
+    # blocks is contiguous. The last block is filled up by repeating the last token (a Gather, as torch.export
+    # cannot pad by an amount that depends on T); fill elements come after every real token, so no real prefix and
+    # no block total that is used sees them. a and b travel stacked, [2, ...]: a token's own is (v, 1) at exponent k.
+    fill = (torch.arange(B).unsqueeze(1) + torch.arange(G).unsqueeze(0) * B).reshape(-1).clamp(max=T - 1)
+    P = k.index_select(0, fill).reshape(B, G, C)
+    V = v.index_select(0, fill).reshape(1, B, G, C)
+    AB = torch.cat([V, torch.ones_like(V)])  # [2, B, G, C]
+    # level 1: the step recurrence along the B positions of every block at once, on [1, G, C] slices, keeping each
+    # position's exclusive prefix (position 0: the identity, p = NEG_FILL, a = b = 0)
+    ps, abs_ = P.split(1, 0), AB.split(1, 1)
+    xp = [P.new_full((1, 1, C), NEG_FILL).expand(1, G, C)]
+    xab = [AB.new_zeros((2, 1, 1, C)).expand(2, 1, G, C)]
     for j in range(1, B):
-        ps[j], abs_[j] = _combine(ps[j - 1] + w, abs_[j - 1], ps[j], abs_[j])
-    # level 2: Hillis-Steele over the block totals (decay B*w per block). Step d combines the total d blocks
-    # earlier; for the first d blocks there is none: a Gather of block 0 whose exponent a mask sets to NEG_FILL.
-    pg, abg = ps[-1].squeeze(1), abs_[-1].squeeze(2)
-    blocks = torch.arange(G)
+        cur = _combine(xp[-1] + w, xab[-1], ps[j - 1], abs_[j - 1]) if j > 1 else (ps[0], abs_[0])
+        xp.append(cur[0])
+        xab.append(cur[1])
+    total = _combine(xp[-1] + w, xab[-1], ps[-1], abs_[-1]) if B > 1 else (ps[0], abs_[0])
+    # level 2: Hillis-Steele over rows [identity, carried state, block totals]: row g + 1 is the state before block g
+    # (after token g*B - 1), and a row decays by B*w per block. Step d combines the row d earlier; the rows before
+    # the first real one gather the identity (row 0), which stays the identity.
+    pg = torch.cat([pp.new_full((1, C), NEG_FILL), pp.unsqueeze(0), total[0].squeeze(0)])  # [G + 2, C]
+    abg = torch.cat([AB.new_zeros((2, 1, C)), torch.stack([aa, bb]).unsqueeze(1), total[1].squeeze(1)], 1)
+    rows = torch.arange(G + 2)
     for s in range(group_steps):
         d = 1 << s
-        earlier = (blocks - d).clamp(min=0)
-        mask = torch.where(blocks.unsqueeze(-1) >= d, 0.0, NEG_FILL)
-        pg, abg = _combine(pg.index_select(0, earlier) + (mask + w * (d * B)), abg.index_select(1, earlier), pg, abg)
-    # what precedes each block (block 0: the identity, p = NEG_FILL, a = b = 0), decayed over the j+1 positions to
-    # each element j of the block, combined into the element's in-block prefix
-    pg = torch.cat([p.new_full((1, C), NEG_FILL), pg]).index_select(0, blocks)
-    abg = torch.cat([ab.new_zeros((2, 1, C)), abg], 1).index_select(1, blocks)
-    decay = torch.arange(1, B + 1).to(w.dtype).unsqueeze(-1) * w  # [B, C]
-    P, AB = _combine(pg.unsqueeze(1) + decay, abg.unsqueeze(2), torch.cat(ps, 1), torch.cat(abs_, 2))
-    # back to [n, C], without the fill (a Gather of the first n rows: a slice would make torch.export guard on
-    # n <= G * B, which it cannot prove)
-    real = torch.arange(n)
-    P, AB = P.reshape(G * B, C).index_select(0, real), AB.reshape(2, G * B, C).index_select(1, real)
-    # wkv_t reads the state after token t-1, i.e. element t (element 0 = the carried state)
-    p_prev = P[:-1]
-    ww = u + k
-    q = torch.maximum(p_prev, ww)
-    num_den = AB[:, :-1] * _exp(p_prev - q) + tok * _exp(ww - q)
-    return num_den[0] / num_den[1], (AB[0, -1], AB[1, -1], P[-1])
+        earlier = (rows - d).clamp(min=0)
+        pg, abg = _combine(pg.index_select(0, earlier) + w * (d * B), abg.index_select(1, earlier), pg, abg)
+    before = torch.arange(1, G + 1)
+    rp, rab = pg.index_select(0, before), abg.index_select(1, before)  # the state before each block: [G, C]
+    # wkv at [j, g] in one three-way combine: the state before the block decayed over j positions, the exclusive
+    # in-block prefix, and the token's own with the bonus u
+    Xp, Xab = torch.cat(xp), torch.cat(xab, 1)
+    pr = rp + torch.arange(B).to(w.dtype).reshape(B, 1, 1) * w  # [B, G, C]
+    pu = P + u
+    m = torch.maximum(torch.maximum(pr, Xp), pu)
+    S = rab.unsqueeze(1) * _exp(pr - m) + Xab * _exp(Xp - m) + AB * _exp(pu - m)
+    # back to token order (token g*B + j at flat j*G + g; a Gather of the first T: a slice would make torch.export
+    # guard on T <= G * B, which it cannot prove)
+    order = (torch.arange(G).unsqueeze(1) + torch.arange(B).unsqueeze(0) * G).reshape(-1)
+    wkv = (S[0] / S[1]).reshape(B * G, C).index_select(0, order.index_select(0, torch.arange(T)))
+    # the state after the last token: the state before it (the last block's position j), decayed one step, combined
+    # with the token itself
+    at = (T - 1 - (G - 1) * B) * G + G - 1  # the last token's flat index in [B, G]
+    before_p, before_ab = _combine(pr.reshape(B * G, C)[at], rab[:, G - 1],
+                                   Xp.reshape(B * G, C)[at], Xab.reshape(2, B * G, C)[:, at])
+    p, ab = _combine(before_p + w, before_ab, k[T - 1], torch.stack([v[T - 1], torch.ones_like(v[T - 1])]))
+    return wkv, (ab[0], ab[1], p)
 
 
 class RWKV4Sequence(nn.Module):
