@@ -58,10 +58,10 @@ from torch import nn
 from .errors import RwkvExportError
 from .model import STATE_NAMES, RWKV4Step, _Layer
 
-# Tokens per call: 2**m - 1 (the scan would cover 2**m; 2**m - 1 was its reach when the carried state was an element,
-# and manifests and clients know it by now). At 169M shapes a 512-token prompt ran at 417 / 730 tok/s (1 / 2 threads) in chunks of <= 255 against 383 / 595 in chunks of 64 (GEMMs reuse
-# each weight over more rows; benchmarks/bench_prefill.py --explore), and the two-level scan makes a large max_chunk
-# cost nothing at small T.
+# Tokens per call: 2**m - 1 (the scan would now take 2**m; 2**m - 1 was its reach when the carried state was one of
+# its elements, and manifests and clients know it). At 169M shapes a 512-token prompt ran at 417 / 730 tok/s (1 / 2
+# threads) in chunks of <= 255 against 383 / 595 in chunks of 64 (GEMMs reuse each weight over more rows;
+# benchmarks/bench_prefill.py --explore), and the two-level scan makes a large max_chunk cost nothing at small T.
 DEFAULT_MAX_CHUNK = 255
 # Blocks of 2**BLOCK_STEPS elements (level 1 runs along them); the block totals are scanned in a second level.
 BLOCK_STEPS = 3
