@@ -85,8 +85,10 @@ def _to(t, dtype):
 
 def _mix(xx, prev, mix):
     """The token-shift mixes of rows xx [T, C] with their shifted rows prev: mix [M, C] -> M tensors [T, C]
-    (the step graph's `prev + (xx - prev) * mix`, one row of `mix` per matmul input)."""
-    return (prev + (xx - prev) * mix.unsqueeze(1)).unbind(0)
+    (the step graph's `prev + (xx - prev) * mix`, one row of `mix` per matmul input). One mix at a time rather than
+    the step graph's stacked [M, T, C] + Split: over T rows that is M fewer passes over memory (the split's copy)."""
+    diff = xx - prev
+    return tuple(prev + diff * m for m in mix.unbind(0))
 
 
 def _token_shift(x, first):
@@ -117,7 +119,8 @@ def _combine(p_left, ab_left, p, ab):
 def wkv_scan(w, u, k, v, aa, bb, pp, block_steps: int, group_steps: int):
     """WKV over a chunk. w, u, aa, bb, pp: [C]; k, v: [T, C] with T <= 2**(block_steps + group_steps).
 
-    Returns (wkv [T, C], (aa, bb, pp) after the last token), equal to T applications of the step recurrence.
+    Returns (wkv [T, C], (aa, bb, pp) after the last token, each [1, C]), equal to T applications of the step
+    recurrence.
     """
     B, C, T = 1 << block_steps, k.shape[1], k.shape[0]
     G = (T + B - 1) // B  # blocks
@@ -161,13 +164,15 @@ def wkv_scan(w, u, k, v, aa, bb, pp, block_steps: int, group_steps: int):
     # back to token order (token g*B + j at flat j*G + g; a Gather of the first T: a slice would make torch.export
     # guard on T <= G * B, which it cannot prove)
     order = (torch.arange(G).unsqueeze(1) + torch.arange(B).unsqueeze(0) * G).reshape(-1)
-    wkv = (S[0] / S[1]).reshape(B * G, C).index_select(0, order.index_select(0, torch.arange(T)))
-    # the state after the last token: the state before it (the last block's position j), decayed one step, combined
-    # with the token itself
-    at = (T - 1 - (G - 1) * B) * G + G - 1  # the last token's flat index in [B, G]
-    before_p, before_ab = _combine(pr.reshape(B * G, C)[at], rab[:, G - 1],
-                                   Xp.reshape(B * G, C)[at], Xab.reshape(2, B * G, C)[:, at])
-    p, ab = _combine(before_p + w, before_ab, k[T - 1], torch.stack([v[T - 1], torch.ones_like(v[T - 1])]))
+    flat = order.index_select(0, torch.arange(T))  # token t's flat index in [B, G]
+    wkv = (S[0] / S[1]).reshape(B * G, C).index_select(0, flat)
+    # the state after the last token: the state before it (in the last block), decayed one step, combined with the
+    # token itself. [1, C] rows throughout, so that the layers' states concatenate without Unsqueeze nodes.
+    last = flat[-1:]
+    before_p, before_ab = _combine(pr.reshape(B * G, C).index_select(0, last), rab[:, -1:],
+                                   Xp.reshape(B * G, C).index_select(0, last), Xab.reshape(2, B * G, C)[:, last])
+    v_last = v[-1:]
+    p, ab = _combine(before_p + w, before_ab, k[-1:], torch.stack([v_last, torch.ones_like(v_last)]))
     return wkv, (ab[0], ab[1], p)
 
 
@@ -224,8 +229,8 @@ class RWKV4Sequence(nn.Module):
             x = x + _ffn(layer, xx2, prev2)
             if every and (i + 1) % every == 0:
                 x = x / 2
-            for name, value in zip(STATE_NAMES, (_to(xx[-1], acc), aa, bb, pp, _to(xx2[-1], acc))):
-                new[name].append(value)
+            for name, value in zip(STATE_NAMES, (_to(xx[-1:], acc), aa, bb, pp, _to(xx2[-1:], acc))):
+                new[name].append(value)  # [1, C] rows
         if not self.all_logits:
             x = x[-1:]
         x = F.layer_norm(x, x.shape[-1:], self.ln_out_w, self.ln_out_b)
@@ -233,7 +238,7 @@ class RWKV4Sequence(nn.Module):
         # chunk guard: more than max_chunk tokens exceed the scan's reach; answer NaN rather than wrong numbers
         too_long = (torch.arange(tokens.shape[0]) >= self.max_chunk).any()
         logits = logits + torch.where(too_long, float("nan"), 0.0).to(logits.dtype)
-        return (logits, *(torch.stack(new[name]) for name in STATE_NAMES))
+        return (logits, *(torch.cat(new[name]) for name in STATE_NAMES))
 
     def new_state(self) -> dict:
         return self._new_state()
