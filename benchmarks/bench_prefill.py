@@ -4,11 +4,13 @@ Prompt tokens/s at T = 64 and 512 (by default) for
   - the sequence graph (GPT mode, rwkv_export.seq_model) in onnxruntime, fed in chunks by OnnxSequenceRunner,
   - the step graph in onnxruntime fed token by token (what a client without the sequence graph does),
   - the `rwkv` pip package's sequence mode, `model.forward(tokens, None)`, strategy "cpu fp32" (JIT and CUDA off),
-all in one run, printed as a table with ratios. A prompt is timed from a fresh state to the last token's logits. The
+and with --tflite also the TFLite prompt graph (the .tflite's `prefill` signature, fixed chunks of 16, the tail through
+`step`) in the LiteRT interpreter, fp32 and int8, all in one run, printed as a table with ratios. A prompt is timed from a fresh state to the last token's logits. The
 rows are interleaved: --repeats rounds, each running every row once in a fresh Python process (one warm-up, then
 three timed runs per length; the step graph one); each cell gives the median and the best over all timed runs.
 
     python benchmarks/bench_prefill.py [--workdir bench_out/prefill] [--lengths 64 512] [--threads 2] [--explore]
+                                       [--tflite]
 
 --explore adds a table of sequence-graph settings (chunk size x threads x ORT session options) at the longest length.
 The machine's load average is printed with the numbers: on a shared box other processes take CPU from every row.
@@ -121,6 +123,23 @@ res = {{'logits_rel': float(d), 'state_rel': ds, 'top1_same': bool(got.argmax() 
 """)
 
 
+def export_tflite(ckpt: Path, out: Path) -> dict:
+    """`rwkv-export tflite --quant int8` (no parity check): fp32 and int8 .tflite files, each with both signatures."""
+    return child(f"""
+from rwkv_export.export import export_target
+t0 = time.perf_counter()
+export_target('tflite', {str(ckpt)!r}, {str(out)!r}, quant=['int8'], check=False, tokenizer='bytes', force=True)
+res = {{'export_s': time.perf_counter() - t0}}
+""")
+
+
+TFLITE_SETUP = """
+from rwkv_export.manifest import read_manifest, find_graph
+from rwkv_export.tf_runners import TFLiteSequenceRunner
+root = {root!r}; man = read_manifest(root, verify_files=False)
+runner = TFLiteSequenceRunner(root, man, find_graph(man, {variant!r}, kind='sequence'), threads={threads})
+"""
+
 SEQ_SETUP = """
 from rwkv_export.manifest import read_manifest, find_graph
 from rwkv_export.seq_runner import OnnxSequenceRunner
@@ -140,6 +159,8 @@ def main():
     ap.add_argument("--max-chunk", type=int, default=None, help="sequence graph max_chunk (default: seq_model's)")
     ap.add_argument("--reuse", action="store_true", help="reuse an export in --workdir made by an earlier run")
     ap.add_argument("--explore", action="store_true", help="also time chunk sizes, threads and session options")
+    ap.add_argument("--tflite", action="store_true",
+                    help="also time the TFLite prompt graph (needs the [tflite] extra; exports it once)")
     args = ap.parse_args()
     wd = args.workdir.resolve()
     wd.mkdir(parents=True, exist_ok=True)
@@ -159,6 +180,10 @@ def main():
         print("exporting the step and sequence graphs ...", file=sys.stderr)
         info = export(ckpt, out, args.max_chunk)
         info_file.write_text(json.dumps(info))
+    tflite_out = wd / "tflite"
+    if args.tflite and not (args.reuse and (tflite_out / "manifest.json").exists()):
+        print("exporting the TFLite files (fp32, int8) ...", file=sys.stderr)
+        export_tflite(ckpt, tflite_out)
     print("parity: sequence graph vs step graph ...", file=sys.stderr)
     par = parity(out)
 
@@ -190,6 +215,10 @@ torch.set_grad_enabled(False)
 torch.set_num_threads({args.threads})
 model = RWKV(model={str(ckpt)!r}, strategy='cpu fp32')
 """, "model.forward(tokens, None)", reps, 3))
+    if args.tflite:
+        specs += [(f"TFLite prompt graph {v}, LiteRT, {args.threads} threads, chunks of 16 + steps",
+                   TFLITE_SETUP.format(root=str(tflite_out), threads=args.threads, variant=v), SEQ_RUN, reps, 3)
+                  for v in ("fp32", "int8")]
     runs = {name: [] for name, *_ in specs}
     for rnd in range(reps):
         for name, setup, run_expr, n_rounds, per_round in specs:

@@ -4,7 +4,7 @@ tokenizer, the manifest, and a generated INTEGRATION.md — optionally split in 
 Runtimes:
 - `ort-mobile`: ONNX Runtime's `.ort` format (onnxruntime.tools.convert_onnx_models_to_ort) plus the operator config
   for a reduced ONNX Runtime build (`--include_ops_by_config required_operators.config`);
-- `tflite`: the `.tflite` with its `step` signature (needs the [tflite] extra).
+- `tflite`: the `.tflite` with its `step` and `prefill` signatures (needs the [tflite] extra).
 """
 
 from __future__ import annotations
@@ -55,8 +55,13 @@ def _convert_to_ort(onnx_files: list[Path], out_dir: Path, progress: Progress, d
 
 
 def split_into_parts(root: Path, manifest: dict, part_bytes: int) -> None:
-    """Split every graph file larger than part_bytes into NAME.partNNN files; record them in the graph entry."""
+    """Split every graph file larger than part_bytes into NAME.partNNN files; record them in the graph entries (all
+    entries of a file, e.g. a .tflite's step and prefill signatures, get the same parts)."""
+    done = {}
     for g in manifest["graphs"]:
+        if g["file"] in done:
+            g.update(done[g["file"]])
+            continue
         path = root / g["file"]
         if path.stat().st_size <= part_bytes:
             continue
@@ -68,9 +73,9 @@ def split_into_parts(root: Path, manifest: dict, part_bytes: int) -> None:
                 (root / name).write_bytes(chunk)
                 parts.append({"file": name, "size": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest()})
                 i += 1
-        g["parts"] = parts
-        g["size"] = path.stat().st_size
-        g["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        done[g["file"]] = {"parts": parts, "size": path.stat().st_size,
+                           "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        g.update(done[g["file"]])
         path.unlink()
 
 
@@ -147,7 +152,21 @@ def integration_doc(m: dict) -> str:
     if seqs:
         q = seqs[0]
         q_tok = next(i for i in q["inputs"] if i["role"] == "tokens")
-        prompt_note = f"""
+        if q.get("fixed_chunk"):
+            where = (f"the `{q['signature']}` signature of `{q['file']}`" if q.get("signature")
+                     else f"`{q['file']}`")
+            prompt_note = f"""
+## Prompts in one call
+
+{where[0].upper() + where[1:]} is the same model in GPT mode: input `{q_tok['name']}` of shape
+[{q['max_chunk']}] ({q_tok['dtype']}, exactly {q['max_chunk']} tokens: the format needs static shapes) plus the same
+five state inputs; outputs the logits of the last token and the state after the {q['max_chunk']} tokens — what
+{q['max_chunk']} runs of the step graph give (within fp32 rounding), in one call that reads the weights once. In step
+2 of the loop, feed the prompt through it {q['max_chunk']} tokens at a time, passing the state from call to call, and
+the remaining tokens (fewer than {q['max_chunk']}) through the step graph; then decode with the step graph.
+"""
+        else:
+            prompt_note = f"""
 ## Prompts in one call
 
 Each `sequence` graph (e.g. `{q['file']}`) is the same model in GPT mode: input `{q_tok['name']}` of shape [T]

@@ -26,6 +26,7 @@ RUNNERS = {
 SEQUENCE_RUNNERS = {
     "onnx": "rwkv_export.seq_runner:OnnxSequenceRunner",
     "ort": "rwkv_export.seq_runner:OnnxSequenceRunner",
+    "tflite": "rwkv_export.tf_runners:TFLiteSequenceRunner",
 }
 # variant name -> the quality gate it is judged by (quality.PPL_GATES); TF.js's uint8 is an 8-bit weight format
 QUALITY_KIND = {"fp16": "fp16", "int8": "int8", "uint8": "int8", "int4": "int4"}

@@ -95,13 +95,13 @@ def quantize(
         _fail(e)
 
 
-def _edge_command(target: str, checkpoint, out, force, tokenizer, quant, check, quiet):
+def _edge_command(target: str, checkpoint, out, force, tokenizer, quant, check, quiet, prefill: bool = False):
     try:
         from .check import format_any
         from .export import export_target, parse_quant
 
         res = export_target(target, checkpoint, out, force=force, tokenizer=tokenizer, quant=parse_quant(quant, target),
-                            check=check, progress=_progress(quiet))
+                            check=check, prefill=prefill, progress=_progress(quiet))
         for r in res.reports:
             typer.echo(format_any(r))
         typer.echo(f"wrote {res.out}/ ({len(res.manifest['files'])} files, manifest.json)")
@@ -117,10 +117,14 @@ def tflite(
     tokenizer: Optional[str] = typer.Option(None, help="tokenizer.json to ship instead of the bundled one, or 'bytes'."),
     quant: Optional[str] = typer.Option(None, "--quant", help="Extra variants, comma-separated: fp16,int8,int4."),
     check: bool = typer.Option(True, "--check/--no-check", help="Run the gates in the LiteRT interpreter first."),
+    prefill: bool = typer.Option(True, "--prefill/--no-prefill",
+                                 help="Also give each .tflite the prompt graph: a `prefill` signature for chunks of 16 "
+                                      "tokens, sharing the step signature's weights."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress output."),
 ):
-    """Export CHECKPOINT to TFLite (LiteRT): one .tflite per variant with a `step` signature. Extra: [tflite]."""
-    _edge_command("tflite", checkpoint, out, force, tokenizer, quant, check, quiet)
+    """Export CHECKPOINT to TFLite (LiteRT): one .tflite per variant with `step` and `prefill` signatures. Extra:
+    [tflite]."""
+    _edge_command("tflite", checkpoint, out, force, tokenizer, quant, check, quiet, prefill)
 
 
 @app.command()

@@ -261,9 +261,10 @@ def add_variants(folder: str | Path, quant: list[str], *, checkpoint: str | None
 
 
 def build_target(target: str, root: Path, src: Source, ckpt, tok, *, quant: list[str] = (), check: bool = True,
-                 progress: Progress = QUIET) -> tuple[dict, list]:
+                 prefill: bool = True, progress: Progress = QUIET) -> tuple[dict, list]:
     """Write the TFLite or TF.js files of `ckpt` (fp32 plus `quant` variants), the tokenizer and their checks into
-    the existing folder `root`; return (manifest, reports). The manifest is not written (the caller does)."""
+    the existing folder `root`; return (manifest, reports). The manifest is not written (the caller does). prefill:
+    TFLite files also get the prompt graph (`prefill` signature, fixed chunks); TF.js has none."""
     from .model import RWKV4Step
 
     variants = ["fp32", *[v for v in quant if v != "fp32"]]
@@ -273,8 +274,9 @@ def build_target(target: str, root: Path, src: Source, ckpt, tok, *, quant: list
         from .targets import tflite
 
         tflite.check_variants(variants, ckpt.dims)
-        with progress.stage(f"converting with litert-torch ({', '.join(variants)})"):
-            graphs = tflite.export_tflite(module, root, variants)
+        with progress.stage(f"converting with litert-torch ({', '.join(variants)}"
+                            f"{', step and prompt graphs' if prefill else ''})"):
+            graphs = tflite.export_tflite(module, root, variants, tflite.PREFILL_CHUNK if prefill else None)
     elif target == "tfjs":
         from .targets import tfjs
 
@@ -295,7 +297,8 @@ def build_target(target: str, root: Path, src: Source, ckpt, tok, *, quant: list
 
 
 def export_target(target: str, source: str, out: str | Path, *, force: bool = False, tokenizer: str | None = None,
-                  quant: list[str] = (), check: bool = True, progress: Progress = QUIET) -> ExportResult:
+                  quant: list[str] = (), check: bool = True, prefill: bool = True,
+                  progress: Progress = QUIET) -> ExportResult:
     """`rwkv-export tflite|tfjs`: like export_onnx, for the edge targets (staged, checked, then moved into place)."""
     if target not in ("tflite", "tfjs"):
         raise RwkvExportError(f"unknown target '{target}'; choose from tflite, tfjs")
@@ -305,7 +308,8 @@ def export_target(target: str, source: str, out: str | Path, *, force: bool = Fa
     check_output_dir(out, force)
     src, ckpt, tok = load_source(source, tokenizer, progress)
     with staged_output_dir(out, force) as tmp:
-        manifest, reports = build_target(target, tmp, src, ckpt, tok, quant=quant, check=check, progress=progress)
+        manifest, reports = build_target(target, tmp, src, ckpt, tok, quant=quant, check=check, prefill=prefill,
+                                         progress=progress)
         write_manifest(tmp, manifest)
     return ExportResult(out=out, manifest=manifest, reports=reports)
 

@@ -1,7 +1,8 @@
 """Runner for the sequence (prompt / prefill) graph: a whole prompt in a few calls instead of one call per token.
 
 Driven by the manifest alone: I/O names come from the graph entry's roles ("tokens", "logits", "state"), the chunk
-limit from its "max_chunk". State is the same dict (state name -> np.ndarray) as OnnxStepRunner's, so a prompt fed
+limit from its "max_chunk" (with "fixed_chunk": true, as in TFLite, every call takes exactly max_chunk tokens; see
+tf_runners.TFLiteSequenceRunner). State is the same dict (state name -> np.ndarray) as OnnxStepRunner's, so a prompt fed
 here continues token by token in the step graph.
 """
 
@@ -31,8 +32,24 @@ def sequence_io(graph: dict) -> dict:
     max_chunk = graph.get("max_chunk")
     if not isinstance(max_chunk, int) or isinstance(max_chunk, bool) or max_chunk < 1:
         raise ManifestError(f"{where}: 'max_chunk' must be a positive integer, got {max_chunk!r}")
+    fixed = graph.get("fixed_chunk", False)
+    if not isinstance(fixed, bool):
+        raise ManifestError(f"{where}: 'fixed_chunk' must be true or false, got {fixed!r}")
     return {"tokens": tokens[0], "logits": logits[0], "state_in": state_in, "state_out": state_out,
-            "max_chunk": max_chunk}
+            "max_chunk": max_chunk, "fixed_chunk": fixed}
+
+
+def check_tokens(tokens, vocab_size: int, dtype) -> np.ndarray:
+    """A prompt's ids as a 1-D array of `dtype`, or a one-line error (empty, not integers, outside the vocabulary)."""
+    arr = np.asarray(tokens)
+    if arr.ndim != 1 or arr.size == 0:
+        raise RwkvExportError(f"tokens must be a non-empty 1-D list of token ids, got shape {list(arr.shape)}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise RwkvExportError(f"tokens must be integers, got {arr.dtype}")
+    bad = (arr < 0) | (arr >= vocab_size)
+    if bad.any():
+        raise RwkvExportError(f"token id {int(arr[bad][0])} is outside the vocabulary [0, {vocab_size})")
+    return arr.astype(dtype)
 
 
 def chunk_sizes(n: int, max_chunk: int) -> list[int]:
@@ -52,6 +69,8 @@ class OnnxSequenceRunner:
 
         self.manifest, self.graph = manifest, graph
         self.io = sequence_io(graph)
+        if self.io["fixed_chunk"]:
+            raise ManifestError(f"graph {graph.get('file')}: a fixed-chunk sequence graph is not an ONNX one")
         if chunk is not None and not 1 <= chunk <= self.io["max_chunk"]:
             raise RwkvExportError(f"chunk must lie in [1, {self.io['max_chunk']}] (the graph's max_chunk), got {chunk}")
         self.chunk = chunk or self.io["max_chunk"]
@@ -77,21 +96,10 @@ class OnnxSequenceRunner:
             state[t["name"]] = np.full(spec["shape"], t["init"], dtype=NP_DTYPES[spec["dtype"]])
         return state
 
-    def _check_tokens(self, tokens) -> np.ndarray:
-        arr = np.asarray(tokens)
-        if arr.ndim != 1 or arr.size == 0:
-            raise RwkvExportError(f"tokens must be a non-empty 1-D list of token ids, got shape {list(arr.shape)}")
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise RwkvExportError(f"tokens must be integers, got {arr.dtype}")
-        bad = (arr < 0) | (arr >= self.vocab_size)
-        if bad.any():
-            raise RwkvExportError(f"token id {int(arr[bad][0])} is outside the vocabulary [0, {self.vocab_size})")
-        return arr.astype(self._tokens_dtype)
-
     def forward(self, tokens, state: dict):
         """Feed the tokens (in chunks of at most `chunk`) from `state`; return the last token's logits [1, V] and
         the state after it. `state` is not modified."""
-        arr = self._check_tokens(tokens)
+        arr = check_tokens(tokens, self.vocab_size, self._tokens_dtype)
         missing = [s for s in self._states if s not in state]
         if missing:
             raise RwkvExportError(f"state is missing {missing}")

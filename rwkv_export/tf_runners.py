@@ -1,6 +1,7 @@
 """Runners for the edge targets, with OnnxStepRunner's interface (new_state / step), driven by the manifest alone:
 
 - TFLiteStepRunner: the `.tflite` in the LiteRT interpreter (ai-edge-litert), through its named signature;
+- TFLiteSequenceRunner: its `prefill` signature (prompt chunks of a fixed size; the tail through `step`);
 - TFJSStepRunner: the TF.js graph model in Node with @tensorflow/tfjs (pure-JS CPU backend). One Node process per
   runner, kept alive and fed one JSON line per step (tests/js/tfjs_step.mjs), so a 96-step parity run is one launch.
 
@@ -27,21 +28,27 @@ NODE_SCRIPT = "tfjs_step.mjs"
 NODE_MIN_MAJOR = 20
 
 
-class TFLiteStepRunner:
-    def __init__(self, root: Path, manifest: dict, graph: dict, threads: int | None = None):
-        from .targets.tflite import SIGNATURE, _interpreter
+def _tflite_signature(root: Path, graph: dict, threads: int | None, interpreter=None, default: str = "step"):
+    """(interpreter, signature runner) for a manifest graph entry; `interpreter` reuses one already loaded."""
+    from .targets.tflite import _interpreter
 
-        self.manifest, self.graph = manifest, graph
-        self.io = io_by_role(graph)
+    if interpreter is None:
         path = Path(root) / graph["file"]
         if not path.is_file():
             raise ManifestError(f"{graph['file']} is listed in the manifest but missing from {root}")
-        self.interpreter = _interpreter(path, threads)
-        sigs = self.interpreter.get_signature_list()
-        name = graph.get("signature", SIGNATURE)
-        if name not in sigs:
-            raise ManifestError(f"{graph['file']} has no signature '{name}' (has {', '.join(sigs) or 'none'})")
-        self.runner = self.interpreter.get_signature_runner(name)
+        interpreter = _interpreter(path, threads)
+    sigs = interpreter.get_signature_list()
+    name = graph.get("signature", default)
+    if name not in sigs:
+        raise ManifestError(f"{graph['file']} has no signature '{name}' (has {', '.join(sigs) or 'none'})")
+    return interpreter, interpreter.get_signature_runner(name)
+
+
+class TFLiteStepRunner:
+    def __init__(self, root: Path, manifest: dict, graph: dict, threads: int | None = None, interpreter=None):
+        self.manifest, self.graph = manifest, graph
+        self.io = io_by_role(graph)
+        self.interpreter, self.runner = _tflite_signature(root, graph, threads, interpreter)
 
     def new_state(self) -> dict:
         return new_state_from_manifest(self.manifest, self.graph)
@@ -51,6 +58,53 @@ class TFLiteStepRunner:
         # the interpreter reuses its output buffers: copy before the next call overwrites them
         logits = np.array(outs[self.io["logits"]["name"]])
         return logits, {s: np.array(outs[self.io["state_out"][s]["name"]]) for s in self.io["state_in"]}
+
+
+class TFLiteSequenceRunner:
+    """new_state() / forward(tokens, state) -> (logits [1, V] of the last token, state) over a TFLite prompt graph:
+    whole chunks of the graph's fixed size through its signature, the tail (fewer tokens than a chunk) through the
+    step graph of the same variant, which the manifest lists in the same file (one interpreter serves both)."""
+
+    def __init__(self, root: Path, manifest: dict, graph: dict, threads: int | None = None):
+        from .seq_runner import sequence_io
+
+        self.manifest, self.graph = manifest, graph
+        self.io = sequence_io(graph)
+        self.chunk = self.io["max_chunk"]
+        self.vocab_size = int(manifest["model"]["vocab_size"])
+        step = [g for g in manifest["graphs"] if g["kind"] == "step" and g["format"] == graph["format"]
+                and g["variant"] == graph["variant"]]
+        if not step or step[0]["file"] != graph["file"]:
+            raise ManifestError(f"graph {graph['file']} ({graph['variant']}): no step graph of that variant in the "
+                                "same file, for the tokens after the last whole chunk")
+        self.interpreter, self.runner = _tflite_signature(root, graph, threads, default="prefill")
+        self.step_runner = TFLiteStepRunner(root, manifest, step[0], interpreter=self.interpreter)
+        self._states = list(self.io["state_in"])
+        self._tokens_dtype = np.dtype(self.io["tokens"]["dtype"])
+
+    def new_state(self) -> dict:
+        return self.step_runner.new_state()
+
+    def forward(self, tokens, state: dict):
+        """Feed the tokens from `state` (not modified); return the last token's logits [1, V] and the state after."""
+        from .seq_runner import check_tokens
+
+        arr = check_tokens(tokens, self.vocab_size, self._tokens_dtype)
+        missing = [s for s in self._states if s not in state]
+        if missing:
+            raise RwkvExportError(f"state is missing {missing}")
+        whole = len(arr) // self.chunk * self.chunk
+        logits = None
+        for start in range(0, whole, self.chunk):
+            feeds = {self.io["tokens"]["name"]: arr[start:start + self.chunk]}
+            feeds.update({self.io["state_in"][s]["name"]: state[s] for s in self._states})
+            outs = self.runner(**feeds)
+            # the interpreter reuses its output buffers: copy before the next call overwrites them
+            logits = np.array(outs[self.io["logits"]["name"]])[-1:]
+            state = {s: np.array(outs[self.io["state_out"][s]["name"]]) for s in self._states}
+        for t in arr[whole:]:
+            logits, state = self.step_runner.step(int(t), state)
+        return logits, state
 
 
 def _node_version(node: str) -> int:

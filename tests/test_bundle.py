@@ -117,15 +117,18 @@ def test_consumer_with_the_neox_tokenizer(tmp_path):
 
 
 def test_tflite_bundle_consumer(tmp_path, ckpt):
-    """The TFLite runtime: .tflite with its `step` signature; the consumer runs it in the LiteRT interpreter."""
+    """The TFLite runtime: .tflite with its `step` and `prefill` signatures; the consumer runs the prompt through
+    `prefill` in whole chunks and the rest token by token, in the LiteRT interpreter."""
     res = runner.invoke(app, ["bundle", str(ckpt), "-o", str(tmp_path / "b"), "--runtime", "tflite", "--quant", "int8",
                               "-q"])
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert [(g["format"], g["variant"], g["signature"]) for g in m["graphs"]] == [
-        ("tflite", "fp32", "step"), ("tflite", "int8", "step")]
-    assert m["graphs"][1]["quality"]["passed"]
+    assert [(g["format"], g["variant"], g["kind"], g["signature"]) for g in m["graphs"]] == [
+        ("tflite", "fp32", "step", "step"), ("tflite", "fp32", "sequence", "prefill"),
+        ("tflite", "int8", "step", "step"), ("tflite", "int8", "sequence", "prefill")]
+    assert m["graphs"][2]["quality"]["passed"] and all(g["parity"]["passed"] for g in m["graphs"])
     doc = (tmp_path / "b" / "INTEGRATION.md").read_text()
     assert "Signature: `step`" in doc and "Interpreter" in doc
-    prompt = "Phones run the step graph."
-    assert consume(tmp_path / "b", prompt) == reference_greedy(ckpt, list(prompt.encode()))
+    assert "The `prefill` signature of `model.tflite`" in doc and "exactly 16 tokens" in doc
+    prompt = "Phones run the step graph."  # 26 bytes: one chunk of 16 through `prefill`, then 10 steps
+    assert consume(tmp_path / "b", prompt, prompt_graph="model.tflite") == reference_greedy(ckpt, list(prompt.encode()))

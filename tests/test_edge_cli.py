@@ -20,14 +20,22 @@ def test_cli_export_with_a_variant_then_check(tmp_path, target, variant):
     assert res.exit_code == 0, res.output
     assert f"parity {target}/fp32" in res.stdout and f"quality {target}/{variant}: PASS" in res.stdout, res.stdout
     m = read_manifest(out)
-    assert [(g["format"], g["variant"]) for g in m["graphs"]] == [(target, "fp32"), (target, variant)]
-    assert m["graphs"][0]["parity"]["max_rel"] <= 1e-5 and m["graphs"][0]["parity"]["greedy_identical"]
-    q = m["graphs"][1]["quality"]
+    steps = [g for g in m["graphs"] if g["kind"] == "step"]
+    assert [(g["format"], g["variant"]) for g in steps] == [(target, "fp32"), (target, variant)]
+    assert steps[0]["parity"]["max_rel"] <= 1e-5 and steps[0]["parity"]["greedy_identical"]
+    # TFLite files also hold the prompt graph (a `prefill` signature), checked against fp64 steps; TF.js has none
+    prompts = [g for g in m["graphs"] if g["kind"] == "sequence"]
+    assert [(g["variant"], g["signature"]) for g in prompts] == ([("fp32", "prefill"), (variant, "prefill")]
+                                                                 if target == "tflite" else [])
+    assert all(g["parity"]["passed"] for g in prompts)
+    assert not prompts or prompts[0]["parity"]["max_rel"] <= 1e-5
+    q = steps[1]["quality"]
     # an 8-bit variant is held to the int8 gate (+1 % perplexity) over at least 1,000 tokens of held-out text
     assert q["passed"] and q["ppl_delta"] <= q["max_ppl_delta"] == 0.01 and q["tokens"] >= 1000
     res = runner.invoke(app, ["check", str(out), "-q"])
     assert res.exit_code == 0, res.output
-    assert res.stdout.count("PASS") == 3  # fp32 parity, the variant's parity layer, its quality gate
+    # fp32 parity, the variant's parity layer, its quality gate (+ the two prompt graphs' parity for TFLite)
+    assert res.stdout.count("PASS") == 3 + 2 * (target == "tflite")
 
 
 @pytest.mark.parametrize("target", ["tflite", "tfjs"])

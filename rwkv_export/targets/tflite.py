@@ -1,4 +1,5 @@
-"""TFLite target (LiteRT, phones): the step graph as a `.tflite` with one named signature, `step`.
+"""TFLite target (LiteRT, phones): one `.tflite` per variant with two named signatures over the same weights:
+`step` (one token, RNN mode) and `prefill` (a prompt chunk of exactly PREFILL_CHUNK tokens, GPT mode).
 
 Chain: litert-torch converts our torch module (RWKV4Step) directly — one model definition for every target, no
 TensorFlow install, no ONNX round trip. Quantized variants are derived from the converted fp32 flatbuffer with
@@ -7,7 +8,12 @@ however many variants are asked for.
 
 Contract (same as ONNX, read from the file into the manifest): signature `step`, inputs `token` [1] int32 and the five
 states [n_layer, n_embd] float32 under their STATE_NAMES; outputs `logits` [1, V] float32 and `<state>_out`.
-Every variant keeps float32 I/O; only the weights change.
+Every variant keeps float32 I/O; only the weights change. Signature `prefill`: input `tokens` [PREFILL_CHUNK] int32
+plus the same states; outputs the last token's `logits` [1, V] and the states after the chunk (seq_model's
+RWKV4Sequence). TFLite wants static shapes, so the chunk is fixed: the manifest entry (kind "sequence") says
+`"fixed_chunk": true`, and a runner feeds whole chunks through `prefill` and the rest token by token through `step`.
+The converter keeps one copy of a weight that both signatures use, so the prompt signature adds its graph, not its
+weights, to the file.
 
 Token dtype: int32. LiteRT's converter lowers int64 to int32 unless told otherwise, TF.js has no int64 at all, and the
 mobile APIs (Kotlin/Java IntBuffer, Swift Int32) are int32-native; a vocabulary of 50,277 is far below 2^31. The
@@ -40,6 +46,12 @@ VARIANTS = {
     "int4": "dynamic range: int4 weights in blocks of 32 along the input dim, activations quantized at run time",
 }
 INT4_BLOCK = 32  # ai-edge-quantizer's blockwise int4; channelwise int4 loses ~1/3 of top-1 on small models
+PREFILL_SIGNATURE = "prefill"
+TOKENS_INPUT = "tokens"
+# Tokens per prefill call. A prompt's tail shorter than a chunk goes through `step`, so a small chunk wastes at most
+# 15 single-token calls, while 16 rows already make every linear layer a matrix-matrix product (the weights read
+# once per 16 tokens instead of once per token).
+PREFILL_CHUNK = 16
 
 
 def file_name(variant: str) -> str:
@@ -104,16 +116,47 @@ def _signature_wrapper(module):
     return StepSignature(module).eval()
 
 
-def convert_fp32(module) -> bytes:
-    """RWKV4Step -> fp32 .tflite flatbuffer bytes with the `step` signature."""
+def _prefill_wrapper(module, chunk: int):
+    """The prompt graph (RWKV4Sequence over `module`'s very parameters) under the same output names as `step`."""
+    import torch
+
+    from ..seq_model import RWKV4Sequence
+
+    # the scan's reach is 2**m - 1 tokens; the smallest that holds the chunk keeps the scan's group level short
+    seq = RWKV4Sequence(module, max_chunk=(1 << chunk.bit_length()) - 1)
+
+    class PrefillSignature(torch.nn.Module):
+        def __init__(self, seq):
+            super().__init__()
+            self.seq = seq
+
+        def forward(self, tokens, att_x, att_aa, att_bb, att_pp, ffn_x):
+            logits, *states = self.seq(tokens, att_x, att_aa, att_bb, att_pp, ffn_x)
+            out = {LOGITS_OUTPUT: logits}
+            out.update({state_output_name(n): s for n, s in zip(STATE_NAMES, states)})
+            return out
+
+    return PrefillSignature(seq).eval()
+
+
+def convert_fp32(module, prefill_chunk: int | None = PREFILL_CHUNK) -> bytes:
+    """RWKV4Step -> fp32 .tflite flatbuffer bytes with the `step` signature and, unless prefill_chunk is None, the
+    `prefill` signature for chunks of exactly prefill_chunk tokens."""
     import torch
 
     lt = _import_litert_torch()
     state = module.new_state()
-    sample = {TOKEN_INPUT: torch.zeros(1, dtype=getattr(torch, TOKEN_DTYPE)), **{n: state[n] for n in STATE_NAMES}}
+    states = {n: state[n] for n in STATE_NAMES}
+    token_dtype = getattr(torch, TOKEN_DTYPE)
+    sample = {TOKEN_INPUT: torch.zeros(1, dtype=token_dtype), **states}
     with _quiet(), torch.no_grad():
-        edge = lt.signature(SIGNATURE, _signature_wrapper(module), sample_kwargs=sample).convert()
-        return bytes(edge.model_content())
+        conv = lt.signature(SIGNATURE, _signature_wrapper(module), sample_kwargs=sample)
+        if prefill_chunk is not None:
+            if prefill_chunk < 1:
+                raise RwkvExportError(f"the prefill chunk must be a positive number of tokens, got {prefill_chunk}")
+            conv = conv.signature(PREFILL_SIGNATURE, _prefill_wrapper(module, prefill_chunk),
+                                  sample_kwargs={TOKENS_INPUT: torch.zeros(prefill_chunk, dtype=token_dtype), **states})
+        return bytes(conv.convert().model_content())
 
 
 def _recipe(variant: str):
@@ -168,14 +211,15 @@ def check_variants(variants, dims=None) -> list[str]:
     return variants
 
 
-def export_tflite(module, out_dir: Path, variants=("fp32",)) -> list[dict]:
+def export_tflite(module, out_dir: Path, variants=("fp32",), prefill_chunk: int | None = PREFILL_CHUNK) -> list[dict]:
     """Convert `module` (an RWKV4Step) once, write one .tflite per variant into `out_dir`, return their manifest
-    graph entries (format "tflite", "parity": None until a check fills it in)."""
+    graph entries (format "tflite", "parity": None until a check fills it in): per variant the step graph and,
+    unless prefill_chunk is None, the prompt graph (kind "sequence", the same file's `prefill` signature)."""
     out_dir = Path(out_dir)
     variants = check_variants(variants, getattr(module, "dims", None))
     if any(v != "fp32" for v in variants):
         _import_quantizer()  # fail before the slow conversion
-    fp32 = convert_fp32(module)
+    fp32 = convert_fp32(module, prefill_chunk)
     entries = []
     for variant in variants:
         path = out_dir / file_name(variant)
@@ -186,6 +230,14 @@ def export_tflite(module, out_dir: Path, variants=("fp32",)) -> list[dict]:
             "data_files": [], "signature": SIGNATURE, "quantization": VARIANTS[variant],
             "inputs": inputs, "outputs": outputs, "parity": None,
         })
+        if prefill_chunk is not None:
+            inputs, outputs = io_spec(path, PREFILL_SIGNATURE)
+            entries.append({
+                "name": "prefill", "kind": "sequence", "format": NAME, "variant": variant, "file": path.name,
+                "data_files": [], "signature": PREFILL_SIGNATURE, "quantization": VARIANTS[variant],
+                "max_chunk": prefill_chunk, "fixed_chunk": True, "all_logits": False,
+                "inputs": inputs, "outputs": outputs, "parity": None,
+            })
     return entries
 
 
@@ -202,12 +254,17 @@ def _interpreter(path_or_bytes, threads: int | None = None):
 _NP_NAMES = {"float32": "float32", "float16": "float16", "int32": "int32", "int64": "int64"}
 
 
-def io_spec(path: Path) -> tuple[list[dict], list[dict]]:
-    """Read the `step` signature from the file itself and give each input/output its role in the step contract.
-    Order follows the step contract (token, states in STATE_NAMES order), not the converter's alphabetical order."""
+def io_spec(path: Path, signature: str = SIGNATURE) -> tuple[list[dict], list[dict]]:
+    """Read a signature (`step` or `prefill`) from the file itself and give each input/output its role in the
+    contract. Order follows the contract (token(s), states in STATE_NAMES order), not the converter's alphabetical
+    order."""
     import numpy as np
 
-    sig = _interpreter(path).get_signature_runner(SIGNATURE)
+    interpreter = _interpreter(path)
+    sigs = interpreter.get_signature_list()
+    if signature not in sigs:
+        raise RwkvExportError(f"{Path(path).name} has no signature '{signature}' (has {', '.join(sigs) or 'none'})")
+    sig = interpreter.get_signature_runner(signature)
     ins, outs = sig.get_input_details(), sig.get_output_details()
 
     def describe(name, d, role, state=None):
@@ -219,10 +276,11 @@ def io_spec(path: Path) -> tuple[list[dict], list[dict]]:
 
     def take(table, name, *args):
         if name not in table:
-            raise RwkvExportError(f"{Path(path).name}: signature '{SIGNATURE}' has no '{name}' "
+            raise RwkvExportError(f"{Path(path).name}: signature '{signature}' has no '{name}' "
                                   f"(has {', '.join(sorted(table))})")
         return describe(name, table[name], *args)
 
-    inputs = [take(ins, TOKEN_INPUT, "token")] + [take(ins, s, "state", s) for s in STATE_NAMES]
+    token = (TOKENS_INPUT, "tokens") if signature == PREFILL_SIGNATURE else (TOKEN_INPUT, "token")
+    inputs = [take(ins, *token)] + [take(ins, s, "state", s) for s in STATE_NAMES]
     outputs = [take(outs, LOGITS_OUTPUT, "logits")] + [take(outs, state_output_name(s), "state", s) for s in STATE_NAMES]
     return inputs, outputs

@@ -89,20 +89,25 @@ if __name__ == "__main__":
 
     prompt_ids = encode(prompt)
     seq = next((g for g in MANIFEST["graphs"] if g["kind"] == "sequence" and g["variant"] == variant), None)
-    if seq is not None:  # the prompt graph: the whole prompt in chunks of at most max_chunk tokens
-        seq_model = OrtModel(read_model_bytes(ROOT, seq), seq)
+    if seq is not None:  # the prompt graph: the whole prompt in chunks of at most (fixed: exactly) max_chunk tokens
+        seq_data = data if seq["file"] == graph["file"] else read_model_bytes(ROOT, seq)
+        seq_model = TFLiteModel(seq_data, seq) if seq["format"] == "tflite" else OrtModel(seq_data, seq)
         tokens_in = next(i for i in seq["inputs"] if i["role"] == "tokens")
         seq_state_in = {i["state"]: i for i in seq["inputs"] if i["role"] == "state"}
         seq_state_out = {o["state"]: o for o in seq["outputs"] if o["role"] == "state"}
         seq_logits = next(o for o in seq["outputs"] if o["role"] == "logits")
-        for start in range(0, len(prompt_ids), seq["max_chunk"]):
-            chunk = prompt_ids[start:start + seq["max_chunk"]]
+        size = seq["max_chunk"]
+        whole = len(prompt_ids) // size * size if seq.get("fixed_chunk") else len(prompt_ids)
+        for start in range(0, whole, size):
+            chunk = prompt_ids[start:start + size]
             feeds = {tokens_in["name"]: np.array(chunk, dtype=DTYPES[tokens_in["dtype"]])}
             feeds.update({seq_state_in[s]["name"]: state[s] for s in state})
             out = seq_model.run(feeds)
             for s in state:
                 state[s] = out[seq_state_out[s]["name"]]
             logits = out[seq_logits["name"]][-1:]
+        for t in prompt_ids[whole:]:  # a fixed-chunk graph: the tail token by token
+            logits = step(t)
     else:
         for t in prompt_ids:
             logits = step(t)
