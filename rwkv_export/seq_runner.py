@@ -2,8 +2,8 @@
 
 Driven by the manifest alone: I/O names come from the graph entry's roles ("tokens", "logits", "state"), the chunk
 limit from its "max_chunk" (with "fixed_chunk": true, as in TFLite, every call takes exactly max_chunk tokens; see
-tf_runners.TFLiteSequenceRunner). State is the same dict (state name -> np.ndarray) as OnnxStepRunner's, so a prompt fed
-here continues token by token in the step graph.
+tf_runners.TFLiteSequenceRunner). State is the same dict (state name -> np.ndarray) as OnnxStepRunner's, so a prompt
+fed here continues token by token in the step graph.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ class OnnxSequenceRunner:
         self.manifest, self.graph = manifest, graph
         self.io = sequence_io(graph)
         if self.io["fixed_chunk"]:
-            raise ManifestError(f"graph {graph.get('file')}: a fixed-chunk sequence graph is not an ONNX one")
+            raise ManifestError(f"graph {graph.get('file')} takes exactly max_chunk tokens per call (fixed_chunk); "
+                                "OnnxSequenceRunner feeds chunks of any size up to max_chunk")
         if chunk is not None and not 1 <= chunk <= self.io["max_chunk"]:
             raise RwkvExportError(f"chunk must lie in [1, {self.io['max_chunk']}] (the graph's max_chunk), got {chunk}")
         self.chunk = chunk or self.io["max_chunk"]
