@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,7 +19,7 @@ from rwkv_export.manifest import MANIFEST_NAME, new_manifest, read_manifest, wri
 from rwkv_export.model import STATE_NAMES, RWKV4Step
 
 from ckpts import state_dict
-from test_sequence import SEQ_VS_STEP_TOL, STEP_DRIFT_PER_TOKEN, logits_err, random_tokens, rel_err, steps
+from test_sequence import check_prompt_against_steps
 
 SETUP_HINT = "install the TFLite extra: pip install -e '.[tflite]' (or bash tools/install_edge_extras.sh)"
 
@@ -185,30 +184,10 @@ def prompt_runners(exported):
 def test_prompt_graph_equals_step_graph(prompt_runners, ref, T, used_state):
     """The prompt runner (whole chunks of 16 through `prefill`, the tail through `step`) against T steps of the step
     graph and against runtime_ref in fp64, from a fresh and a used state. Below 16 tokens only the tail path runs;
-    16, 64 and 1000 (62 chunks + 8 steps) go through `prefill`. Tolerances as for the ONNX prompt graph
-    (test_sequence.py: same equations, another summation order; the step graph's state drifts per token), and the
-    TFLite fp32 gate against fp64."""
-    step_runner, seq_runner = prompt_runners
-    vocab = ref.vocab_size
-    state, ref_state = step_runner.new_state(), ref.new_state()
-    if used_state:
-        warmup = random_tokens(37, vocab, 11)
-        _, state = steps(step_runner, warmup, state)
-        _, ref_state = ref.forward_seq(warmup, ref_state)
-    before = {k: v.copy() for k, v in state.items()}
-    tokens = random_tokens(T, vocab, 100 + T)
-    step_logits, step_state = steps(step_runner, tokens, state)
-    logits, new_state = seq_runner.forward(tokens, state)
-    assert logits.shape == step_logits.shape == (1, vocab)
-    assert all(np.array_equal(before[k], state[k]) for k in state)
-    assert logits_err(logits, step_logits) <= SEQ_VS_STEP_TOL
-    state_tol = SEQ_VS_STEP_TOL + STEP_DRIFT_PER_TOKEN * (T + 37 * used_state)
-    for name in STATE_NAMES:
-        assert rel_err(new_state[name], step_state[name]) <= state_tol, name
-    ref_logits, ref_state = ref.forward_seq(tokens, ref_state)
-    assert logits_err(logits, ref_logits[None].numpy()) <= FP32_MAX_REL
-    for name in STATE_NAMES:
-        assert rel_err(new_state[name], ref_state[name].numpy()) <= FP32_MAX_REL, name
+    16, 64 and 1000 (62 chunks + 8 steps) go through `prefill`. The checks and tolerances of the ONNX prompt graph
+    (test_sequence.check_prompt_against_steps: same equations, another summation order; the step graph's state
+    drifts per token), and the TFLite fp32 gate against fp64."""
+    check_prompt_against_steps(*prompt_runners, ref, T, used_state, FP32_MAX_REL)
 
 
 def test_prompt_graph_is_used_for_whole_chunks(prompt_runners, monkeypatch):

@@ -97,6 +97,11 @@ def _quiet():
             os.environ["LITERT_TORCH_SHOW_PROGRESS"] = old
 
 
+def _named_outputs(logits, states) -> dict:
+    """A graph's outputs as the converter's dict (its keys become the signature's output names)."""
+    return {LOGITS_OUTPUT: logits, **{state_output_name(n): s for n, s in zip(STATE_NAMES, states)}}
+
+
 def _signature_wrapper(module):
     import torch
 
@@ -109,15 +114,14 @@ def _signature_wrapper(module):
 
         def forward(self, token, att_x, att_aa, att_bb, att_pp, ffn_x):
             logits, *states = self.step(token, att_x, att_aa, att_bb, att_pp, ffn_x)
-            out = {LOGITS_OUTPUT: logits}
-            out.update({state_output_name(n): s for n, s in zip(STATE_NAMES, states)})
-            return out
+            return _named_outputs(logits, states)
 
     return StepSignature(module).eval()
 
 
 def _prefill_wrapper(module, chunk: int):
-    """The prompt graph (RWKV4Sequence over `module`'s very parameters) under the same output names as `step`."""
+    """The prompt graph (RWKV4Sequence over `module`'s very parameters) under the same output names as `step`; only
+    the token input's name differs (`tokens`)."""
     import torch
 
     from ..seq_model import RWKV4Sequence
@@ -132,9 +136,7 @@ def _prefill_wrapper(module, chunk: int):
 
         def forward(self, tokens, att_x, att_aa, att_bb, att_pp, ffn_x):
             logits, *states = self.seq(tokens, att_x, att_aa, att_bb, att_pp, ffn_x)
-            out = {LOGITS_OUTPUT: logits}
-            out.update({state_output_name(n): s for n, s in zip(STATE_NAMES, states)})
-            return out
+            return _named_outputs(logits, states)
 
     return PrefillSignature(seq).eval()
 
