@@ -6,8 +6,9 @@ Prompt tokens/s at T = 64 and 512 (by default) for
   - the `rwkv` pip package's sequence mode, `model.forward(tokens, None)`, strategy "cpu fp32" (JIT and CUDA off),
 and with --tflite also the TFLite prompt graph (the .tflite's `prefill` signature, fixed chunks of 16, the tail through
 `step`) in the LiteRT interpreter, fp32 and int8, all in one run, printed as a table with ratios. A prompt is timed
-from a fresh state to the last token's logits. The rows are interleaved: --repeats rounds, each running every row once in a fresh Python process (one warm-up, then
-three timed runs per length; the step graph one); each cell gives the median and the best over all timed runs.
+from a fresh state to the last token's logits. The rows are interleaved: --repeats rounds, each running every row
+once in a fresh Python process (one warm-up, then three timed runs per length; the step graph one); each cell gives
+the median and the best over all timed runs.
 
     python benchmarks/bench_prefill.py [--workdir bench_out/prefill] [--lengths 64 512] [--threads 2] [--explore]
                                        [--tflite]
