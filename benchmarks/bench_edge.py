@@ -74,7 +74,7 @@ def main():
 
     build = f"""
 from rwkv_export.checkpoint import load_checkpoint
-from rwkv_export.model import RWKV4Step
+from rwkv_export.arch.rwkv4.step import RWKV4Step
 ck = load_checkpoint({str(ckpt)!r}); module = RWKV4Step(ck)
 out = __import__('pathlib').Path({str(out)!r})
 """
@@ -108,9 +108,11 @@ res = {{'s': time.perf_counter() - t0, 'entries': ents}}
     export_rows.append((f"TF.js {'+'.join(TFJS_VARIANTS)} (from the ONNX above)", r))
     graphs += r["entries"]
 
+    from rwkv_export import arch
+    from rwkv_export.arch.base import ModelDims
     from rwkv_export.manifest import new_manifest, write_manifest
 
-    manifest = new_manifest(dims=dims, source={"kind": "benchmark", "path": str(ckpt)}, tokenizer={"kind": "none"})
+    manifest = new_manifest(arch=arch.get("4"), dims=ModelDims.from_dict(dims), source={"kind": "benchmark", "path": str(ckpt)}, tokenizer={"kind": "none"})
     manifest["graphs"] = graphs
     write_manifest(out, manifest)
 

@@ -85,8 +85,8 @@ from pathlib import Path
 from rwkv_export.export import export_onnx
 from rwkv_export.checkpoint import load_checkpoint
 from rwkv_export.manifest import read_manifest, write_manifest
-from rwkv_export.model import RWKV4Step
-from rwkv_export.seq_model import DEFAULT_MAX_CHUNK
+from rwkv_export.arch.rwkv4.step import RWKV4Step
+from rwkv_export.arch.rwkv4.sequence import DEFAULT_MAX_CHUNK
 from rwkv_export.targets import onnx_seq
 out = Path({str(out)!r}); shutil.rmtree(out, ignore_errors=True)
 t0 = time.perf_counter()

@@ -229,7 +229,7 @@ def quality(work: Path, n_tokens: int | None) -> tuple[list, Path, dict]:
     from rwkv_export.quality import check_quality, evaluate_variant, format_quality
     from rwkv_export.errors import ParityToleranceError
     from rwkv_export.runners import OnnxStepRunner
-    from rwkv_export.train import EVAL_TEXT, MODEL_FILE
+    from rwkv_export.arch.rwkv4.train import EVAL_TEXT, MODEL_FILE
 
     exp = work / "tiny-pydoc"
     export_onnx(str(MODEL_FILE), exp, check=True, force=True)
@@ -284,7 +284,7 @@ def web(files, exp: Path, manifest: dict, n_tokens: int) -> None:
     import numpy as np
 
     from rwkv_export.runners import OnnxStepRunner
-    from rwkv_export.train import EVAL_TEXT
+    from rwkv_export.arch.rwkv4.train import EVAL_TEXT
 
     ort_web = ROOT / "web_demo" / "node_modules" / "onnxruntime-web" / "dist" / "ort.node.min.mjs"
     if not ort_web.exists():

@@ -177,6 +177,11 @@ the weights once. In step 2 of the loop, feed the prompt through it in chunks of
 """
     if tok["kind"] == "bytes":
         tok_text = "byte-level: token id = byte value (0–255); decode by concatenating the bytes as UTF-8."
+    elif tok["kind"] == "rwkv-world":
+        tok_text = (f"`{tok['file']}`, the RWKV World vocabulary ({tok.get('vocab_size', 65536)} ids): one token a line, "
+                    "`ID LITERAL LENGTH`, LITERAL a Python `str` (its UTF-8 bytes) or `bytes` literal of LENGTH bytes. "
+                    "Encode by greedy longest match over the text's UTF-8 bytes (a byte trie); decode by concatenating "
+                    "the tokens' bytes as UTF-8 (id 0 has none).")
     else:
         tok_text = (f"`{tok['file']}`, a Hugging Face `tokenizers` JSON (GPT-NeoX 20B BPE for Pile models). Use a "
                     "tokenizers binding for your platform, or any ByteLevel-BPE implementation that reads this file.")
@@ -238,13 +243,15 @@ probability is below {gen['min_p_ratio']} · p_max^{gen['min_p_power']}, then re
 
 
 def _sketches(runtime, g, tok_in, logits, state_io, sig):
-    names = [(i["name"], o["name"], t["shape"], t["init"]) for t, i, o in state_io]
-    n = names[0][2][0] * names[0][2][1]
+    import math
+
+    # (input, output, shape, init, element count) per state tensor: every shape comes from the manifest, any rank
+    names = [(i["name"], o["name"], t["shape"], t["init"], math.prod(t["shape"])) for t, i, o in state_io]
     if runtime == "ort-mobile":
-        init = "\n".join(f'    "{i}" to FloatArray({n}) {{ {_fmt(float(v))}f }},' for i, _, _, v in names)
-        feed = "\n".join(f'        "{i}" to OnnxTensor.createTensor(env, FloatBuffer.wrap(state.getValue("{i}")), longArrayOf({s[0]}, {s[1]})),'
-                         for i, _, s, _ in names)
-        back = "\n".join(f'    state["{i}"] = (out.get("{o}").get() as OnnxTensor).floatBuffer.array()' for i, o, _, _ in names)
+        init = "\n".join(f'    "{i}" to FloatArray({n}) {{ {_fmt(float(v))}f }},' for i, _, _, v, n in names)
+        feed = "\n".join(f'        "{i}" to OnnxTensor.createTensor(env, FloatBuffer.wrap(state.getValue("{i}")), '
+                         f'longArrayOf({", ".join(map(str, s))})),' for i, _, s, _, _ in names)
+        back = "\n".join(f'    state["{i}"] = (out.get("{o}").get() as OnnxTensor).floatBuffer.array()' for i, o, *_ in names)
         kotlin = f"""import ai.onnxruntime.*
 import java.nio.FloatBuffer
 import java.nio.LongBuffer
@@ -263,10 +270,11 @@ fun step(token: Long): FloatArray {{
 {back}
     return (out.get("{logits['name']}").get() as OnnxTensor).floatBuffer.array()
 }}"""
-        sw_init = "\n".join(f'    "{i}": [Float](repeating: {_fmt(float(v))}, count: {n}),' for i, _, _, v in names)
-        sw_feed = "\n".join(f'    inputs["{i}"] = try ORTValue(tensorData: NSMutableData(data: Data(bytes: state["{i}"]!, count: {n} * 4)), elementType: .float, shape: [{s[0]}, {s[1]}])'
-                            for i, _, s, _ in names)
-        sw_back = "\n".join(f'    state["{i}"] = try floats(out["{o}"]!)' for i, o, _, _ in names)
+        sw_init = "\n".join(f'    "{i}": [Float](repeating: {_fmt(float(v))}, count: {n}),' for i, _, _, v, n in names)
+        sw_feed = "\n".join(f'    inputs["{i}"] = try ORTValue(tensorData: NSMutableData(data: Data(bytes: state["{i}"]!, '
+                            f'count: {n} * 4)), elementType: .float, shape: [{", ".join(map(str, s))}])'
+                            for i, _, s, _, n in names)
+        sw_back = "\n".join(f'    state["{i}"] = try floats(out["{o}"]!)' for i, o, *_ in names)
         swift = f"""import onnxruntime_objc
 
 let env = try ORTEnv(loggingLevel: .warning)
@@ -282,15 +290,24 @@ func step(_ token: Int64) throws -> [Float] {{
     var inputs: [String: ORTValue] = [:]
     inputs["{tok_in['name']}"] = try ORTValue(tensorData: NSMutableData(data: withUnsafeBytes(of: token) {{ Data($0) }}), elementType: .int64, shape: [1])
 {sw_feed}
-    let out = try session.run(withInputs: inputs, outputNames: Set([{', '.join(f'"{o}"' for _, o, _, _ in names)}, "{logits['name']}"]), runOptions: nil)
+    let out = try session.run(withInputs: inputs, outputNames: Set([{', '.join(f'"{o}"' for _, o, *_ in names)}, "{logits['name']}"]), runOptions: nil)
 {sw_back}
     return try floats(out["{logits['name']}"]!)
 }}"""
         return kotlin, swift
     tok_type = "IntArray" if tok_in["dtype"] == "int32" else "LongArray"
-    init = "\n".join(f'    "{i}" to Array({s[0]}) {{ FloatArray({s[1]}) {{ {_fmt(float(v))}f }} }},' for i, _, s, v in names)
-    outs = "\n".join(f'    val {o}_buf = Array({s[0]}) {{ FloatArray({s[1]}) }}' for _, o, s, _ in names)
+    # states as direct native-order buffers of n floats (any rank: the interpreter reads the bytes in row-major order)
+    init = "\n".join(f'    "{i}" to floats({n}, {_fmt(float(v))}f),   // shape {s}' for i, _, s, v, n in names)
+    outs = "\n".join(f'    val {o}_buf = floats({n}, 0f)' for _, o, _, _, n in names)
     kotlin = f"""import org.tensorflow.lite.Interpreter
+import java.nio.ByteBuffer
+import java.nio.ByteOrder
+
+fun floats(n: Int, value: Float): ByteBuffer {{
+    val b = ByteBuffer.allocateDirect(n * 4).order(ByteOrder.nativeOrder())
+    repeat(n) {{ b.putFloat(value) }}
+    return b.rewind() as ByteBuffer
+}}
 
 val interpreter = Interpreter(modelBuffer)   // {g['file']}
 var state = mutableMapOf<String, Any>(
@@ -301,21 +318,21 @@ fun step(token: Int): FloatArray {{
     inputs["{tok_in['name']}"] = {tok_type.replace("Array", "")}Array(1) {{ token{".toLong()" if tok_type == "LongArray" else ""} }}
     val logits = Array(1) {{ FloatArray({logits['shape'][-1]}) }}
 {outs}
-    val outputs = mutableMapOf<String, Any>("{logits['name']}" to logits{''.join(f', "{o}" to {o}_buf' for _, o, _, _ in names)})
+    val outputs = mutableMapOf<String, Any>("{logits['name']}" to logits{''.join(f', "{o}" to {o}_buf' for _, o, *_ in names)})
     interpreter.runSignature(inputs, outputs, "{sig}")
-{chr(10).join(f'    state["{i}"] = {o}_buf' for i, o, _, _ in names)}
+{chr(10).join(f'    state["{i}"] = {o}_buf.rewind()' for i, o, *_ in names)}
     return logits[0]
 }}"""
     swift = f"""import TensorFlowLite
 
 let interpreter = try Interpreter(modelPath: modelPath)   // {g['file']}
 let runner = try interpreter.signatureRunner(with: "{sig}")
-var state: [String: Data] = [:]   // each: {names[0][2]} float32 filled with its initial value (manifest)
+var state: [String: Data] = [:]   // each state tensor: its manifest shape in float32, filled with its initial value
 func step(_ token: Int32) throws -> [Float] {{
     var inputs = state
     inputs["{tok_in['name']}"] = withUnsafeBytes(of: token) {{ Data($0) }}
     try runner.invoke(with: inputs)
-{chr(10).join(f'    state["{i}"] = try runner.output(named: "{o}").data' for i, o, _, _ in names)}
+{chr(10).join(f'    state["{i}"] = try runner.output(named: "{o}").data' for i, o, *_ in names)}
     let logits = try runner.output(named: "{logits['name']}").data
     return logits.withUnsafeBytes {{ Array($0.bindMemory(to: Float.self)) }}
 }}"""

@@ -54,10 +54,9 @@ def _close(runner) -> None:
 def eval_token_ids(root: Path, manifest: dict, max_tokens: int | None = None) -> list[int]:
     """The quality eval text, encoded with the folder's own tokenizer."""
     from .quality import DEFAULT_EVAL_TOKENS, eval_tokens
-    from .tokenizer import TokenizerSpec, load_tokenizer
+    from .tokenizer import load_tokenizer, spec_from_manifest
 
-    t = manifest["tokenizer"]
-    spec = TokenizerSpec("bytes") if t["kind"] == "bytes" else TokenizerSpec("hf-tokenizers", Path(root) / t["file"])
+    spec = spec_from_manifest(root, manifest["tokenizer"])
     return eval_tokens(load_tokenizer(spec).encode, max_tokens or DEFAULT_EVAL_TOKENS)
 
 
@@ -66,12 +65,11 @@ def check_graphs(root: Path, manifest: dict, ckpt, *, progress: Progress = QUIET
     """Check each graph against the reference built from `ckpt`; store each report in its manifest entry ("parity",
     and "quality" for variants other than fp32). Returns the reports (parity, then quality, per graph)."""
     import torch
-    from runtime_ref import RWKV4
 
     from .quality import evaluate_variant, judge_quality
     from .runners import ReferenceRunner
 
-    ref = RWKV4(ckpt.tensors, dtype=torch.float64)
+    ref = ckpt.arch.reference(ckpt.tensors, torch.float64)
     baseline = None  # the fp32 reference the quality gate measures variants against (built when first needed)
     ids = None
     reports = []
@@ -132,11 +130,13 @@ def check_folder(root: str | Path, checkpoint: str | None = None, *, progress: P
     manifest = read_manifest(root)
     src = source_from_manifest(manifest["model"]["source"], checkpoint)
     ckpt = src.load(progress)
-    exported = {k: manifest["model"][k] for k in ("n_layer", "n_embd", "ffn_dim", "vocab_size")}
-    if ckpt.dims.as_dict() != exported:
+    dims = ckpt.dims.as_dict()
+    exported = {k: manifest["model"].get(k) for k in dims}
+    if str(manifest["model"].get("rwkv_version")) != ckpt.arch.version or dims != exported:
         from .errors import ParityShapeError
 
-        raise ParityShapeError(f"checkpoint dims {ckpt.dims.as_dict()} differ from the exported model's {exported}")
+        raise ParityShapeError(f"the checkpoint ({ckpt.arch.title}, {dims}) is not the exported model "
+                               f"(RWKV-{manifest['model'].get('rwkv_version')}, {exported})")
     reports = check_graphs(root, manifest, ckpt, progress=progress, raise_on_fail=False)
     if update_manifest:
         write_manifest(root, manifest)

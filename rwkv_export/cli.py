@@ -246,7 +246,7 @@ def builtins():
     """List the built-in models (made on the spot, no download)."""
     from .sources import BUILTINS
 
-    for name, (_, _, desc) in BUILTINS.items():
+    for name, (_, _, _, desc) in BUILTINS.items():
         typer.echo(f"builtin:{name:16s} {desc}")
 
 

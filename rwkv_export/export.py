@@ -69,11 +69,10 @@ def load_source(source: str, tokenizer: str | None, progress: Progress = QUIET):
 
 def _new_folder_manifest(root: Path, src: Source, ckpt, tok) -> dict:
     """Copy the tokenizer file (if the model uses one) into `root` and start the folder's manifest."""
-    tok_file = None
-    if tok.kind == "hf-tokenizers":
-        tok_file = "tokenizer.json"
+    tok_file = tok.folder_file  # tokenizer.json, rwkv_vocab_v20230424.txt, or None (bytes)
+    if tok_file:
         shutil.copyfile(tok.path, root / tok_file)
-    return new_manifest(dims=ckpt.dims.as_dict(), source=src.manifest_entry(ckpt),
+    return new_manifest(arch=ckpt.arch, dims=ckpt.dims, source=src.manifest_entry(ckpt),
                         tokenizer=tok.manifest_entry(tok_file))
 
 
@@ -99,14 +98,12 @@ def _make_variant(variant: str, root: Path, ckpt, options: QuantOptions, opset: 
 
     file = VARIANT_FILES[variant]
     if variant == "fp16":
-        from .model import RWKV4Step, StepOptions
         from .targets import onnx_seq
 
-        opts = StepOptions.for_variant("fp16")
-        info = {"method": "fp16", "rescale_every": opts.rescale_every, "state_dtype": "float32"}
-        module = RWKV4Step(ckpt, opts)
-        with progress.stage(f"exporting {file} (fp16 weights and activations, fp32 state, rescale every "
-                            f"{opts.rescale_every} layers)"):
+        info = ckpt.arch.fp16_info()
+        module = ckpt.arch.step_module(ckpt, "fp16")
+        rescale = f", rescale every {info['rescale_every']} layers" if info.get("rescale_every") else ""
+        with progress.stage(f"exporting {file} (fp16 weights and activations, fp32 state{rescale})"):
             files = onnx_target.export_step(module, root / file, opset)
         if not prefill:
             return [_graph_entry(root, file, variant, files, info)]
@@ -175,7 +172,6 @@ def export_onnx(
     external_data: bool | None = None,
     progress: Progress = QUIET,
 ) -> ExportResult:
-    from .model import RWKV4Step
     from .targets import onnx as onnx_target
 
     out = Path(out)
@@ -183,8 +179,8 @@ def export_onnx(
     check_output_dir(out, force)  # fail before the slow part
     src, ckpt, tok = load_source(source, tokenizer, progress)
     with staged_output_dir(out, force) as tmp:
-        with progress.stage("building the step graph"):
-            module = RWKV4Step(ckpt)
+        with progress.stage(f"building the {ckpt.arch.title} step graph"):
+            module = ckpt.arch.step_module(ckpt)
         with progress.stage(f"exporting {STEP_FILE} (torch.onnx dynamo, opset {opset})"):
             files = onnx_target.export_step(module, tmp / STEP_FILE, opset, external_data)
         seq_entry = _export_prefill(module, tmp, opset, external_data, progress) if prefill else None
@@ -265,11 +261,9 @@ def build_target(target: str, root: Path, src: Source, ckpt, tok, *, quant: list
     """Write the TFLite or TF.js files of `ckpt` (fp32 plus `quant` variants), the tokenizer and their checks into
     the existing folder `root`; return (manifest, reports). The manifest is not written (the caller does). prefill:
     TFLite files also get the prompt graph (`prefill` signature, fixed chunks); TF.js has none."""
-    from .model import RWKV4Step
-
     variants = ["fp32", *[v for v in quant if v != "fp32"]]
-    with progress.stage("building the step graph"):
-        module = RWKV4Step(ckpt)
+    with progress.stage(f"building the {ckpt.arch.title} step graph"):
+        module = ckpt.arch.step_module(ckpt)
     if target == "tflite":
         from .targets import tflite
 

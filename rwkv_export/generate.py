@@ -31,7 +31,7 @@ def open_model(target: str, *, variant: str | None = None, tokenizer: str | None
 
     When the folder has a prompt (sequence) graph of the chosen variant, the runner gets it as `runner.prompt`
     (OnnxSequenceRunner: `forward(tokens, state)`), and generate() feeds prompts through it in chunks."""
-    from .tokenizer import TokenizerSpec, load_tokenizer, resolve_tokenizer
+    from .tokenizer import load_tokenizer, resolve_tokenizer, spec_from_manifest
 
     p = Path(target)
     if p.is_dir():
@@ -50,11 +50,10 @@ def open_model(target: str, *, variant: str | None = None, tokenizer: str | None
             from .seq_runner import OnnxSequenceRunner
 
             runner.prompt = OnnxSequenceRunner(p, manifest, seq[0])
-        t = manifest["tokenizer"]
         if tokenizer is not None:
             spec = resolve_tokenizer(manifest["model"]["vocab_size"], tokenizer)
         else:
-            spec = TokenizerSpec("bytes") if t["kind"] == "bytes" else TokenizerSpec("hf-tokenizers", p / t["file"])
+            spec = spec_from_manifest(p, manifest["tokenizer"])
         return runner, load_tokenizer(spec)
     from .runners import ReferenceRunner
     from .sources import Source

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ManifestError
-from .state import STATE_DOCS, STATE_INIT, STATE_NAMES
 from .tokenizer import sha256_file
 
 MANIFEST_NAME = "manifest.json"
@@ -21,14 +20,9 @@ FORMAT_VERSION = 1
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 0.85, "min_p_ratio": 0.02, "min_p_power": 2.0}
 
 
-def state_section(n_layer: int, n_embd: int) -> dict:
-    return {
-        "layout": "five tensors of [n_layer, n_embd]; row i belongs to layer i",
-        "tensors": [
-            {"name": n, "shape": [n_layer, n_embd], "dtype": "float32", "init": STATE_INIT[n], "doc": STATE_DOCS[n]}
-            for n in STATE_NAMES
-        ],
-    }
+def state_section(arch, dims) -> dict:
+    """The manifest's state section: the architecture's typed state spec (arch.base.StateTensor), in graph order."""
+    return {"layout": arch.state_layout, "tensors": [t.manifest_entry() for t in arch.state(dims)]}
 
 
 _NUMBER_LIST = re.compile(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]")
@@ -45,13 +39,14 @@ def file_entry(root: Path, rel: str) -> dict:
     return {"file": rel, "size": p.stat().st_size, "sha256": sha256_file(p)}
 
 
-def new_manifest(*, dims: dict, source: dict, tokenizer: dict, generation: dict | None = None) -> dict:
+def new_manifest(*, arch, dims, source: dict, tokenizer: dict, generation: dict | None = None) -> dict:
+    """A folder's manifest before its graphs are added. arch: the checkpoint's Architecture; dims: its ModelDims."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "producer": {"name": "rwkv-export", "version": __version__},
-        "model": {"architecture": "rwkv", "rwkv_version": "4", **dims, "source": source},
-        "state": state_section(dims["n_layer"], dims["n_embd"]),
+        "model": {"architecture": "rwkv", "rwkv_version": arch.version, **dims.as_dict(), "source": source},
+        "state": state_section(arch, dims),
         "tokenizer": tokenizer,
         "generation": {**SAMPLING_DEFAULTS, **(generation or {})},
         "graphs": [],

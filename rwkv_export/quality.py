@@ -33,7 +33,7 @@ PPL_GATES: dict[str, float] = {
     # issue's budget, the usual ceiling for a usable 4-bit model (small models lose more to 4 bits than large ones).
     "int4": 0.05,
 }
-EVAL_TEXT = Path(__file__).parent / "data" / "tiny-pydoc-eval.txt"  # held-out English/Python prose (rwkv_export.train)
+EVAL_TEXT = Path(__file__).parent / "data" / "tiny-pydoc-eval.txt"  # held-out English/Python prose (arch/rwkv4/train.py)
 # Tokens of eval text per check: the paired perplexity delta is within ~1% (int4) at 1,500 tokens and ~0.3% at 24,000
 # on tiny-pydoc; 2,000 keeps a 169M check to about a minute on two cores (fp32 ~36 tok/s + the variant).
 DEFAULT_EVAL_TOKENS = 2000

@@ -79,9 +79,8 @@ class ReferenceRunner:
 
     def __init__(self, ckpt, dtype: str = "float32"):
         import torch
-        from runtime_ref import RWKV4
 
-        self.model = RWKV4(ckpt.tensors, dtype=getattr(torch, dtype))
+        self.model = ckpt.arch.reference(ckpt.tensors, getattr(torch, dtype))
 
     def new_state(self) -> dict:
         return self.model.new_state()

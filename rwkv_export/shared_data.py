@@ -1,6 +1,6 @@
 """One external-data file for a variant's step graph and prompt graph.
 
-The prompt graph is built from the step graph's very parameters (seq_model.RWKV4Sequence), and quantization is
+The prompt graph is built from the step graph's very parameters (the architecture's sequence module), and quantization is
 deterministic, so the two .onnx files of a variant hold the same weight tensors, byte for byte. Stored inside each
 file, a full 169M export carried every weight twice (2.8 GB), and the web demo downloaded both copies (int8: 343 MB
 instead of 171). `share_weights` moves every initializer of at least SHARED_MIN_BYTES into one data file, each

@@ -16,13 +16,17 @@ from .tokenizer import sha256_file
 
 BUILTIN_PREFIX = "builtin:"
 DATA_DIR = Path(__file__).parent / "data"
-# name -> (synthetic preset or a bundled checkpoint file under data/, seed, description)
-BUILTINS: dict[str, tuple[str, int, str]] = {
-    "tiny-pydoc": ("tiny-pydoc.safetensors", 0, "4 layers, C=128, bytes; TRAINED on CPython's docstrings (bf16, "
-                   "1.9 MB, ships with the package): it writes Python-doc-like text"),
-    "tiny": ("tiny", 0, "2 layers, C=64, byte-level vocab 256, seeded synthetic weights (bf16)"),
-    "tiny-ffn": ("tiny-ffn", 0, "3 layers, C=48, ffn 160 (not 4*C), vocab 300, synthetic (bf16)"),
-    "169m-synthetic": ("169m", 0, "the exact RWKV-4-Pile-169M shapes (12 x 768, vocab 50277), synthetic (bf16)"),
+# name -> (RWKV version, a synthetic preset of that version or a bundled checkpoint file under data/, seed,
+# description)
+BUILTINS: dict[str, tuple[str, str, int, str]] = {
+    "tiny-pydoc": ("4", "tiny-pydoc.safetensors", 0, "RWKV-4, 4 layers, C=128, bytes; TRAINED on CPython's "
+                   "docstrings (bf16, 1.9 MB, ships with the package): it writes Python-doc-like text"),
+    "tiny": ("4", "tiny", 0, "RWKV-4, 2 layers, C=64, byte-level vocab 256, seeded synthetic weights (bf16)"),
+    "tiny-ffn": ("4", "tiny-ffn", 0, "RWKV-4, 3 layers, C=48, ffn 160 (not 4*C), vocab 300, synthetic (bf16)"),
+    "169m-synthetic": ("4", "169m", 0, "the exact RWKV-4-Pile-169M shapes (12 x 768, vocab 50277), synthetic (bf16)"),
+    "v7-tiny": ("7", "tiny", 0, "RWKV-7, 2 layers, C=128 (2 heads of 64), byte-level vocab 256, synthetic (bf16)"),
+    "v7-0.1b-synthetic": ("7", "0.1b", 0, "the exact RWKV-7 G1 0.1B shapes (12 x 768, head 64, vocab 65536, World "
+                          "tokenizer), synthetic (bf16)"),
 }
 
 
@@ -39,14 +43,14 @@ class Source:
         if name is not None:
             if name not in BUILTINS:
                 raise CheckpointError(f"unknown built-in model '{name}'; choose from: {', '.join(BUILTINS)}")
-            from .synthetic import PRESETS, make_state_dict
+            from .synthetic import make_state_dict
 
-            preset, seed, _ = BUILTINS[name]
+            version, preset, seed, _ = BUILTINS[name]
             if preset.endswith(".safetensors"):
                 with progress.stage(f"loading built-in model '{name}'"):
                     return load_checkpoint(DATA_DIR / preset, progress=progress)
             with progress.stage(f"making built-in model '{name}'"):
-                sd = make_state_dict(PRESETS[preset], seed)
+                sd = make_state_dict(version, preset, seed)
             return from_state_dict(sd, progress=progress)
         with progress.stage(f"loading {self.spec}"):
             return load_checkpoint(self.spec, progress=progress)

@@ -1,4 +1,5 @@
-"""Tokenizers: the GPT-NeoX 20B tokenizer (bundled, no network) for Pile models, raw bytes for byte-level models."""
+"""Tokenizers: the GPT-NeoX 20B tokenizer (bundled, no network) for Pile models, the RWKV World vocabulary (bundled) for
+World models (RWKV-5/6/7, vocab 65536), raw bytes for byte-level models."""
 
 from __future__ import annotations
 
@@ -15,17 +16,48 @@ NEOX_FILE = DATA_DIR / "20B_tokenizer.json"
 NEOX_SHA256 = "56ac4821e129d2c520fdaba60abd920fa852ada51b45c0dd52bbb6bd8c985ade"
 NEOX_MODEL_VOCAB = 50277  # the model's (padded) vocab; the tokenizer itself has 50277 ids incl. added tokens
 BYTE_VOCAB = 256
+# The RWKV World vocabulary of the RWKV-5/6/7 World models, as shipped in the `rwkv` 0.8.32 wheel
+# (rwkv/rwkv_vocab_v20230424.txt, Apache-2.0; see data/README.md); checked by sha256 like the NeoX file.
+WORLD_FILE = DATA_DIR / "rwkv_vocab_v20230424.txt"
+WORLD_SHA256 = "8324476023347dec2964625ccb2075c864d250a9c6d9a74f36daba628de8c008"  # as shipped: CRLF line ends
+# the same file with LF line ends (what a checkout that normalizes line endings holds); accepted as well
+WORLD_SHA256_LF = "e6dee3d4e31b4d5c40ac99508ac6c701ceef4bed681bf2167ce9a908552bca89"
+WORLD_MODEL_VOCAB = 65536
+WORLD_DOC = ("RWKV World vocabulary: one token a line, 'ID LITERAL LENGTH' (LITERAL a Python str or bytes literal; "
+             "a str stands for its UTF-8 bytes); encode = greedy longest match over the text's UTF-8 bytes; decode = "
+             "the tokens' bytes concatenated, as UTF-8; id 0 = end-of-text (no bytes)")
+FOLDER_FILES = {"hf-tokenizers": "tokenizer.json", "rwkv-world": WORLD_FILE.name}  # the file's name in an export
 
 
 @dataclass(frozen=True)
 class TokenizerSpec:
-    kind: str  # "hf-tokenizers" or "bytes"
-    path: Path | None = None  # the tokenizer.json for hf-tokenizers
+    kind: str  # "hf-tokenizers", "rwkv-world" or "bytes"
+    path: Path | None = None  # the tokenizer.json for hf-tokenizers, the vocab .txt for rwkv-world
+
+    @property
+    def folder_file(self) -> str | None:
+        """The name the tokenizer's file gets in an export folder (None: the kind has no file)."""
+        return FOLDER_FILES.get(self.kind)
 
     def manifest_entry(self, file_name: str | None) -> dict:
         if self.kind == "bytes":
             return {"kind": "bytes", "vocab_size": BYTE_VOCAB, "doc": "token id = byte value; decode the bytes as UTF-8"}
+        if self.kind == "rwkv-world":
+            return {"kind": "rwkv-world", "file": file_name, "vocab_size": WORLD_MODEL_VOCAB, "doc": WORLD_DOC}
         return {"kind": "hf-tokenizers", "file": file_name}
+
+
+def spec_from_manifest(root: str | Path, entry: dict) -> TokenizerSpec:
+    """The TokenizerSpec of an export folder's manifest `tokenizer` entry, its file inside `root`."""
+    kind = entry.get("kind") if isinstance(entry, dict) else None
+    if kind == "bytes":
+        return TokenizerSpec("bytes")
+    if kind not in FOLDER_FILES:
+        raise TokenizerError(f"unknown tokenizer kind {kind!r} in the manifest of {root}")
+    name = entry.get("file")
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise TokenizerError(f"the manifest of {root} names no usable {kind} tokenizer file ({name!r})")
+    return TokenizerSpec(kind, Path(root) / name)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -37,16 +69,26 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def resolve_tokenizer(vocab_size: int, override: str | Path | None = None) -> TokenizerSpec:
-    """Pick the tokenizer for a model: an explicit file, else the bundled one that fits the vocab size."""
+    """Pick the tokenizer for a model: an explicit one ('bytes', 'rwkv-world', a tokenizer.json, an RWKV World vocab
+    .txt), else the bundled one that fits the vocab size. A tokenizer with more ids than the model's vocab is
+    refused."""
     if override is not None:
         p = Path(override)
         if str(override) == "bytes":
             spec = TokenizerSpec("bytes")
+        elif str(override) == "rwkv-world":
+            spec = TokenizerSpec("rwkv-world", WORLD_FILE)
         elif not p.is_file():
             raise TokenizerError(f"tokenizer file not found: {p}")
+        elif p.suffix == ".txt":
+            spec = TokenizerSpec("rwkv-world", p)
         else:
             spec = TokenizerSpec("hf-tokenizers", p)
-        n = load_tokenizer(spec).vocab_size
+        if spec.kind == "rwkv-world":  # a fixed vocabulary: its file checked, its size known without parsing it
+            _check_world_file(spec.path)
+            n = WORLD_MODEL_VOCAB
+        else:
+            n = load_tokenizer(spec).vocab_size
         if n > vocab_size:
             raise TokenizerError(f"tokenizer has {n} ids but the model's vocab is {vocab_size}")
         return spec
@@ -56,9 +98,26 @@ def resolve_tokenizer(vocab_size: int, override: str | Path | None = None) -> To
         if sha256_file(NEOX_FILE) != NEOX_SHA256:
             raise TokenizerError(f"bundled tokenizer {NEOX_FILE} is damaged (sha256 mismatch); reinstall rwkv-export")
         return TokenizerSpec("hf-tokenizers", NEOX_FILE)
+    if vocab_size == WORLD_MODEL_VOCAB:
+        _check_world_file(WORLD_FILE)
+        return TokenizerSpec("rwkv-world", WORLD_FILE)
     raise TokenizerError(
-        f"no bundled tokenizer fits vocab size {vocab_size}; pass --tokenizer PATH/TO/tokenizer.json (or 'bytes')"
+        f"no bundled tokenizer fits vocab size {vocab_size}; pass --tokenizer PATH/TO/tokenizer.json "
+        "(or 'bytes', or 'rwkv-world')"
     )
+
+
+def _check_world_file(path: Path) -> bytes:
+    """The vocab file's bytes, refused (one-line TokenizerError) unless they are exactly rwkv_vocab_v20230424.txt
+    (with CRLF line ends as shipped, or LF)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise TokenizerError(f"cannot read the RWKV World vocabulary {path}: {e.strerror or e}") from None
+    if hashlib.sha256(data).hexdigest() not in (WORLD_SHA256, WORLD_SHA256_LF):
+        raise TokenizerError(f"{path} is damaged: not the RWKV World vocabulary {WORLD_FILE.name} (sha256 mismatch); "
+                             "reinstall rwkv-export, or export the folder again")
+    return data
 
 
 class ByteTokenizer:
@@ -93,8 +152,19 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids])
 
 
+def load_world_tokenizer(path: Path):
+    from .world_tokenizer import WorldTokenizer
+
+    data = _check_world_file(path)
+    return WorldTokenizer.from_text(data.decode("utf-8"), where=str(path))
+
+
 def load_tokenizer(spec: TokenizerSpec):
-    return ByteTokenizer() if spec.kind == "bytes" else HFTokenizer(spec.path)
+    if spec.kind == "bytes":
+        return ByteTokenizer()
+    if spec.kind == "rwkv-world":
+        return load_world_tokenizer(spec.path)
+    return HFTokenizer(spec.path)
 
 
 class StreamDecoder:

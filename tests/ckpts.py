@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from rwkv_export.synthetic import PRESETS, make_state_dict, save_checkpoint
+from rwkv_export.synthetic import save_checkpoint
+from rwkv_export.arch.rwkv4.synthetic import PRESETS, make_state_dict
 
 
 def state_dict(preset: str = "tiny", seed: int = 0, dtype: str | None = None) -> dict:

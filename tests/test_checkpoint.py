@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from rwkv_export.checkpoint import load_checkpoint, v4_expected_shapes
+from rwkv_export.arch.rwkv4.mapping import expected_shapes as v4_expected_shapes
+from rwkv_export.checkpoint import load_checkpoint
 from rwkv_export.errors import CheckpointError, UnsupportedVersionError
 
 from ckpts import state_dict, v5_style, write
@@ -39,22 +40,33 @@ def test_key_table_matches_169m_release_layout():
     assert shapes["blocks.0.att.time_mix_k"] == (1, 1, 768)
 
 
-@pytest.mark.parametrize(
-    "version,marker",
-    [("5", "att.ln_x.weight"), ("5.2", "att.gate.weight"), ("6", "att.time_maa_x"), ("7", "att.k_k")],
-)
-def test_newer_versions_are_recognised_and_refused(tmp_path, version, marker):
+@pytest.mark.parametrize("title,marker", [("RWKV-6", "att.time_maa_x"), ("RWKV-7", "att.k_k"),
+                                          ("RWKV-5.2", "att.time_faaaa")])
+def test_another_versions_key_in_a_v4_file_is_named(tmp_path, title, marker):
+    """Mixed-version keys: the file is RWKV-4 by its markers, and the foreign key is named with its version."""
     sd = dict(state_dict("tiny"))
-    sd["blocks.0." + marker] = torch.zeros(64)
-    if version == "5.2":
-        sd["blocks.0.att.ln_x.weight"] = torch.zeros(64)  # v5.2 has both; the table must say 5.2
-    with pytest.raises(UnsupportedVersionError, match=f"RWKV-{version} checkpoint"):
+    sd["blocks.1." + marker] = torch.zeros(64)
+    with pytest.raises(CheckpointError, match=rf"unexpected tensor 'blocks.1.{marker}'.*a key of {title}"):
         load_checkpoint(write(tmp_path / "m.pth", sd))
 
 
-def test_v5_helper_is_detected_as_v5(tmp_path):
-    with pytest.raises(UnsupportedVersionError, match="RWKV-5 "):
-        load_checkpoint(write(tmp_path / "m.pth", v5_style(state_dict("tiny"))))
+@pytest.mark.parametrize("marker", ["att.ln_x.weight", "att.gate.weight"])
+def test_v5_0_and_5_1_are_refused_by_name(tmp_path, marker):
+    """time_first with a GroupNorm (ln_x) is RWKV-5.0/5.1 (5.1 adds the gate); only 5.2 of the v5 family is ours."""
+    sd = v5_style(state_dict("tiny"))
+    if marker != "att.ln_x.weight":
+        sd["blocks.0." + marker] = torch.zeros(64, 64)
+    with pytest.raises(UnsupportedVersionError, match=r"RWKV-5\.0/5\.1"):
+        load_checkpoint(write(tmp_path / "m.pth", sd))
+
+
+@pytest.mark.parametrize("key,what", [("blocks.0.ffn.enn.weight", "RWKV-8"), ("blocks.3.ffn.s_emb.weight", "DeepEmbed"),
+                                      ("blocks.0.ffn.s0", "DeepEmbed")])
+def test_rwkv8_and_deepembed_are_refused_by_name(tmp_path, key, what):
+    sd = dict(state_dict("tiny"))
+    sd[key] = torch.zeros(4)
+    with pytest.raises(UnsupportedVersionError, match=rf"{what}.*'{key}'"):
+        load_checkpoint(write(tmp_path / "m.pth", sd))
 
 
 def test_non_float_tensor_is_named(tmp_path):

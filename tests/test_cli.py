@@ -215,7 +215,7 @@ def test_bad_wrong_shape(tmp_path):
 
 def test_bad_v5_checkpoint(tmp_path):
     p = _bad(tmp_path, "m.pth", v5_style(state_dict("tiny")))
-    assert_clean_failure(run("onnx", p, "-o", tmp_path / "out"), tmp_path / "out", "RWKV-5 checkpoint")
+    assert_clean_failure(run("onnx", p, "-o", tmp_path / "out"), tmp_path / "out", "RWKV-5.0/5.1 checkpoint")
 
 
 def test_bad_nan_weight(tmp_path):

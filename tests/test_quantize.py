@@ -15,7 +15,7 @@ from rwkv_export.quality import PPL_GATES, EvalTextError, QualityGateError, chec
 from rwkv_export.quantize import DEFAULT_INT4_BLOCK_SIZE, QuantizeError, quantize_int4, quantize_int8, weight_summary
 from rwkv_export.runners import OnnxStepRunner
 from rwkv_export.shared_data import onnx_bytes
-from rwkv_export.train import EVAL_TEXT, MODEL_FILE
+from rwkv_export.arch.rwkv4.train import EVAL_TEXT, MODEL_FILE
 
 EVAL_BYTES = 1500  # eval text per quality check: the paired ppl delta is stable to ~0.1% at this length (measured)
 # File size against the size predicted from the fp32 file's weight shapes: protobuf node/attribute overhead and the

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from runtime_ref import PP_INIT, STATE_KEYS, RWKV4, sample_logits, sampling_probs
-from rwkv_export.synthetic import PRESETS, make_checkpoint, make_state_dict
+from rwkv_export.synthetic import make_checkpoint
+from rwkv_export.arch.rwkv4.synthetic import PRESETS, make_state_dict
 
 SEED = 1
 PRESETS_UNDER_TEST = ("tiny", "tiny-ffn")  # tiny-ffn has F != 4C

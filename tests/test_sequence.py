@@ -16,12 +16,12 @@ import torch
 from rwkv_export.checkpoint import from_state_dict
 from rwkv_export.errors import ManifestError, RwkvExportError
 from rwkv_export.manifest import new_manifest
-from rwkv_export.model import STATE_NAMES, RWKV4Step, StepOptions
+from rwkv_export.arch.rwkv4.step import STATE_NAMES, RWKV4Step, StepOptions
 from rwkv_export.parity import tolerance_for
 from rwkv_export.runners import OnnxStepRunner
-from rwkv_export.seq_model import DEFAULT_MAX_CHUNK, RWKV4Sequence, wkv_scan
+from rwkv_export.arch.rwkv4.sequence import DEFAULT_MAX_CHUNK, RWKV4Sequence, wkv_scan
 from rwkv_export.seq_runner import OnnxSequenceRunner, chunk_sizes
-from rwkv_export.synthetic import PRESETS, make_state_dict
+from rwkv_export.arch.rwkv4.synthetic import PRESETS, make_state_dict
 from rwkv_export.targets import onnx as onnx_target
 from rwkv_export.targets import onnx_seq
 
@@ -92,8 +92,7 @@ def exported(tmp_path_factory, sd, step):
     root = tmp_path_factory.mktemp("seq")
     onnx_target.export_step(step, root / "model.onnx")
     files = onnx_seq.export_sequence(step, root / "prefill.onnx")
-    dims = step.dims.as_dict()
-    manifest = new_manifest(dims=dims, source={}, tokenizer={})
+    manifest = new_manifest(arch=step.arch, dims=step.dims, source={}, tokenizer={})
     inputs, outputs, opset = onnx_target.io_spec(root / "model.onnx")
     manifest["graphs"].append({"name": "step", "kind": "step", "format": "onnx", "variant": "fp32",
                                "file": "model.onnx", "data_files": [], "opset": opset,

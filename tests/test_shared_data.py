@@ -69,7 +69,7 @@ def test_export_folder_shares_one_data_file_per_variant(tmp_path):
     """An export with the prompt graph: each variant's two graphs list the same single data file, which holds the
     step graph's weights once (the prompt graph adds no copy), and the manifest lists it once."""
     from rwkv_export.export import export_onnx
-    from rwkv_export.seq_model import BLOCK_STEPS
+    from rwkv_export.arch.rwkv4.sequence import BLOCK_STEPS
 
     out = tmp_path / "out"
     export_onnx("builtin:tiny", out, quant=["int8"], check=False)

@@ -18,7 +18,7 @@ from rwkv_export import parity
 from rwkv_export.checkpoint import from_state_dict
 from rwkv_export.errors import RwkvExportError
 from rwkv_export.manifest import new_manifest, read_manifest, write_manifest
-from rwkv_export.model import STATE_NAMES, RWKV4Step
+from rwkv_export.arch.rwkv4.step import STATE_NAMES, RWKV4Step
 from rwkv_export.tf_runners import NODE_DIR, TFJSStepRunner, quality
 
 from ckpts import state_dict
@@ -63,7 +63,7 @@ def exported(tmp_path_factory, ckpt):
 
     out = tmp_path_factory.mktemp("tfjs")
     entries = export_tfjs(RWKV4Step(ckpt), out, VARIANTS, shard_bytes=TEST_SHARD_BYTES)
-    manifest = new_manifest(dims=ckpt.dims.as_dict(), source={"kind": "test"}, tokenizer={"kind": "bytes"})
+    manifest = new_manifest(arch=ckpt.arch, dims=ckpt.dims, source={"kind": "test"}, tokenizer={"kind": "bytes"})
     manifest["graphs"] = entries
     write_manifest(out, manifest)
     return out, read_manifest(out)

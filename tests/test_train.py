@@ -7,7 +7,7 @@ import torch
 
 from runtime_ref import RWKV4
 from rwkv_export.checkpoint import load_checkpoint
-from rwkv_export.train import (
+from rwkv_export.arch.rwkv4.train import (
     EVAL_TEXT,
     MODEL_FILE,
     TRAIN_TEXT,

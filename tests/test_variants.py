@@ -13,7 +13,7 @@ from rwkv_export.checkpoint import from_state_dict
 from rwkv_export.shared_data import onnx_bytes
 from rwkv_export.cli import app
 from rwkv_export.manifest import MANIFEST_NAME
-from rwkv_export.model import STATE_NAMES, RWKV4Step, StepOptions
+from rwkv_export.arch.rwkv4.step import STATE_NAMES, RWKV4Step, StepOptions
 
 from ckpts import state_dict, write
 

@@ -110,7 +110,8 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def neox(tmp_path_factory) -> tuple[Path, Path]:
-    from rwkv_export.synthetic import SyntheticConfig, make_state_dict, save_checkpoint
+    from rwkv_export.synthetic import save_checkpoint
+    from rwkv_export.arch.rwkv4.synthetic import SyntheticConfig, make_state_dict
 
     d = tmp_path_factory.mktemp("web_neox")
     ckpt = save_checkpoint(make_state_dict(SyntheticConfig(**NEOX_TINY), seed=1), d / "neox_tiny.pth")

@@ -92,6 +92,12 @@ async function loadTokenizerFor(manifest) {
     }
     return loadTokenizer({ kind: 'hf-tokenizers', json });
   }
+  if (t.kind === 'rwkv-world') {
+    const url = new URL(t.file, modelBase).href;
+    const res = await fetch(url, { cache: 'no-cache' });
+    if (!res.ok) throw new Error(`tokenizer ${url}: HTTP ${res.status}`);
+    return loadTokenizer({ kind: 'rwkv-world', vocab: await res.text(), vocab_size: t.vocab_size });
+  }
   throw new Error(`the manifest's tokenizer kind '${t.kind}' is not supported by this demo`);
 }
 

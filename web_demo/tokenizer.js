@@ -6,6 +6,7 @@
 //   import { loadTokenizer } from './tokenizer.js';
 //   const tok = await loadTokenizer({ kind: 'hf-tokenizers', json: parsedTokenizerJson });
 //   const tok = await loadTokenizer({ kind: 'bytes', vocab_size: 256 });
+//   const tok = await loadTokenizer({ kind: 'rwkv-world', vocab: textOfRwkvVocabTxt });   // or { url }
 //   tok.encode(text) -> number[]
 //   tok.decode(ids, { skipSpecialTokens = false }) -> string
 //   tok.decoder({ skipSpecialTokens = false }) -> { push(id) -> string, flush() -> string }
@@ -15,6 +16,14 @@
 // pre-tokenizer/decoder, BPE model and added tokens. It reproduces the ids of
 // Python `tokenizers` (tests/test_web_tokenizer.py checks this); anything outside
 // that family is rejected at load time instead of silently tokenizing differently.
+//
+// 'rwkv-world' is the RWKV World vocabulary of the RWKV-5/6/7 World models
+// (rwkv_vocab_v20230424.txt, 65,536 ids): one token a line, `ID LITERAL LENGTH`,
+// LITERAL a Python str literal (the token is its UTF-8) or bytes literal.
+// Encoding is greedy longest match over the text's UTF-8 bytes; decoding
+// concatenates the tokens' bytes. Id 0 is end-of-text and has no bytes. It
+// gives the ids of rwkv_export.world_tokenizer (and of the `rwkv` pip package's
+// TRIE_TOKENIZER); tests/test_world_tokenizer.py checks this.
 //
 // decode() keeps special tokens by default (lossless round trip of
 // "<|endoftext|>"); pass { skipSpecialTokens: true } to get Python's default
@@ -295,6 +304,184 @@ class BytesTokenizer {
   }
 }
 
+// ---- RWKV World ---------------------------------------------------------------------------------------------------
+
+// sha256 of rwkv_vocab_v20230424.txt as shipped (CRLF line ends), and of the same file with LF line ends (a
+// checkout that normalizes line endings), as in rwkv_export/tokenizer.py.
+export const RWKV_WORLD_VOCAB_SHA256 = '8324476023347dec2964625ccb2075c864d250a9c6d9a74f36daba628de8c008';
+const RWKV_WORLD_VOCAB_SHA256_LF = 'e6dee3d4e31b4d5c40ac99508ac6c701ceef4bed681bf2167ce9a908552bca89';
+const WORLD_VOCAB = 65536;
+const WORLD_EOS_ID = 0;
+
+function pushUtf8(out, cp) {
+  if (cp < 0x80) out.push(cp);
+  else if (cp < 0x800) out.push(0xc0 | (cp >> 6), 0x80 | (cp & 63));
+  else if (cp < 0x10000) out.push(0xe0 | (cp >> 12), 0x80 | ((cp >> 6) & 63), 0x80 | (cp & 63));
+  else out.push(0xf0 | (cp >> 18), 0x80 | ((cp >> 12) & 63), 0x80 | ((cp >> 6) & 63), 0x80 | (cp & 63));
+}
+
+const PY_SIMPLE_ESCAPES = { '\\': 92, "'": 39, '"': 34, a: 7, b: 8, f: 12, n: 10, r: 13, t: 9, v: 11 };
+const isHex = (s) => /^[0-9a-fA-F]+$/.test(s);
+const isOctal = (c) => c >= '0' && c <= '7';
+
+// The bytes of a one-line Python literal: 'str' / "str" (its UTF-8) or b'bytes' / b"bytes", with Python's escapes
+// (\\ \' \" \a \b \f \n \r \t \v \ooo \xhh, and in str \uXXXX \UXXXXXXXX; an unknown escape keeps its backslash,
+// as in Python). Raw and triple-quoted literals and \N{...} are refused. Throws a string saying what is wrong.
+function parsePyLiteral(lit) {
+  let start = 0;
+  const isBytes = lit[0] === 'b' || lit[0] === 'B';
+  if (isBytes) start = 1;
+  const q = lit[start];
+  if ((q !== "'" && q !== '"') || lit.length < start + 2 || lit[lit.length - 1] !== q) {
+    throw 'not a quoted Python string or bytes literal';
+  }
+  const body = lit.slice(start + 1, -1);
+  const out = [];
+  const code = (cp) => {
+    if (isBytes) {
+      if (cp > 255) throw 'a bytes literal value above 0xff';
+      out.push(cp);
+    } else {
+      if (cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) throw 'not valid Unicode (a surrogate or beyond U+10FFFF)';
+      pushUtf8(out, cp);
+    }
+  };
+  for (let i = 0; i < body.length;) {
+    const c = body[i];
+    if (c === q) throw 'an unescaped quote inside the literal';
+    if (c !== '\\') {
+      const cp = body.codePointAt(i);
+      if (isBytes && cp > 0x7f) throw 'a non-ASCII character in a bytes literal';
+      if (cp >= 0xd800 && cp <= 0xdfff) throw 'a lone surrogate';
+      code(cp);
+      i += cp > 0xffff ? 2 : 1;
+      continue;
+    }
+    const e = body[i + 1];
+    if (e === undefined) throw 'a backslash at the end of the literal';
+    if (e in PY_SIMPLE_ESCAPES) { code(PY_SIMPLE_ESCAPES[e]); i += 2; continue; }
+    if (isOctal(e)) {
+      let j = i + 1;
+      while (j < body.length && j < i + 4 && isOctal(body[j])) j++;
+      code(parseInt(body.slice(i + 1, j), 8));
+      i = j;
+      continue;
+    }
+    const hexLen = e === 'x' ? 2 : !isBytes && e === 'u' ? 4 : !isBytes && e === 'U' ? 8 : 0;
+    if (hexLen) {
+      const h = body.slice(i + 2, i + 2 + hexLen);
+      if (h.length !== hexLen || !isHex(h)) throw `a truncated \\${e} escape`;
+      code(parseInt(h, 16));
+      i += 2 + hexLen;
+      continue;
+    }
+    if (!isBytes && e === 'N') throw 'a \\N{...} escape (not supported)';
+    code(92); // unknown escape: the backslash stays, the next character is read as itself
+    i += 1;
+  }
+  return out;
+}
+
+const binaryString = (bytes) => {
+  let s = '';
+  for (let k = 0; k < bytes.length; k += 8192) s += String.fromCharCode.apply(null, bytes.subarray(k, k + 8192));
+  return s;
+};
+
+// Greedy longest match. Tokens are looked up by byte string (a "binary" JS string, one char per byte); for each
+// two-byte prefix the lengths of the tokens that start with it are listed longest first, so a position tries only
+// the lengths that exist, and falls back to the single byte (every byte is a token).
+class WorldTokenizer {
+  constructor(text) {
+    this.vocabSize = WORLD_VOCAB;
+    this.tokens = new Array(WORLD_VOCAB).fill(null); // id -> Uint8Array (null: no bytes)
+    this.ids = new Map(); // binary string -> id
+    const lens = new Map(); // (b0 << 8 | b1) -> Set of lengths
+    const lines = String(text).split('\n');
+    if (lines.length && lines[lines.length - 1] === '') lines.pop();
+    lines.forEach((raw, n) => {
+      const line = raw.endsWith('\r') ? raw.slice(0, -1) : raw;
+      const bad = (why) =>
+        new Error(`tokenizer.js: rwkv-world vocab line ${n + 1}: ${why}: ${JSON.stringify(line.slice(0, 60))}`);
+      const first = line.indexOf(' '), last = line.lastIndexOf(' ');
+      if (first <= 0 || last <= first + 1) throw bad("expected 'ID LITERAL LENGTH'");
+      const sid = line.slice(0, first), slen = line.slice(last + 1);
+      if (!/^[0-9]+$/.test(sid) || !/^[0-9]+$/.test(slen)) throw bad('the id and length must be decimal integers');
+      const id = Number(sid), length = Number(slen);
+      let bytes;
+      try {
+        bytes = Uint8Array.from(parsePyLiteral(line.slice(first + 1, last)));
+      } catch (e) {
+        if (typeof e === 'string') throw bad(e);
+        throw e;
+      }
+      if (bytes.length !== length || length === 0) {
+        throw bad(`the token has ${bytes.length} bytes, the line says ${length}`);
+      }
+      if (!(id > 0 && id < WORLD_VOCAB)) throw bad(`id ${id} is outside 1..${WORLD_VOCAB - 1} (id 0 is end-of-text)`);
+      if (this.tokens[id]) throw bad(`id ${id} is listed twice`);
+      const key = binaryString(bytes);
+      if (this.ids.has(key)) throw bad(`the same bytes as id ${this.ids.get(key)}`);
+      this.tokens[id] = bytes;
+      this.ids.set(key, id);
+      if (length >= 2) {
+        const k = (bytes[0] << 8) | bytes[1];
+        if (!lens.has(k)) lens.set(k, new Set());
+        lens.get(k).add(length);
+      }
+    });
+    this.single = new Int32Array(256);
+    for (let b = 0; b < 256; b++) {
+      const id = this.ids.get(String.fromCharCode(b));
+      if (id === undefined) {
+        const hex = b.toString(16).padStart(2, '0');
+        throw new Error(`tokenizer.js: rwkv-world vocab has no token for the single byte 0x${hex}`);
+      }
+      this.single[b] = id;
+    }
+    this.lens = new Array(65536).fill(null);
+    for (const [k, set] of lens) this.lens[k] = Int32Array.from([...set].sort((a, b) => b - a));
+  }
+
+  encode(text) {
+    const bytes = utf8Encoder.encode(String(text));
+    const s = binaryString(bytes);
+    const n = bytes.length;
+    const out = [];
+    for (let i = 0; i < n;) {
+      let step = 1, id = this.single[bytes[i]];
+      const cands = i + 1 < n ? this.lens[(bytes[i] << 8) | bytes[i + 1]] : null;
+      if (cands) {
+        for (const len of cands) {
+          if (len > n - i) continue;
+          const t = this.ids.get(s.slice(i, i + len));
+          if (t !== undefined) { step = len; id = t; break; }
+        }
+      }
+      out.push(id);
+      i += step;
+    }
+    return out;
+  }
+
+  // Ids without bytes (end-of-text 0, ids the file does not list, out of range) are dropped, as in Python.
+  idBytes(id) {
+    return Number.isInteger(id) && id >= 0 && id < WORLD_VOCAB ? this.tokens[id] : null;
+  }
+
+  tokenToId(token) {
+    if (token === '<|endoftext|>') return WORLD_EOS_ID;
+    return this.ids.get(binaryString(utf8Encoder.encode(String(token))));
+  }
+}
+
+async function sha256HexOfText(text) {
+  const subtle = globalThis.crypto?.subtle;
+  if (!subtle) return null; // not a secure context (plain http on a LAN address): cannot check
+  const digest = await subtle.digest('SHA-256', utf8Encoder.encode(text));
+  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
 function concatBytes(chunks, total) {
   const out = new Uint8Array(total);
   let o = 0;
@@ -302,7 +489,7 @@ function concatBytes(chunks, total) {
   return out;
 }
 
-// Public wrapper shared by both kinds.
+// Public wrapper shared by all kinds.
 class Tokenizer {
   constructor(kind, impl) {
     this.kind = kind;
@@ -346,10 +533,19 @@ async function defaultFetchJson(url) {
   return res.json();
 }
 
+async function defaultFetchText(url) {
+  const res = await fetch(url);
+  if (!res.ok) throw new Error(`tokenizer.js: fetching ${url} failed: HTTP ${res.status}`);
+  return res.text();
+}
+
 // spec: { kind: 'hf-tokenizers', json: <parsed tokenizer.json> | <url string> }
 //    or { kind: 'hf-tokenizers', url: <url> }   (fetched with fetchJson)
 //    or { kind: 'bytes', vocab_size: 256 }
-export async function loadTokenizer(spec, fetchJson = defaultFetchJson) {
+//    or { kind: 'rwkv-world', vocab: <text of rwkv_vocab_v20230424.txt> | url: <url>, vocab_size: 65536,
+//         sha256: <expected hex, default RWKV_WORLD_VOCAB_SHA256; null skips the check> }
+//       The vocab's sha256 is checked where crypto.subtle exists (a secure context, Node); tok.verified says if it was.
+export async function loadTokenizer(spec, fetchJson = defaultFetchJson, fetchText = defaultFetchText) {
   if (!spec || typeof spec !== 'object') throw new TypeError('tokenizer.js: spec must be an object');
   if (spec.kind === 'bytes') {
     return new Tokenizer('bytes', new BytesTokenizer(spec.vocab_size ?? 256));
@@ -360,6 +556,27 @@ export async function loadTokenizer(spec, fetchJson = defaultFetchJson) {
     else if (json == null && typeof spec.url === 'string') json = await fetchJson(spec.url);
     if (!json || typeof json !== 'object') throw new TypeError('tokenizer.js: hf-tokenizers spec needs json (object or URL)');
     return new Tokenizer('hf-tokenizers', new ByteLevelBPETokenizer(json));
+  }
+  if (spec.kind === 'rwkv-world') {
+    if ((spec.vocab_size ?? WORLD_VOCAB) !== WORLD_VOCAB) {
+      unsupported(`rwkv-world tokenizer with vocab_size ${spec.vocab_size}`);
+    }
+    let text = spec.vocab;
+    if (text == null && typeof spec.url === 'string') text = await fetchText(spec.url);
+    if (typeof text !== 'string') throw new TypeError('tokenizer.js: rwkv-world spec needs vocab (text) or url');
+    const want = spec.sha256 === undefined ? [RWKV_WORLD_VOCAB_SHA256, RWKV_WORLD_VOCAB_SHA256_LF] : [spec.sha256];
+    let verified = false;
+    if (want[0]) {
+      const got = await sha256HexOfText(text);
+      if (got !== null && !want.includes(got)) {
+        throw new Error(`tokenizer.js: the rwkv-world vocab is damaged (sha256 ${got.slice(0, 12)}…, ` +
+          `expected ${want[0].slice(0, 12)}…)`);
+      }
+      verified = got !== null;
+    }
+    const tok = new Tokenizer('rwkv-world', new WorldTokenizer(text));
+    tok.verified = verified;
+    return tok;
   }
   throw new Error(`tokenizer.js: unknown tokenizer kind ${JSON.stringify(spec.kind)}`);
 }

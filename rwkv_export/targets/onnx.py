@@ -7,8 +7,6 @@ import logging
 import warnings
 from pathlib import Path
 
-from ..state import STATE_NAMES
-
 NAME = "onnx"
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # LayerNormalization is 17; the dynamo exporter's own baseline is 18
@@ -27,8 +25,11 @@ def state_output_name(state: str) -> str:
     return f"{state}_out"
 
 
-INPUT_NAMES = [TOKEN_INPUT, *(state_input_name(s) for s in STATE_NAMES)]
-OUTPUT_NAMES = [LOGITS_OUTPUT, *(state_output_name(s) for s in STATE_NAMES)]
+def io_names(module, token_input: str = TOKEN_INPUT) -> tuple[list[str], list[str]]:
+    """Graph input and output names of a step or sequence module, from its state spec (the architecture's)."""
+    states = [t.name for t in module.state_spec]
+    return ([token_input, *(state_input_name(s) for s in states)],
+            [LOGITS_OUTPUT, *(state_output_name(s) for s in states)])
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 16: "bfloat16"}
 
@@ -49,7 +50,7 @@ def _quiet_exporter():
 
 
 def export_step(module, path: Path, opset: int = DEFAULT_OPSET, external_data: bool | None = None) -> list[str]:
-    """Export an RWKV4Step to `path`. Returns the files written (the .onnx and, if used, its external data)."""
+    """Export a step module (arch.base's contract) to `path`. Returns the files written (the .onnx and, if used, its external data)."""
     import torch
 
     if opset < MIN_OPSET:
@@ -57,14 +58,15 @@ def export_step(module, path: Path, opset: int = DEFAULT_OPSET, external_data: b
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     if external_data is None:
         external_data = n_bytes >= EXTERNAL_DATA_THRESHOLD
+    input_names, output_names = io_names(module)
     with _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
             module.eval(),
             module.example_inputs(),
             dynamo=True,
             opset_version=opset,
-            input_names=INPUT_NAMES,
-            output_names=OUTPUT_NAMES,
+            input_names=input_names,
+            output_names=output_names,
             optimize=True,
             verbose=False,
         )
@@ -92,10 +94,13 @@ def simplify(path: Path) -> None:
 
 
 def io_spec(path: Path) -> tuple[list[dict], list[dict], int | None]:
-    """Read the graph's inputs/outputs from the file itself and give each its role in the step contract."""
+    """Read the graph's inputs/outputs from the file itself and give each its role in the step contract: the token,
+    the logits, and as state every input `NAME` that has an output `NAME_out` (the naming export_step writes)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    out_names = {v.name for v in model.graph.output}
+    states = [v.name for v in model.graph.input if state_output_name(v.name) in out_names]
 
     def describe(v, state_of):
         shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
@@ -110,8 +115,8 @@ def io_spec(path: Path) -> tuple[list[dict], list[dict], int | None]:
             entry["role"] = "other"
         return entry
 
-    ins = {state_input_name(s): s for s in STATE_NAMES}
-    outs = {state_output_name(s): s for s in STATE_NAMES}
+    ins = {state_input_name(s): s for s in states}
+    outs = {state_output_name(s): s for s in states}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     inputs = [describe(v, ins) for v in model.graph.input]
     outputs = [describe(v, outs) for v in model.graph.output]

@@ -1,4 +1,4 @@
-"""ONNX target, sequence graph: RWKV4Sequence (a prompt chunk of T tokens + state -> logits + state) with T dynamic.
+"""ONNX target, sequence graph: the architecture's sequence module (a prompt chunk of T tokens + state -> logits + state) with T dynamic.
 
 Mirrors targets/onnx.py's export_step: torch.onnx dynamo export at opset >= 18, the same state input/output names,
 "tokens" [T] int64 instead of "token" [1]. The token input's manifest role is "tokens"; a graph entry also carries
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..model import STATE_NAMES
 from . import onnx as onnx_target
 
 TOKENS_INPUT = "tokens"
@@ -17,8 +16,6 @@ TOKENS_ROLE = "tokens"
 LOGITS_OUTPUT = onnx_target.LOGITS_OUTPUT
 SEQ_DIM = "T"  # the name of the dynamic token dimension in the graph
 
-INPUT_NAMES = [TOKENS_INPUT, *(onnx_target.state_input_name(s) for s in STATE_NAMES)]
-OUTPUT_NAMES = [LOGITS_OUTPUT, *(onnx_target.state_output_name(s) for s in STATE_NAMES)]
 
 # The traced example's T (any T works, the dimension is dynamic). Chosen so that no size the trace sees is 0 or 1
 # (torch.export specialises those): T-1, T-2 and the WKV scan's block count (3 to 10 blocks) are all >= 2.
@@ -33,24 +30,24 @@ MAX_TRACE_T = 1 << 20
 
 def export_sequence(step_module, path: Path, opset: int = onnx_target.DEFAULT_OPSET, all_logits: bool = False,
                     external_data: bool | None = None, max_chunk: int | None = None) -> list[str]:
-    """Export the sequence graph of an RWKV4Step to `path`. Returns the files written (the .onnx and, if used, its
-    external data). The graph takes 1 <= T <= max_chunk tokens per call (default seq_model.DEFAULT_MAX_CHUNK)."""
+    """Export the sequence graph of a step module (its architecture's sequence_module over the same parameters) to
+    `path`. Returns the files written (the .onnx and, if used, its external data). The graph takes 1 <= T <=
+    max_chunk tokens per call (default: the architecture's)."""
     import torch
     import torch.fx.experimental._config
-
-    from ..seq_model import DEFAULT_MAX_CHUNK, RWKV4Sequence
 
     if opset < onnx_target.MIN_OPSET:
         raise ValueError(f"opset {opset} is below the minimum {onnx_target.MIN_OPSET}")
     path = Path(path)
-    module = RWKV4Sequence(step_module, all_logits=all_logits, max_chunk=max_chunk or DEFAULT_MAX_CHUNK).eval()
+    module = step_module.arch.sequence_module(step_module, all_logits=all_logits, max_chunk=max_chunk).eval()
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     if external_data is None:
         external_data = n_bytes >= onnx_target.EXTERNAL_DATA_THRESHOLD
-    dynamic_shapes = ({0: torch.export.Dim(SEQ_DIM, min=1, max=MAX_TRACE_T)}, *({} for _ in STATE_NAMES))
+    dynamic_shapes = ({0: torch.export.Dim(SEQ_DIM, min=1, max=MAX_TRACE_T)}, *({} for _ in module.state_spec))
     # backed_size_oblivious: sizes derived from T (the WKV scan's block count (T+1)//B) may be 0 or 1 at run time;
     # without it torch.export guards on them being >= 2 (a contiguity check) and refuses a dynamic T. ONNX ops
     # broadcast and index the same way whatever those sizes are, and the tests run T = 1 .. 1000 (0 to 31 blocks).
+    input_names, output_names = onnx_target.io_names(module, TOKENS_INPUT)
     oblivious = torch.fx.experimental._config.patch(backed_size_oblivious=True)
     with onnx_target._quiet_exporter(), torch.no_grad(), oblivious:
         # torch.export first, on its own: it raises if any op pins T, where torch.onnx.export would quietly fall
@@ -61,8 +58,8 @@ def export_sequence(step_module, path: Path, opset: int = onnx_target.DEFAULT_OP
             module.example_inputs(EXAMPLE_TOKENS),
             dynamo=True,
             opset_version=opset,
-            input_names=INPUT_NAMES,
-            output_names=OUTPUT_NAMES,
+            input_names=input_names,
+            output_names=output_names,
             dynamic_shapes=dynamic_shapes,
             optimize=True,
             verbose=False,

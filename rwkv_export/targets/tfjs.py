@@ -7,7 +7,7 @@ TensorFlow (~1 GB), onnx2tf 1.x's exact pins on Python 3.11 and tensorflowjs 4.2
 TensorFlow (it only imports with two modules stubbed). The format we write is the one TF.js 4.x reads (GraphDef as
 JSON in `modelTopology`, weights in `weightsManifest`), and it is checked by running it in Node with @tensorflow/tfjs.
 
-Contract: model.json's `signature` maps the logical names (`token`, the STATE_NAMES, `logits`, `<state>_out`) to
+Contract: model.json's `signature` maps the logical names (`token`, the state spec's names, `logits`, `<state>_out`) to
 tensors; clients resolve through it, never by position. Token int32 (TF.js has no int64), state and logits float32
 in every variant.
 
@@ -27,7 +27,6 @@ import tempfile
 from pathlib import Path
 
 from ..errors import RwkvExportError
-from ..model import STATE_NAMES
 from . import onnx as onnx_target
 
 NAME = "tfjs"
@@ -344,7 +343,7 @@ def export_tfjs(module, out_dir: Path, variants=("fp32",), *, onnx_path: Path | 
                 shard_bytes: int = SHARD_BYTES) -> list[dict]:
     """Write one TF.js graph model folder per variant under `out_dir`; return their manifest graph entries.
 
-    `module` is the fp32 RWKV4Step; it is exported to ONNX in a temporary folder unless `onnx_path` (the same module's
+    `module` is the fp32 step module; it is exported to ONNX in a temporary folder unless `onnx_path` (the same module's
     fp32 ONNX, e.g. from an `onnx` export in the same run) is given."""
     out_dir = Path(out_dir)
     variants = check_variants(variants)
@@ -355,12 +354,13 @@ def export_tfjs(module, out_dir: Path, variants=("fp32",), *, onnx_path: Path | 
             onnx_path = Path(tmp) / "step.onnx"
             onnx_target.export_step(module, onnx_path)
         nodes, weights, signature = onnx_to_graph(Path(onnx_path))
-    _check_signature(signature)
+    states = [t.name for t in module.state_spec]
+    _check_signature(signature, states)
     entries = []
     for variant in variants:
         folder = folder_name(variant)
         shards = write_graph_model(nodes, weights, signature, out_dir / folder, variant, shard_bytes)
-        inputs, outputs = io_spec(out_dir / folder / MODEL_FILE)
+        inputs, outputs = io_spec(out_dir / folder / MODEL_FILE, states)
         entries.append({
             "name": "step", "kind": "step", "format": NAME, "variant": variant,
             "file": f"{folder}/{MODEL_FILE}", "data_files": [f"{folder}/{p}" for p in shards],
@@ -369,9 +369,9 @@ def export_tfjs(module, out_dir: Path, variants=("fp32",), *, onnx_path: Path | 
     return entries
 
 
-def _check_signature(signature: dict) -> None:
-    want_in = {TOKEN_INPUT, *STATE_NAMES}
-    want_out = {LOGITS_OUTPUT, *(state_output_name(s) for s in STATE_NAMES)}
+def _check_signature(signature: dict, states: list[str]) -> None:
+    want_in = {TOKEN_INPUT, *states}
+    want_out = {LOGITS_OUTPUT, *(state_output_name(s) for s in states)}
     if set(signature["inputs"]) != want_in or set(signature["outputs"]) != want_out:
         raise RwkvExportError(f"step graph I/O {sorted(signature['inputs'])} -> {sorted(signature['outputs'])} "
                               f"is not the step contract")
@@ -380,8 +380,9 @@ def _check_signature(signature: dict) -> None:
 _FROM_TF = {"DT_FLOAT": "float32", "DT_INT32": "int32"}
 
 
-def io_spec(model_json: Path) -> tuple[list[dict], list[dict]]:
-    """Manifest inputs/outputs read from model.json's signature: `name` is the signature key a client looks up."""
+def io_spec(model_json: Path, states: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """Manifest inputs/outputs read from model.json's signature: `name` is the signature key a client looks up.
+    States in `states` order (the state spec's); without it, every input NAME with an output NAME_out."""
     sig = json.loads(Path(model_json).read_text())["signature"]
 
     def describe(key, spec, role, state=None):
@@ -393,8 +394,10 @@ def io_spec(model_json: Path) -> tuple[list[dict], list[dict]]:
         return e
 
     ins, outs = sig["inputs"], sig["outputs"]
+    if states is None:
+        states = [n for n in ins if state_output_name(n) in outs]
     inputs = [describe(TOKEN_INPUT, ins[TOKEN_INPUT], "token")] + [
-        describe(s, ins[s], "state", s) for s in STATE_NAMES]
+        describe(s, ins[s], "state", s) for s in states]
     outputs = [describe(LOGITS_OUTPUT, outs[LOGITS_OUTPUT], "logits")] + [
-        describe(state_output_name(s), outs[state_output_name(s)], "state", s) for s in STATE_NAMES]
+        describe(state_output_name(s), outs[state_output_name(s)], "state", s) for s in states]
     return inputs, outputs

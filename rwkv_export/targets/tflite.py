@@ -1,16 +1,16 @@
 """TFLite target (LiteRT, phones): one `.tflite` per variant with two named signatures over the same weights:
 `step` (one token, RNN mode) and `prefill` (a prompt chunk of exactly PREFILL_CHUNK tokens, GPT mode).
 
-Chain: litert-torch converts our torch module (RWKV4Step) directly — one model definition for every target, no
+Chain: litert-torch converts our torch step module (the architecture's) directly — one model definition for every target, no
 TensorFlow install, no ONNX round trip. Quantized variants are derived from the converted fp32 flatbuffer with
 ai-edge-quantizer (the quantizer litert-torch itself calls for its recipes), so the slow torch conversion runs once
 however many variants are asked for.
 
-Contract (same as ONNX, read from the file into the manifest): signature `step`, inputs `token` [1] int32 and the five
-states [n_layer, n_embd] float32 under their STATE_NAMES; outputs `logits` [1, V] float32 and `<state>_out`.
+Contract (same as ONNX, read from the file into the manifest): signature `step`, inputs `token` [1] int32 and the
+state tensors of the architecture's state spec (float32) under their names; outputs `logits` [1, V] float32 and `<state>_out`.
 Every variant keeps float32 I/O; only the weights change. Signature `prefill`: input `tokens` [PREFILL_CHUNK] int32
-plus the same states; outputs the last token's `logits` [1, V] and the states after the chunk (seq_model's
-RWKV4Sequence). TFLite wants static shapes, so the chunk is fixed: the manifest entry (kind "sequence") says
+plus the same states; outputs the last token's `logits` [1, V] and the states after the chunk (the
+architecture's sequence module). TFLite wants static shapes, so the chunk is fixed: the manifest entry (kind "sequence") says
 `"fixed_chunk": true`, and a runner feeds whole chunks through `prefill` and the rest token by token through `step`.
 The converter keeps one copy of a weight that both signatures use, so the prompt signature adds its graph, not its
 weights, to the file.
@@ -29,7 +29,6 @@ import warnings
 from pathlib import Path
 
 from ..errors import MissingExtraError, RwkvExportError
-from ..model import STATE_NAMES
 
 NAME = "tflite"
 SIGNATURE = "step"
@@ -97,66 +96,53 @@ def _quiet():
             os.environ["LITERT_TORCH_SHOW_PROGRESS"] = old
 
 
-def _named_outputs(logits, states) -> dict:
+def _named_outputs(logits, names, states) -> dict:
     """A graph's outputs as the converter's dict (its keys become the signature's output names)."""
-    return {LOGITS_OUTPUT: logits, **{state_output_name(n): s for n, s in zip(STATE_NAMES, states)}}
+    return {LOGITS_OUTPUT: logits, **{state_output_name(n): s for n, s in zip(names, states)}}
 
 
-def _signature_wrapper(module):
+def _signature(inner, token_input: str):
+    """Named I/O for the converter around a step or sequence module: keyword inputs (the token input and one per
+    state tensor, by the state spec's names), a dict of outputs (names become the signature's names)."""
     import torch
 
-    class StepSignature(torch.nn.Module):
-        """Named I/O for the converter: keyword inputs, a dict of outputs (names become the signature's names)."""
+    names = [t.name for t in inner.state_spec]
 
-        def __init__(self, step):
+    class Signature(torch.nn.Module):
+        def __init__(self):
             super().__init__()
-            self.step = step
+            self.inner = inner
 
-        def forward(self, token, att_x, att_aa, att_bb, att_pp, ffn_x):
-            logits, *states = self.step(token, att_x, att_aa, att_bb, att_pp, ffn_x)
-            return _named_outputs(logits, states)
+        def forward(self, **inputs):
+            logits, *states = self.inner(inputs[token_input], *(inputs[n] for n in names))
+            return _named_outputs(logits, names, states)
 
-    return StepSignature(module).eval()
+    return Signature().eval()
 
 
-def _prefill_wrapper(module, chunk: int):
-    """The prompt graph (RWKV4Sequence over `module`'s very parameters) under the same output names as `step`; only
-    the token input's name differs (`tokens`)."""
-    import torch
-
-    from ..seq_model import RWKV4Sequence
-
-    # the scan's reach is 2**m - 1 tokens; the smallest that holds the chunk keeps the scan's group level short
-    seq = RWKV4Sequence(module, max_chunk=(1 << chunk.bit_length()) - 1)
-
-    class PrefillSignature(torch.nn.Module):
-        def __init__(self, seq):
-            super().__init__()
-            self.seq = seq
-
-        def forward(self, tokens, att_x, att_aa, att_bb, att_pp, ffn_x):
-            logits, *states = self.seq(tokens, att_x, att_aa, att_bb, att_pp, ffn_x)
-            return _named_outputs(logits, states)
-
-    return PrefillSignature(seq).eval()
+def _prefill_module(module, chunk: int):
+    """The prompt graph over `module`'s very parameters, reaching at least `chunk` tokens (the scan's reach is
+    2**m - 1 tokens; the smallest that holds the chunk keeps the scan short)."""
+    return module.arch.sequence_module(module, max_chunk=(1 << chunk.bit_length()) - 1)
 
 
 def convert_fp32(module, prefill_chunk: int | None = PREFILL_CHUNK) -> bytes:
-    """RWKV4Step -> fp32 .tflite flatbuffer bytes with the `step` signature and, unless prefill_chunk is None, the
+    """A step module -> fp32 .tflite flatbuffer bytes with the `step` signature and, unless prefill_chunk is None, the
     `prefill` signature for chunks of exactly prefill_chunk tokens."""
     import torch
 
     lt = _import_litert_torch()
     state = module.new_state()
-    states = {n: state[n] for n in STATE_NAMES}
+    states = {t.name: state[t.name] for t in module.state_spec}
     token_dtype = getattr(torch, TOKEN_DTYPE)
     sample = {TOKEN_INPUT: torch.zeros(1, dtype=token_dtype), **states}
     with _quiet(), torch.no_grad():
-        conv = lt.signature(SIGNATURE, _signature_wrapper(module), sample_kwargs=sample)
+        conv = lt.signature(SIGNATURE, _signature(module, TOKEN_INPUT), sample_kwargs=sample)
         if prefill_chunk is not None:
             if prefill_chunk < 1:
                 raise RwkvExportError(f"the prefill chunk must be a positive number of tokens, got {prefill_chunk}")
-            conv = conv.signature(PREFILL_SIGNATURE, _prefill_wrapper(module, prefill_chunk),
+            seq = _signature(_prefill_module(module, prefill_chunk), TOKENS_INPUT)
+            conv = conv.signature(PREFILL_SIGNATURE, seq,
                                   sample_kwargs={TOKENS_INPUT: torch.zeros(prefill_chunk, dtype=token_dtype), **states})
         return bytes(conv.convert().model_content())
 
@@ -214,7 +200,7 @@ def check_variants(variants, dims=None) -> list[str]:
 
 
 def export_tflite(module, out_dir: Path, variants=("fp32",), prefill_chunk: int | None = PREFILL_CHUNK) -> list[dict]:
-    """Convert `module` (an RWKV4Step) once, write one .tflite per variant into `out_dir`, return their manifest
+    """Convert `module` (a step module) once, write one .tflite per variant into `out_dir`, return their manifest
     graph entries (format "tflite", "parity": None until a check fills it in): per variant the step graph and,
     unless prefill_chunk is None, the prompt graph (kind "sequence", the same file's `prefill` signature)."""
     out_dir = Path(out_dir)
@@ -226,14 +212,15 @@ def export_tflite(module, out_dir: Path, variants=("fp32",), prefill_chunk: int 
     for variant in variants:
         path = out_dir / file_name(variant)
         path.write_bytes(quantize(fp32, variant))
-        inputs, outputs = io_spec(path)
+        states = [t.name for t in module.state_spec]
+        inputs, outputs = io_spec(path, SIGNATURE, states)
         entries.append({
             "name": "step", "kind": "step", "format": NAME, "variant": variant, "file": path.name,
             "data_files": [], "signature": SIGNATURE, "quantization": VARIANTS[variant],
             "inputs": inputs, "outputs": outputs, "parity": None,
         })
         if prefill_chunk is not None:
-            inputs, outputs = io_spec(path, PREFILL_SIGNATURE)
+            inputs, outputs = io_spec(path, PREFILL_SIGNATURE, states)
             entries.append({
                 "name": "prefill", "kind": "sequence", "format": NAME, "variant": variant, "file": path.name,
                 "data_files": [], "signature": PREFILL_SIGNATURE, "quantization": VARIANTS[variant],
@@ -256,10 +243,10 @@ def _interpreter(path_or_bytes, threads: int | None = None):
 _NP_NAMES = {"float32": "float32", "float16": "float16", "int32": "int32", "int64": "int64"}
 
 
-def io_spec(path: Path, signature: str = SIGNATURE) -> tuple[list[dict], list[dict]]:
+def io_spec(path: Path, signature: str = SIGNATURE, states: list[str] | None = None) -> tuple[list[dict], list[dict]]:
     """Read a signature (`step` or `prefill`) from the file itself and give each input/output its role in the
-    contract. Order follows the contract (token(s), states in STATE_NAMES order), not the converter's alphabetical
-    order."""
+    contract. Order follows the contract (token(s), then `states` in the state spec's order), not the converter's
+    alphabetical order; without `states`, every input NAME with an output NAME_out is a state, in the file's order."""
     import numpy as np
 
     interpreter = _interpreter(path)
@@ -283,6 +270,8 @@ def io_spec(path: Path, signature: str = SIGNATURE) -> tuple[list[dict], list[di
         return describe(name, table[name], *args)
 
     token = (TOKENS_INPUT, "tokens") if signature == PREFILL_SIGNATURE else (TOKEN_INPUT, "token")
-    inputs = [take(ins, *token)] + [take(ins, s, "state", s) for s in STATE_NAMES]
-    outputs = [take(outs, LOGITS_OUTPUT, "logits")] + [take(outs, state_output_name(s), "state", s) for s in STATE_NAMES]
+    if states is None:
+        states = [n for n in ins if state_output_name(n) in outs]
+    inputs = [take(ins, *token)] + [take(ins, s, "state", s) for s in states]
+    outputs = [take(outs, LOGITS_OUTPUT, "logits")] + [take(outs, state_output_name(s), "state", s) for s in states]
     return inputs, outputs

@@ -6,6 +6,8 @@ actually learned something, in a few minutes on two CPU cores, from text every m
 - Corpus: the docstrings of the top-level stdlib modules (`Lib/*.py`, read with `ast`, nothing imported), in sorted
   file order. Every EVAL_EVERY-th file is held out for evaluation, so the eval text is never trained on. Both slices
   are committed (`data/tiny-pydoc-train.txt.gz`, `data/tiny-pydoc-eval.txt`); `--write-corpus` regenerates them.
+  The corpus, byte loading, baselines, eval and file writing live in `rwkv_export.corpus` (shared with the RWKV-7
+  trainer, rwkv_export.arch.rwkv7.train) and are re-exported here.
 - Model and math: `runtime_ref.RWKV4` in fp32 with autograd, GPT mode. The blocks' `forward_seq` (the same code
   `RWKV4.forward_seq` runs) is vmapped over a batch of streams: `RWKV4.forward_seq` itself cannot be vmapped because
   its token range check reads a tensor value. Tests check the batched path against `RWKV4.forward_seq`.
@@ -15,13 +17,12 @@ actually learned something, in a few minutes on two CPU cores, from text every m
 - Output: BlinkDL's key layout, stored in bf16 (as released checkpoints are), as safetensors, with the training
   settings and losses in the file's metadata. It loads through `rwkv_export.checkpoint.load_checkpoint`.
 
-    python -m rwkv_export.train --out rwkv_export/data/tiny-pydoc.safetensors --steps 150 --seed 0
+    python -m rwkv_export.arch.rwkv4.train --out rwkv_export/data/tiny-pydoc.safetensors --steps 150 --seed 0
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import sys
@@ -29,23 +30,32 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import RwkvExportError
+from ...corpus import (  # noqa: F401 - the corpus, its paths and the shared plumbing, re-exported from here
+    DATA_DIR,
+    EVAL_EVERY,
+    EVAL_MAX_BYTES,
+    EVAL_OFFSET,
+    EVAL_TEXT,
+    TRAIN_MAX_BYTES,
+    TRAIN_TEXT,
+    VOCAB,
+    TrainError,
+    build_corpus,
+    check_out,
+    eval_loss,
+    lr_at,
+    read_text_bytes,
+    save,
+    stdlib_docstrings,
+    unigram_entropy_ppl,
+    unigram_ppl,
+    write_corpus,
+)
+from ...errors import RwkvExportError
 
-DATA_DIR = Path(__file__).parent / "data"
-TRAIN_TEXT = DATA_DIR / "tiny-pydoc-train.txt.gz"
-EVAL_TEXT = DATA_DIR / "tiny-pydoc-eval.txt"
 MODEL_FILE = DATA_DIR / "tiny-pydoc.safetensors"
 
-VOCAB = 256  # bytes
-EVAL_EVERY = 16  # every 16th stdlib file (sorted) is held out: ~10 modules, never trained on
-EVAL_OFFSET = 5  # which residue of the file index is held out
-EVAL_MAX_BYTES = 24_000  # eval slice cap: enough for a stable perplexity, small enough for fast step-graph tests
-TRAIN_MAX_BYTES = 600_000  # train slice cap (~3 passes over it at the default settings)
 STATE_KEYS = ("att_x", "att_aa", "att_bb", "att_pp", "ffn_x")
-
-
-class TrainError(RwkvExportError):
-    """The trainer was given settings or text it cannot use."""
 
 
 @dataclass(frozen=True)
@@ -62,89 +72,6 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 1  # small ops: a second thread costs more in synchronisation than it gains
-
-
-# -- corpus ---------------------------------------------------------------------------------------------------------
-
-
-def stdlib_docstrings() -> list[tuple[str, str]]:
-    """(file name, its docstrings joined) for every top-level stdlib module, in sorted order. Imports nothing."""
-    import ast
-    import sysconfig
-
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    out = []
-    for path in sorted(lib.glob("*.py")):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):  # pragma: no cover - the stdlib parses
-            continue
-        docs = []
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and doc.strip():
-                    docs.append(doc.strip())
-        if docs:
-            out.append((path.name, "\n\n".join(docs) + "\n\n"))
-    return out
-
-
-def build_corpus() -> tuple[str, str]:
-    """(train text, eval text): whole files go to one side only, so no docstring is in both."""
-    train, held = [], []
-    for i, (_, text) in enumerate(stdlib_docstrings()):
-        (held if i % EVAL_EVERY == EVAL_OFFSET else train).append(text)
-    return _cap("".join(train), TRAIN_MAX_BYTES), _cap("".join(held), EVAL_MAX_BYTES)
-
-
-def _cap(text: str, max_bytes: int) -> str:
-    data = text.encode("utf-8")[:max_bytes]
-    return data.decode("utf-8", errors="ignore")  # never end inside a multi-byte character
-
-
-def write_corpus(train_path: Path = TRAIN_TEXT, eval_path: Path = EVAL_TEXT) -> tuple[int, int]:
-    from .outdir import staged_file
-
-    train, held = build_corpus()
-    with staged_file(train_path) as tmp:
-        with open(tmp, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0, filename="") as gz:  # reproducible
-            gz.write(train.encode("utf-8"))
-    with staged_file(eval_path) as tmp:
-        tmp.write_bytes(held.encode("utf-8"))
-    return len(train.encode("utf-8")), len(held.encode("utf-8"))
-
-
-def read_text_bytes(path: str | Path) -> bytes:
-    path = Path(path)
-    if not path.is_file():
-        raise TrainError(f"text file not found: {path}")
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise TrainError(f"cannot read {path.name} as gzip: {e}") from None
-    return data
-
-
-def unigram_ppl(train: bytes, held: bytes) -> float:
-    """Perplexity per byte on `held` of the add-one-smoothed byte frequencies of `train`."""
-    import numpy as np
-
-    counts = np.bincount(np.frombuffer(train, dtype=np.uint8), minlength=VOCAB).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    ids = np.frombuffer(held, dtype=np.uint8)
-    return float(np.exp(-logp[ids].mean()))
-
-
-def unigram_entropy_ppl(text: bytes) -> float:
-    """exp(entropy) of the text's own byte frequencies: no model that ignores context can do better on it."""
-    import numpy as np
-
-    counts = np.bincount(np.frombuffer(text, dtype=np.uint8), minlength=VOCAB).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(np.exp(-(p * np.log(p)).sum()))
 
 
 # -- model ------------------------------------------------------------------------------------------------------------
@@ -182,32 +109,6 @@ def batched_forward(model, tokens, state: dict):
             new[k].append(s)
     logits = model.head(model.ln_out(x))
     return logits, {k: torch.stack(v, dim=1) for k, v in new.items()}
-
-
-def eval_loss(model, data: bytes, chunk: int = 256) -> float:
-    """Mean next-byte NLL (nats) over `data` read as one stream from a fresh state (RWKV4.forward_seq, GPT mode)."""
-    import torch
-    import torch.nn.functional as F
-
-    ids = torch.tensor(list(data), dtype=torch.long)
-    state = model.new_state()
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(ids) - 1, chunk):
-            x = ids[start : start + chunk]
-            y = ids[start + 1 : start + chunk + 1]
-            x = x[: len(y)]
-            logits, state = model.forward_seq(x, state, all_logits=True)
-            total += float(F.cross_entropy(logits, y, reduction="sum"))
-            n += len(y)
-    return total / n
-
-
-def _lr(cfg: TrainConfig, step: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
-    return cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * t))
 
 
 def train(cfg: TrainConfig, train_data: bytes, *, log=None, init: dict | None = None):
@@ -255,7 +156,7 @@ def _train_loop(cfg: TrainConfig, train_data: bytes, stream_len: int, init: dict
         logits, state = batched_forward(model, window[:, :-1], state)
         loss = F.cross_entropy(logits.reshape(-1, VOCAB), window[:, 1:].reshape(-1))
         for group in opt.param_groups:
-            group["lr"] = _lr(cfg, step)
+            group["lr"] = lr_at(cfg, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -277,26 +178,8 @@ def to_checkpoint(model, dtype: str = "bfloat16") -> dict:
     return {k: v.detach().to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
 
 
-def _check_out(out: Path) -> None:
-    if not out.parent.is_dir():
-        raise TrainError(f"output folder does not exist: {out.parent}")
-    if out.suffix != ".safetensors":
-        raise TrainError(f"output must be a .safetensors file, got {out.name}")
-
-
-def save(sd: dict, out: Path, metadata: dict) -> None:
-    from safetensors.torch import save_file
-
-    from .outdir import staged_file
-
-    out = Path(out)
-    _check_out(out)
-    with staged_file(out) as tmp:
-        save_file(sd, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rwkv_export.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rwkv_export.arch.rwkv4.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=MODEL_FILE, help="checkpoint to write (.safetensors)")
     p.add_argument("--train-text", type=Path, default=TRAIN_TEXT)
     p.add_argument("--eval-text", type=Path, default=EVAL_TEXT)
@@ -311,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {a.train_text} ({n_train} bytes of text) and {a.eval_text} ({n_eval} bytes)")
             return 0
         cfg = TrainConfig(**{f: getattr(a, f) for f in asdict(d)})
-        _check_out(a.out)  # before minutes of training, not after
+        check_out(a.out)  # before minutes of training, not after
         train_data, eval_data = read_text_bytes(a.train_text), read_text_bytes(a.eval_text)
         t0 = time.perf_counter()
 

@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import Checkpoint, ModelDims
-
-from .state import STATE_DOCS, STATE_INIT, STATE_NAMES  # noqa: F401  (re-exported)
+from ..base import Checkpoint, ModelDims
+from .spec import STATE_DOCS, STATE_INIT, STATE_NAMES, state  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -116,7 +115,9 @@ class RWKV4Step(nn.Module):
     def __init__(self, ckpt: Checkpoint, options: StepOptions = StepOptions()):
         super().__init__()
         sd, d = ckpt.tensors, ckpt.dims
+        self.arch = ckpt.arch
         self.dims: ModelDims = d
+        self.state_spec = state(d)
         self.options = options
         every = options.rescale_every
         dt = getattr(torch, options.dtype)

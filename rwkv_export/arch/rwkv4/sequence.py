@@ -55,8 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import RwkvExportError
-from .model import STATE_NAMES, RWKV4Step, _Layer
+from ...errors import RwkvExportError
+from .step import STATE_NAMES, RWKV4Step, _Layer
 
 # Tokens per call: 2**m - 1 (the scan would now take 2**m; 2**m - 1 was its reach when the carried state was one of
 # its elements, and manifests and clients know it). At 169M shapes a 512-token prompt ran at 417 / 730 tok/s (1 / 2
@@ -190,7 +190,7 @@ class RWKV4Sequence(nn.Module):
         steps = (max_chunk + 1).bit_length() - 1
         if max_chunk < 1 or (1 << steps) != max_chunk + 1 or steps > MAX_SCAN_STEPS:
             raise RwkvExportError(f"max_chunk must be 2**m - 1 for 1 <= m <= {MAX_SCAN_STEPS}, got {max_chunk}")
-        self.dims = step.dims
+        self.arch, self.dims, self.state_spec = step.arch, step.dims, step.state_spec
         self.options = step.options
         self.all_logits = all_logits
         self.max_chunk = max_chunk

@@ -1,0 +1,372 @@
+"""RWKV-5.2 ("Eagle") in plain PyTorch: the reference runner (parity oracle) for v5.2 exports.
+
+Readable first, fast never: one file, no JIT, no environment switches, no custom kernels, nothing imported from
+rwkv_export. The module tree mirrors BlinkDL's checkpoint keys (`blocks.3.att.time_faaaa`, `blocks.3.att.ln_x.weight`,
+...), so a checkpoint loads with a strict `load_state_dict` and `state_dict()` writes the same layout back.
+
+The equations, per block, for one token (x = LN1 output, x_prev the previous token's; H heads of N channels):
+    x_? = x * mix_? + x_prev * (1 - mix_?)                       for ? in k, v, r, g
+    r, k, v = W_r x_r, W_k x_k, W_v x_v   (each [H, N]; no sigmoid on r in v5)
+    g = silu(W_g x_g)
+    w = exp(-exp(time_decay))   [H, N], per key channel;   u = time_faaaa [H, N], used as is (v5.2)
+    a = k ⊗ v                   [H, key, value]
+    y = r @ (u * a + S)          (u scales the key rows)          S' = a + w * S   (w scales the key rows)
+    out = W_o (GroupNorm_H(y) * g)
+GroupNorm: H groups, eps = 64e-5, as the `rwkv` pip package applies it. BlinkDL's v5.2 training code instead writes
+`GroupNorm(H, eps=1e-5)(y / head_size_divisor)` with head_size_divisor = 8; since GroupNorm(y / d, eps) equals
+GroupNorm(y, eps * d^2), that is the same function (64e-5 = 1e-5 * 8^2), and v6 training writes eps 64e-5 directly.
+FFN (as RWKV-4): out = sigmoid(W_r x_r) * W_v relu(W_k x_k)^2 with time_mix_{k,r} token shift.
+
+Two ways to run the same model:
+- `step`: RNN mode, one token, the equations above literally.
+- `forward_seq`: GPT mode, T tokens: every linear layer matrix-matrix over [T, C]; only the WKV recurrence is a loop
+  over t. Differentiable: no in-place op touches a tensor in the graph.
+Both take a state and return a new one; the input state is never modified.
+
+State: {"att_x": [L, C], "att_kv": [L, H, N, N], "ffn_x": [L, C]}, fresh = zeros. att_kv is indexed (head, key,
+value), the orientation of ChatRWKV's / the pip package's v5 state (its list item 3*i+1), in this model's dtype
+(the package keeps it in fp32 whatever the weights).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+STATE_KEYS = ("att_x", "att_kv", "ffn_x")
+"""Per layer: time-mix token shift (LN1 output of the previous token), the WKV matrix per head (key, value),
+channel-mix token shift (LN2 output of the previous token)."""
+
+GROUPNORM_EPS = 64e-5  # ln_x, as in rwkv 0.8.32's att_one_v5_1 / att_seq_v5_2 (= 1e-5 * head_size_divisor**2)
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class RWKV5Config:
+    n_layer: int
+    n_embd: int  # C
+    n_head: int  # H, read from att.time_faaaa
+    head_size: int  # N = C / H (64 in every release)
+    ffn_dim: int  # F, read from ffn.key.weight (3.5 C rounded to 32 by default, never assumed)
+    vocab_size: int  # V
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> "RWKV5Config":
+        """Read L, C, H, N, F, V from the tensor shapes of a BlinkDL RWKV-5.2 state dict."""
+        if "blocks.0.att.time_maa_x" in sd:
+            raise ValueError("not an RWKV-5.2 checkpoint: att.time_maa_x marks RWKV-6 (use runtime_ref.rwkv6)")
+        if "blocks.0.att.time_first" in sd and "blocks.0.att.ln_x.weight" not in sd:
+            raise ValueError("not an RWKV-5.2 checkpoint: att.time_first without att.ln_x marks RWKV-4")
+        for key in ("emb.weight", "blocks.0.att.ln_x.weight", "blocks.0.att.time_faaaa", "blocks.0.ffn.key.weight"):
+            if key not in sd:
+                raise ValueError(f"not an RWKV-5.2 checkpoint: missing {key!r} (RWKV-5.0/5.1 have no time_faaaa)")
+        layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+        vocab_size, n_embd = sd["emb.weight"].shape
+        faaaa = sd["blocks.0.att.time_faaaa"]
+        if faaaa.dim() != 2:
+            raise ValueError(f"blocks.0.att.time_faaaa: shape {tuple(faaaa.shape)}, expected [H, N] (RWKV-5.2)")
+        n_head, head_size = faaaa.shape
+        return cls(n_layer=max(layers) + 1, n_embd=n_embd, n_head=n_head, head_size=head_size,
+                   ffn_dim=sd["blocks.0.ffn.key.weight"].shape[0], vocab_size=vocab_size)
+
+
+def expected_shapes(cfg: RWKV5Config) -> dict[str, tuple[int, ...]]:
+    """Every key of an RWKV-5.2 checkpoint with its shape."""
+    L, C, H, N, Fd, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size, cfg.ffn_dim, cfg.vocab_size
+    shapes = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,)}
+    for i in range(L):
+        p = f"blocks.{i}."
+        for name in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "att.ln_x.weight", "att.ln_x.bias"):
+            shapes[p + name] = (C,)
+        for name in ("att.time_mix_k", "att.time_mix_v", "att.time_mix_r", "att.time_mix_g",
+                     "ffn.time_mix_k", "ffn.time_mix_r"):
+            shapes[p + name] = (1, 1, C)
+        shapes[p + "att.time_decay"] = (H, N)
+        shapes[p + "att.time_faaaa"] = (H, N)
+        for name in ("att.receptance", "att.key", "att.value", "att.gate", "att.output", "ffn.receptance"):
+            shapes[p + name + ".weight"] = (C, C)
+        shapes[p + "ffn.key.weight"] = (Fd, C)
+        shapes[p + "ffn.value.weight"] = (C, Fd)
+    shapes.update({"ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)})
+    return shapes
+
+
+def check_state_dict(sd: dict, cfg: RWKV5Config) -> None:
+    """Raise ValueError unless `sd` has exactly the RWKV-5.2 keys with the shapes `cfg` implies."""
+    if cfg.n_head * cfg.head_size != cfg.n_embd:
+        raise ValueError(f"time_faaaa gives H * N = {cfg.n_head} * {cfg.head_size} != n_embd {cfg.n_embd}")
+    expected = expected_shapes(cfg)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"RWKV-5.2 checkpoint keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, shape in expected.items():
+        if tuple(sd[key].shape) != shape:
+            raise ValueError(f"{key}: shape {tuple(sd[key].shape)}, expected {shape} for {cfg}")
+
+
+def _mix(x: torch.Tensor, prev: torch.Tensor, mix: nn.Parameter) -> torch.Tensor:
+    """Token shift: x*mix + prev*(1-mix), with mix stored as [1, 1, C]."""
+    m = mix.view(-1)
+    return x * m + prev * (1 - m)
+
+
+class TimeMix(nn.Module):
+    """The attention-like half of a block ("att"): token shift, r/k/v/g, the per-head matrix WKV, ln_x, gate."""
+
+    def __init__(self, cfg: RWKV5Config):
+        super().__init__()
+        C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
+        self.H, self.N = H, N
+        self.time_mix_k = nn.Parameter(torch.empty(1, 1, C))
+        self.time_mix_v = nn.Parameter(torch.empty(1, 1, C))
+        self.time_mix_r = nn.Parameter(torch.empty(1, 1, C))
+        self.time_mix_g = nn.Parameter(torch.empty(1, 1, C))
+        self.time_decay = nn.Parameter(torch.empty(H, N))  # raw; the decay used is w = exp(-exp(time_decay))
+        self.time_faaaa = nn.Parameter(torch.empty(H, N))  # u, the current token's bonus, used as is
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.gate = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=GROUPNORM_EPS)
+
+    def _project(self, xx, prev):
+        """r, k, v as [..., H, N] and the gate silu(g) as [..., C], for xx and prev of shape [..., C]."""
+        heads = xx.shape[:-1] + (self.H, self.N)
+        r = self.receptance(_mix(xx, prev, self.time_mix_r)).view(heads)
+        k = self.key(_mix(xx, prev, self.time_mix_k)).view(heads)
+        v = self.value(_mix(xx, prev, self.time_mix_v)).view(heads)
+        g = F.silu(self.gate(_mix(xx, prev, self.time_mix_g)))
+        return r, k, v, g
+
+    def _wkv(self, r, k, v, s):
+        """One token of the recurrence: r, k, v [H, N], s [H, N(key), N(value)] -> (y [H, N], s')."""
+        w = torch.exp(-torch.exp(self.time_decay)).unsqueeze(-1)  # [H, N, 1]: scales key rows
+        u = self.time_faaaa.unsqueeze(-1)
+        a = k.unsqueeze(-1) * v.unsqueeze(-2)  # k ⊗ v: [H, key, value]
+        y = (r.unsqueeze(-2) @ (u * a + s)).squeeze(-2)  # [H, 1, key] @ [H, key, value]
+        return y, a + w * s
+
+    def _out(self, y, g):
+        """GroupNorm over the H heads, gate, output projection; y [T, H, N] or [H, N]."""
+        shape = y.shape[:-2] + (self.H * self.N,)
+        y = self.ln_x(y.reshape(-1, self.H * self.N)).view(shape)  # GroupNorm wants [batch, C]
+        return self.output(y * g)
+
+    def step(self, xx, sx, s):
+        """One token. xx = LN1(x) [C]; returns (output [C], (sx', s'))."""
+        r, k, v, g = self._project(xx, sx)
+        y, s = self._wkv(r, k, v, s)
+        return self._out(y, g), (xx, s)
+
+    def forward_seq(self, xx, sx, s):
+        """T tokens. xx = LN1(x) [T, C]; returns (output [T, C], (sx', s'))."""
+        prev = torch.cat([sx.unsqueeze(0), xx[:-1]])  # x_{t-1}; the state's for t = 0
+        r, k, v, g = self._project(xx, prev)  # [T, C] @ [C, C], viewed [T, H, N]
+        ys = []
+        for t in range(xx.shape[0]):
+            y, s = self._wkv(r[t], k[t], v[t], s)
+            ys.append(y)
+        return self._out(torch.stack(ys), g), (xx[-1], s)
+
+
+class ChannelMix(nn.Module):
+    """The feed-forward half of a block ("ffn"): token shift, squared-ReLU MLP gated by sigmoid(r)."""
+
+    def __init__(self, C: int, Fd: int):
+        super().__init__()
+        self.time_mix_k = nn.Parameter(torch.empty(1, 1, C))
+        self.time_mix_r = nn.Parameter(torch.empty(1, 1, C))
+        self.key = nn.Linear(C, Fd, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(Fd, C, bias=False)
+
+    def _mlp(self, xx, prev):
+        xk = _mix(xx, prev, self.time_mix_k)
+        xr = _mix(xx, prev, self.time_mix_r)
+        return torch.sigmoid(self.receptance(xr)) * self.value(torch.relu(self.key(xk)) ** 2)
+
+    def step(self, xx, fx):
+        """One token. xx = LN2(x) [C]; returns (output [C], fx')."""
+        return self._mlp(xx, fx), xx
+
+    def forward_seq(self, xx, fx):
+        """T tokens. xx = LN2(x) [T, C]; returns (output [T, C], fx')."""
+        prev = torch.cat([fx.unsqueeze(0), xx[:-1]])
+        return self._mlp(xx, prev), xx[-1]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: RWKV5Config, layer_id: int):
+        super().__init__()
+        C = cfg.n_embd
+        self.ln0 = nn.LayerNorm(C) if layer_id == 0 else None  # applied to the embedding, block 0 only
+        self.ln1 = nn.LayerNorm(C)
+        self.ln2 = nn.LayerNorm(C)
+        self.att = TimeMix(cfg)
+        self.ffn = ChannelMix(C, cfg.ffn_dim)
+
+    def step(self, x, sx, s, fx):
+        out, (sx, s) = self.att.step(self.ln1(x), sx, s)
+        x = x + out
+        out, fx = self.ffn.step(self.ln2(x), fx)
+        return x + out, (sx, s, fx)
+
+    def forward_seq(self, x, sx, s, fx):
+        out, (sx, s) = self.att.forward_seq(self.ln1(x), sx, s)
+        x = x + out
+        out, fx = self.ffn.forward_seq(self.ln2(x), fx)
+        return x + out, (sx, s, fx)
+
+
+class RWKV5(nn.Module):
+    """RWKV-5.2 language model built from a BlinkDL state dict, computing in `dtype` (fp32 or fp64)."""
+
+    def __init__(self, state_dict: dict, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+        cfg = RWKV5Config.from_state_dict(state_dict)
+        check_state_dict(state_dict, cfg)
+        self.config = cfg
+        with torch.device("meta"):  # no init work: every tensor comes from the checkpoint
+            self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+            self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+            self.ln_out = nn.LayerNorm(cfg.n_embd)
+            self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        weights = {k: v.to(device="cpu", dtype=dtype, copy=True) for k, v in state_dict.items()}
+        self.load_state_dict(weights, strict=True, assign=True)
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "RWKV5":
+        """Load a `.pth` (BlinkDL torch.save) or `.safetensors` checkpoint stored in bf16, fp16 or fp32."""
+        path = Path(path)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        elif path.suffix == ".pth":
+            sd = torch.load(str(path), weights_only=True, map_location="cpu", mmap=True)
+        else:
+            raise ValueError(f"{path}: expected a .pth or .safetensors checkpoint")
+        return cls(sd, dtype=dtype)
+
+    # -- shape and dtype -------------------------------------------------------------------------------------------
+
+    @property
+    def n_layer(self) -> int:
+        return self.config.n_layer
+
+    @property
+    def n_embd(self) -> int:
+        return self.config.n_embd
+
+    @property
+    def n_head(self) -> int:
+        return self.config.n_head
+
+    @property
+    def head_size(self) -> int:
+        return self.config.head_size
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.config.ffn_dim
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.emb.weight.dtype
+
+    # -- state ---------------------------------------------------------------------------------------------------------
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        L, C, H, N = self.n_layer, self.n_embd, self.n_head, self.head_size
+        return {"att_x": (L, C), "att_kv": (L, H, N, N), "ffn_x": (L, C)}
+
+    def new_state(self) -> dict[str, torch.Tensor]:
+        """A fresh state: all zeros (no token seen yet)."""
+        kw = dict(dtype=self.dtype, device=self.emb.weight.device)
+        return {k: torch.zeros(shape, **kw) for k, shape in self.state_shapes().items()}
+
+    def _check_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or set(state) != set(STATE_KEYS):
+            raise ValueError(f"state keys {sorted(state) if isinstance(state, dict) else type(state)}, "
+                             f"expected {list(STATE_KEYS)}")
+        for k, shape in self.state_shapes().items():
+            if tuple(state[k].shape) != shape:
+                raise ValueError(f"state[{k!r}]: shape {tuple(state[k].shape)}, expected {shape}")
+            if state[k].dtype != self.dtype:
+                raise ValueError(f"state[{k!r}]: dtype {state[k].dtype}, expected {self.dtype}")
+
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < self.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
+
+    # -- running -------------------------------------------------------------------------------------------------------
+
+    def step(self, token: int, state: dict) -> tuple[torch.Tensor, dict]:
+        """RNN mode: one token. Returns (logits [V], new state); `state` is left as it was."""
+        self._check_state(state)
+        token = int(token)
+        self._check_tokens(torch.tensor([token]))
+        x = self.blocks[0].ln0(self.emb.weight[token])
+        new = {k: [] for k in STATE_KEYS}
+        for i, block in enumerate(self.blocks):
+            x, layer_state = block.step(x, *(state[k][i] for k in STATE_KEYS))
+            for k, s in zip(STATE_KEYS, layer_state):
+                new[k].append(s)
+        logits = self.head(self.ln_out(x))
+        return logits, {k: torch.stack(v) for k, v in new.items()}
+
+    def forward_seq(self, tokens, state: dict, all_logits: bool = False) -> tuple[torch.Tensor, dict]:
+        """GPT mode: T >= 1 tokens (list[int] or 1-D LongTensor) from `state`.
+
+        Returns (logits, new state): logits [V] of the last token, or [T, V] with all_logits=True. Equal to T calls
+        of `step` up to rounding; differentiable.
+        """
+        self._check_state(state)
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.emb.weight.device)
+        if tokens.dim() != 1 or tokens.numel() == 0:
+            raise ValueError(f"tokens must be 1-D with at least one token, got shape {tuple(tokens.shape)}")
+        self._check_tokens(tokens)
+        x = self.blocks[0].ln0(self.emb(tokens))  # [T, C]
+        new = {k: [] for k in STATE_KEYS}
+        for i, block in enumerate(self.blocks):
+            x, layer_state = block.forward_seq(x, *(state[k][i] for k in STATE_KEYS))
+            for k, s in zip(STATE_KEYS, layer_state):
+                new[k].append(s)
+        if not all_logits:
+            x = x[-1]
+        logits = self.head(self.ln_out(x))
+        return logits, {k: torch.stack(v) for k, v in new.items()}
+
+    def forward(self, tokens, state: dict, all_logits: bool = False) -> tuple[torch.Tensor, dict]:
+        """`model(tokens, state)` is `forward_seq` (for trainers and torch.func)."""
+        return self.forward_seq(tokens, state, all_logits=all_logits)
+
+    @torch.no_grad()
+    def greedy(self, prompt_tokens, n: int, state: dict | None = None) -> tuple[list[int], dict]:
+        """Feed the prompt (GPT mode), then take n argmax steps.
+
+        Returns (the n generated tokens, the state after the prompt and all n generated tokens), so generation can
+        go on from the returned state by feeding the next token.
+        """
+        state = self.new_state() if state is None else state
+        logits, state = self.forward_seq(prompt_tokens, state)
+        out: list[int] = []
+        for _ in range(n):
+            out.append(int(torch.argmax(logits)))
+            logits, state = self.step(out[-1], state)
+        return out, state
