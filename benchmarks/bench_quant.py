@@ -111,17 +111,24 @@ class OrtDecoder:
 
 
 class PipDecoder:
-    """The `rwkv` pip package, strategy "cpu fp32" (JIT and CUDA off), the same greedy loop."""
+    """The `rwkv` pip package, strategy "cpu fp32" (JIT and CUDA off), the same greedy loop. `env`: more switches
+    set before the import, where the package reads them (RWKV_V7_ON=1 selects its RWKV-7 class)."""
 
-    def __init__(self, pth: Path, threads: int):
+    def __init__(self, pth: Path, threads: int, env: dict | None = None):
+        import contextlib
+
         os.environ["RWKV_JIT_ON"] = "0"
         os.environ["RWKV_CUDA_ON"] = "0"
+        os.environ.update(env or {})
         import torch
-        from rwkv.model import RWKV
 
+        with contextlib.redirect_stdout(sys.stderr):  # its banners ("Loading ...") stay out of the tables
+            from rwkv.model import RWKV
+
+            kwargs = {} if (env or {}).get("RWKV_V7_ON") == "1" else {"verbose": False}  # x070 takes no verbose
+            self.model = RWKV(model=str(pth.with_suffix("")), strategy="cpu fp32", **kwargs)
         self.torch = torch
         torch.set_num_threads(threads)  # its own process (interleaved()): set once
-        self.model = RWKV(model=str(pth.with_suffix("")), strategy="cpu fp32", verbose=False)
         self.state, self.tok = None, 0
 
     def step(self) -> float:
@@ -141,12 +148,13 @@ def _decoder_worker(conn, kind: str, args: tuple) -> None:
         conn.send([decoder.step() for _ in range(n)])
 
 
-def interleaved(specs: dict, steps: int, rounds: int) -> dict:
+def interleaved(specs: dict, steps: int, rounds: int, raw: bool = False) -> dict:
     """Each decoder (name -> (kind, args)) in its own process, as an app would run it; WARMUP steps, then `steps`
     timed steps in `rounds` rounds, every round visiting the decoders in a rotated order. Load on a shared machine
     drifts over minutes: interleaving spreads it over every row alike, where timing one variant after another would
     hand each its own slice of the drift. (Decoders sharing one process measured slower with 2 threads: the idle
-    sessions' thread pools compete for the second core.)"""
+    sessions' thread pools compete for the second core.) Returns name -> rates(); with raw, name -> the step times
+    of each round (a list per round)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -169,8 +177,10 @@ def interleaved(specs: dict, steps: int, rounds: int) -> dict:
             for n in names[r % len(names):] + names[:r % len(names)]:
                 time.sleep(SWITCH_PAUSE_S)
                 conns[n].send(per_round)
-                times[n] += conns[n].recv()
-        return {n: rates(t) for n, t in times.items()}
+                times[n].append(conns[n].recv())
+        if raw:
+            return times
+        return {n: rates([s for rnd in t for s in rnd]) for n, t in times.items()}
     finally:
         for c in conns.values():
             try:

@@ -152,7 +152,7 @@ def _export_prefill(module, root: Path, opset: int, external_data, progress: Pro
     from .targets import onnx_seq
 
     file = PREFILL_FILES["fp32"]
-    with progress.stage(f"exporting {file} (prompt graph: T tokens per call, WKV as a parallel scan)"):
+    with progress.stage(f"exporting {file} (prompt graph: T tokens per call, GPT mode)"):
         files = onnx_seq.export_sequence(module, root / file, opset, external_data=external_data)
     return onnx_seq.graph_entry(root / file, files=files)
 

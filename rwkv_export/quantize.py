@@ -104,11 +104,13 @@ def quantize_int8(
     model = _load(src)
     n_matmul = _check_has_weights(model, src)
     head = _head_weight_name(model)
+    kept: list[str] = []
     with _quiet():
         if method in DYNAMIC_METHODS:
             model = _dynamic(model, per_channel, int7=method == "dynamic-int7")
         elif method == "matmul-nbits":
-            model = _nbits(model, bits=8, block_size=block_size, accuracy_level=accuracy_level, embedding=False)
+            model, kept = _nbits(model, bits=8, block_size=block_size, accuracy_level=accuracy_level,
+                                 embedding=False)
         else:
             model = _qdq_int8(model)
         if include_embedding:
@@ -118,7 +120,8 @@ def quantize_int8(
         options["per_channel"] = per_channel
     if method == "matmul-nbits":
         options.update(block_size=block_size, accuracy_level=accuracy_level)
-    return _finish(model, src, dst, bits=8, method=method, options=options, n_matmul=n_matmul, head=head)
+    return _finish(model, src, dst, bits=8, method=method, options=options, n_matmul=n_matmul, head=head,
+                   kept_fp32=kept)
 
 
 def quantize_int4(
@@ -141,11 +144,12 @@ def quantize_int4(
     n_matmul = _check_has_weights(model, src)
     head = _head_weight_name(model)
     with _quiet():
-        model = _nbits(model, bits=4, block_size=block_size, accuracy_level=accuracy_level,
-                       embedding=include_embedding, symmetric=symmetric)
+        model, kept = _nbits(model, bits=4, block_size=block_size, accuracy_level=accuracy_level,
+                             embedding=include_embedding, symmetric=symmetric)
     options = {"block_size": block_size, "accuracy_level": accuracy_level, "include_embedding": include_embedding,
                "symmetric": symmetric}
-    return _finish(model, src, dst, bits=4, method="matmul-nbits", options=options, n_matmul=n_matmul, head=head)
+    return _finish(model, src, dst, bits=4, method="matmul-nbits", options=options, n_matmul=n_matmul, head=head,
+                   kept_fp32=kept)
 
 
 def weight_summary(path: str | Path) -> dict:
@@ -207,14 +211,16 @@ def _check_has_weights(model, src: Path) -> int:
     return n
 
 
-def _finish(model, src: Path, dst: Path, *, bits: int, method: str, options: dict, n_matmul: int, head) -> dict:
+def _finish(model, src: Path, dst: Path, *, bits: int, method: str, options: dict, n_matmul: int, head,
+            kept_fp32: list[str] = ()) -> dict:
     import onnx
 
     inits = {i.name for i in model.graph.initializer}
-    left = sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
-               and _initializer(model, n.input[1]).data_type == onnx.TensorProto.FLOAT)
+    left = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+            and _initializer(model, n.input[1]).data_type == onnx.TensorProto.FLOAT and n.name not in kept_fp32]
     if left:
-        raise QuantizeError(f"{left} of {n_matmul} MatMul weights were left in fp32 (unsupported shape?)")
+        raise QuantizeError(f"{len(left)} of {n_matmul} MatMul weights were left in fp32 (unsupported shape?), "
+                            f"e.g. {left[0]}")
     files = _save(model, dst)
     size = sum((dst.parent / f).stat().st_size for f in files)
     from .shared_data import onnx_bytes
@@ -231,7 +237,8 @@ def _finish(model, src: Path, dst: Path, *, bits: int, method: str, options: dic
         "size": size,
         "source_size": src_size,
         "size_ratio": round(size / src_size, 4),
-        "quantized_matmuls": n_matmul,
+        "quantized_matmuls": n_matmul - len(kept_fp32),
+        "fp32_matmuls": len(kept_fp32),  # narrower than one block (low-rank LoRA factors): kept fp32
         "head": head,
         "head_quantized": summary["head_quantized"],
         "embedding": summary["embedding"],
@@ -366,14 +373,20 @@ def _check_nbits_options(block_size: int, accuracy_level: int) -> None:
 
 
 def _nbits(model, *, bits: int, block_size: int, accuracy_level: int, embedding: bool, symmetric: bool = False):
+    """(the model with MatMulNBits, the names of the MatMuls kept fp32 because they are narrower than one block)"""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
     from onnxruntime.quantization.quant_utils import QuantFormat
 
-    k_min = min(_initializer(model, n.input[1]).dims[0] for n in model.graph.node
-                if n.op_type == "MatMul" and _initializer(model, n.input[1]) is not None)
-    if block_size > k_min:
-        # MatMulNBits would still run (the block is padded) but every weight column would share one scale
-        raise QuantizeError(f"block_size {block_size} is larger than the smallest MatMul input width {k_min}")
+    widths = {n.name: _initializer(model, n.input[1]).dims[0] for n in model.graph.node
+              if n.op_type == "MatMul" and _initializer(model, n.input[1]) is not None}
+    # A MatMul narrower than one block (RWKV-6/7's low-rank LoRA factors: K = 8..128) would share one scale per
+    # output column, padded: it stays fp32 (a few thousand weights per layer, <1% of a step's bytes at real shapes).
+    narrow = sorted(name for name, k in widths.items() if k < block_size)
+    if any(not name for name in narrow):
+        raise QuantizeError("a MatMul without a node name cannot be kept out of quantization")
+    if len(narrow) == len(widths):
+        raise QuantizeError(f"block_size {block_size} is larger than every MatMul input width "
+                            f"(widest {max(widths.values(), default=0)})")
     ops = ("MatMul", "Gather") if embedding else ("MatMul",)
     cfg = DefaultWeightOnlyQuantConfig(
         block_size=block_size,
@@ -384,9 +397,9 @@ def _nbits(model, *, bits: int, block_size: int, accuracy_level: int, embedding:
         quant_axes=(("MatMul", 0), ("Gather", 1)),
         bits=bits,
     )
-    q = MatMulNBitsQuantizer(model, algo_config=cfg)
+    q = MatMulNBitsQuantizer(model, algo_config=cfg, nodes_to_exclude=narrow)
     q.process()
-    return q.model.model
+    return q.model.model, narrow
 
 
 def _dynamic(model, per_channel: bool, int7: bool):

@@ -24,6 +24,10 @@ BUILTINS: dict[str, tuple[str, str, int, str]] = {
     "tiny": ("4", "tiny", 0, "RWKV-4, 2 layers, C=64, byte-level vocab 256, seeded synthetic weights (bf16)"),
     "tiny-ffn": ("4", "tiny-ffn", 0, "RWKV-4, 3 layers, C=48, ffn 160 (not 4*C), vocab 300, synthetic (bf16)"),
     "169m-synthetic": ("4", "169m", 0, "the exact RWKV-4-Pile-169M shapes (12 x 768, vocab 50277), synthetic (bf16)"),
+    "v5-tiny": ("5.2", "tiny", 0, "RWKV-5.2, 2 layers, C=128 (2 heads of 64), byte-level vocab 256, synthetic (bf16)"),
+    "v6-tiny": ("6", "tiny", 0, "RWKV-6, 2 layers, C=128 (2 heads of 64), byte-level vocab 256, synthetic (bf16)"),
+    "v7-tiny-pydoc": ("7", "tiny-pydoc-v7.safetensors", 0, "RWKV-7, 4 layers, C=128 (2 heads of 64), bytes; TRAINED "
+                      "on CPython's docstrings like tiny-pydoc (bf16, 1.9 MB, ships with the package)"),
     "v7-tiny": ("7", "tiny", 0, "RWKV-7, 2 layers, C=128 (2 heads of 64), byte-level vocab 256, synthetic (bf16)"),
     "v7-0.1b-synthetic": ("7", "0.1b", 0, "the exact RWKV-7 G1 0.1B shapes (12 x 768, head 64, vocab 65536, World "
                           "tokenizer), synthetic (bf16)"),

@@ -24,7 +24,7 @@ REFUSED: tuple[tuple[str, str], ...] = (
 )
 
 
-# versions recognised by a marker, newest first, for a clear refusal while no architecture of theirs is registered
+# versions recognised by a marker, newest first, for a clear refusal of any that is not registered (all are, today)
 RECOGNISED: tuple[tuple[str, str], ...] = (
     ("RWKV-7", ".att.k_k"),
     ("RWKV-6", ".att.time_maa_x"),
@@ -34,15 +34,11 @@ RECOGNISED: tuple[tuple[str, str], ...] = (
 
 def _registry() -> list[Architecture]:
     from .rwkv4 import RWKV4Arch
+    from .rwkv5 import RWKV5Arch
+    from .rwkv6 import RWKV6Arch
+    from .rwkv7 import RWKV7Arch
 
-    archs: list[Architecture] = []
-    for mod, cls in (("rwkv7", "RWKV7Arch"), ("rwkv6", "RWKV6Arch"), ("rwkv5", "RWKV5Arch")):
-        try:
-            archs.append(getattr(__import__(f"{__name__}.{mod}", fromlist=[cls]), cls)())
-        except (ImportError, AttributeError):  # a version still being built: not registered yet
-            pass
-    archs.append(RWKV4Arch())
-    return archs
+    return [RWKV7Arch(), RWKV6Arch(), RWKV5Arch(), RWKV4Arch()]
 
 
 # newest first: the order detection tries them in
@@ -68,13 +64,20 @@ def detect(keys) -> Architecture:
     for arch in ARCHITECTURES:
         if arch.matches(keys):
             return arch
-    for title, marker in RECOGNISED:
-        if any(k.endswith(marker) for k in keys):
-            raise UnsupportedVersionError(f"this is an {title} checkpoint, which this rwkv-export does not export "
-                                          f"(supported: {', '.join(a.title for a in ARCHITECTURES)})")
     if any(k.endswith(".att.ln_x.weight") for k in keys) and not any(k.endswith(".att.time_faaaa") for k in keys):
         raise UnsupportedVersionError("this is an RWKV-5.0/5.1 checkpoint (att.ln_x without att.time_faaaa); only "
                                       "RWKV-5.2 of the v5 family is supported")
+    for a in ARCHITECTURES:
+        have = [m for m in a.markers if any(k.endswith("." + m) for k in keys)]
+        if have and len(have) < len(a.markers):
+            lacks = next(m for m in a.markers if m not in have)
+            raise CheckpointError(f"incomplete {a.title} checkpoint: it has '{have[0]}' tensors but no '{lacks}' "
+                                  f"(an {a.title} file has all of {', '.join(a.markers)})")
+    registered = {a.title for a in ARCHITECTURES}
+    for title, marker in RECOGNISED:
+        if title not in registered and any(k.endswith(marker) for k in keys):
+            raise UnsupportedVersionError(f"this is an {title} checkpoint, which this rwkv-export does not export "
+                                          f"(supported: {', '.join(a.title for a in ARCHITECTURES)})")
     raise CheckpointError("not an RWKV checkpoint: no key identifies an RWKV version (expected e.g. "
                           "'blocks.0.att.time_first' for RWKV-4 or 'blocks.0.att.k_k' for RWKV-7)")
 

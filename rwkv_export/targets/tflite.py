@@ -147,14 +147,50 @@ def convert_fp32(module, prefill_chunk: int | None = PREFILL_CHUNK) -> bytes:
         return bytes(conv.convert().model_content())
 
 
-def _recipe(variant: str):
+def unblockable_scopes(fp32_model: bytes, block: int = INT4_BLOCK) -> list[str]:
+    """The op scopes (ai-edge-quantizer's name for an op: its output tensor names) of the weight ops whose blockwise
+    quantized dimension (the input dim of a FULLY_CONNECTED, the row of an EMBEDDING_LOOKUP table) is not a multiple
+    of `block`, in every signature. int4 cannot quantize those in blocks; they get int8 channelwise instead. RWKV-6/7
+    have them: a LoRA up-projection's input is its rank (16 and 8 in the tiny presets; 32 .. 128 at the released
+    shapes, all multiples of 32, so real models have none)."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fu
+
+    model = fu.read_model(bytearray(fp32_model))
+    scopes = []
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            name = fu.TFL_OP_CODE_TO_NAME.get(model.operatorCodes[op.opcodeIndex].builtinCode)
+            dim = fu.TFL_OP_TO_BLOCKWISE_WEIGHT_QUANTIZED_DIM.get(name)
+            if dim is None or len(op.inputs) < 2 or op.inputs[1] < 0:
+                continue
+            w = sg.tensors[op.inputs[1]]
+            if model.buffers[w.buffer].data is None or w.shape is None or len(w.shape) <= dim:
+                continue
+            if int(w.shape[dim]) % block:
+                scopes.append(fu.get_op_scope(op, sg.tensors))
+    return scopes
+
+
+def _recipe(variant: str, fp32_model: bytes | None = None):
     _import_quantizer()
     from ai_edge_quantizer import qtyping, recipe, recipe_manager
 
     if variant == "int8":
         return recipe.dynamic_wi8_afp32()
     if variant == "int4":
-        return recipe.dynamic_wi4b32_afp32()
+        rec = recipe.dynamic_wi4b32_afp32()
+        scopes = unblockable_scopes(fp32_model) if fp32_model is not None else []
+        if not scopes:
+            return rec
+        import re
+
+        rm = recipe_manager.RecipeManager()
+        rm.load_quantization_recipe(rec)
+        # a later matching entry wins: these ops (exact scope) get int8 channelwise instead of int4 blocks
+        for scope in dict.fromkeys(scopes):
+            rm.add_dynamic_config(regex="^" + re.escape(scope) + "$",
+                                  operation_name=qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=8)
+        return rm.get_quantization_recipe()
     if variant == "fp16":  # litert-torch's full_fp16_recipe, spelled out for ai-edge-quantizer
         rm = recipe_manager.RecipeManager()
         rm.add_quantization_config(
@@ -177,7 +213,7 @@ def quantize(fp32_model: bytes, variant: str) -> bytes:
     """Derive a quantized variant from the fp32 flatbuffer."""
     if variant == "fp32":
         return fp32_model
-    rec = _recipe(variant)
+    rec = _recipe(variant, fp32_model)
     from ai_edge_quantizer import quantizer
 
     with _quiet():
