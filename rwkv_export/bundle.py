@@ -130,6 +130,9 @@ def make_bundle(source: str, out: str | Path, *, runtime: str = "ort-mobile", qu
 # ---- INTEGRATION.md ---------------------------------------------------------------------------------------------
 
 
+_NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
+
+
 def _fmt(x) -> str:
     return repr(x) if not isinstance(x, float) else (f"{x:.1f}" if x == int(x) else repr(x))
 
@@ -137,6 +140,8 @@ def _fmt(x) -> str:
 def integration_doc(m: dict) -> str:
     """Generate INTEGRATION.md from the manifest alone (the same facts an app reads at run time)."""
     md, st, gen, tok = m["model"], m["state"]["tensors"], m["generation"], m["tokenizer"]
+    # how many state tensors, from the manifest (RWKV-4: five [L, C]; RWKV-5/6/7: three, one of them [L, H, N, N])
+    n_state = _NUMBERS.get(len(st), str(len(st)))
     runtime = m.get("bundle", {}).get("runtime") or ("tflite" if m["graphs"][0]["format"] == "tflite" else "ort-mobile")
     g = next(x for x in m["graphs"] if x["kind"] == "step")
     seqs = [x for x in m["graphs"] if x["kind"] == "sequence"]
@@ -160,7 +165,7 @@ def integration_doc(m: dict) -> str:
 
 {where[0].upper() + where[1:]} is the same model in GPT mode: input `{q_tok['name']}` of shape
 [{q['max_chunk']}] ({q_tok['dtype']}, exactly {q['max_chunk']} tokens: the format needs static shapes) plus the same
-five state inputs; outputs the logits of the last token and the state after the {q['max_chunk']} tokens — what
+{n_state} state inputs; outputs the logits of the last token and the state after the {q['max_chunk']} tokens — what
 {q['max_chunk']} runs of the step graph give (within fp32 rounding), in one call that reads the weights once. In step
 2 of the loop, feed the prompt through it {q['max_chunk']} tokens at a time, passing the state from call to call, and
 the remaining tokens (fewer than {q['max_chunk']}) through the step graph; then decode with the step graph.
@@ -170,7 +175,7 @@ the remaining tokens (fewer than {q['max_chunk']}) through the step graph; then 
 ## Prompts in one call
 
 Each `sequence` graph (e.g. `{q['file']}`) is the same model in GPT mode: input `{q_tok['name']}` of shape [T]
-({q_tok['dtype']}, 1 ≤ T ≤ {q['max_chunk']}) plus the same five state inputs; outputs the logits of the last token
+({q_tok['dtype']}, 1 ≤ T ≤ {q['max_chunk']}) plus the same {n_state} state inputs; outputs the logits of the last token
 and the state after all T tokens — what T runs of the step graph give (within fp32 rounding), in one call that reads
 the weights once. In step 2 of the loop, feed the prompt through it in chunks of at most {q['max_chunk']} tokens (its
 `max_chunk`), passing the state from chunk to chunk; then decode with the step graph of the same variant.
@@ -191,10 +196,12 @@ the weights once. In step 2 of the loop, feed the prompt through it in chunks of
         parts_note = ("\nSome model files are split into parts (see the table). Concatenate the parts in order, check each "
                       "part's sha256 (in `manifest.json`), and the whole file's `sha256`, before loading.\n")
     sig = g.get("signature", "step")
+    heads = (f" ({md['n_head']} head{'s' if md['n_head'] != 1 else ''} of {md['head_size']})" if md.get("n_head")
+             else "")
     kotlin, swift = _sketches(runtime, g, tok_in, logits, state_io, sig)
     return f"""# Integrating this bundle ({runtime})
 
-Model: RWKV-{md['rwkv_version']}, {md['n_layer']} layers × {md['n_embd']}, ffn {md['ffn_dim']}, vocab {md['vocab_size']}.
+Model: RWKV-{md['rwkv_version']}, {md['n_layer']} layers × {md['n_embd']}{heads}, ffn {md['ffn_dim']}, vocab {md['vocab_size']}.
 Everything below is also in `manifest.json`; an app should read it from there rather than copy these values.
 
 ## Files
@@ -211,7 +218,8 @@ Tokenizer: {tok_text}{eos}
 
 - token input `{tok_in['name']}`: shape {tok_in['shape']}, {tok_in['dtype']}
 - logits output `{logits['name']}`: shape {logits['shape']}, {logits['dtype']}
-- state: five tensors in, the same five out (feed each output back as the matching input next step):
+- state: {n_state} tensors in, the same {n_state} out, each of the shape in the table, whatever its rank (feed each
+  output back as the matching input next step; a buffer of the product of its dimensions, row-major):
 
 | state | input | output | shape | dtype | initial value | meaning |
 |---|---|---|---|---|---|---|

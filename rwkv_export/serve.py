@@ -3,7 +3,7 @@
 Layout of the site:
   /                                    web_demo/ (index.html, ES modules, css)
   /node_modules/onnxruntime-web/dist/  onnxruntime-web's runtime files (nothing else under node_modules is served)
-  /model/                              the export folder (manifest.json, *.onnx, tokenizer.json)
+  /model/                              the export folder (manifest.json, *.onnx, tokenizer.json or the World vocab .txt)
 
 Every response carries Cross-Origin-Opener-Policy: same-origin and Cross-Origin-Embedder-Policy: require-corp, so
 the page is `crossOriginIsolated` and onnxruntime-web can use wasm threads (SharedArrayBuffer), plus
@@ -43,6 +43,7 @@ MIME_TYPES = {
     ".mjs": "text/javascript",
     ".wasm": "application/wasm",
     ".json": "application/json",
+    ".txt": "text/plain; charset=utf-8",  # the RWKV World vocab (rwkv_vocab_v20230424.txt): UTF-8, whatever the system says
     ".onnx": "application/octet-stream",
     ".data": "application/octet-stream",
     ".map": "application/json",

@@ -18,14 +18,19 @@ N_GREEDY = 32
 runner = CliRunner()
 
 
-def consume(bundle: Path, prompt: str, variant: str = "fp32", prompt_graph: str | None = None) -> list[int]:
+def consume_all(bundle: Path, prompt: str, variant: str = "fp32", prompt_graph: str | None = None) -> dict:
+    """The consumer's JSON: the greedy ids and the prompt ids it encoded."""
     # -I: isolated mode, so neither the repo nor the tests folder is on sys.path; env without PYTHONPATH
     out = subprocess.run([sys.executable, "-I", str(CONSUMER), str(bundle), prompt, str(N_GREEDY), variant],
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, check=True)
     res = json.loads(out.stdout)
     assert res["leaked_modules"] == []
     assert res["prompt_graph"] == prompt_graph
-    return res["ids"]
+    return res
+
+
+def consume(bundle: Path, prompt: str, variant: str = "fp32", prompt_graph: str | None = None) -> list[int]:
+    return consume_all(bundle, prompt, variant, prompt_graph)["ids"]
 
 
 def reference_greedy(ckpt: Path, prompt_ids: list[int]) -> list[int]:
@@ -132,3 +137,73 @@ def test_tflite_bundle_consumer(tmp_path, ckpt):
     assert "The `prefill` signature of `model.tflite`" in doc and "exactly 16 tokens" in doc
     prompt = "Phones run the step graph."  # 26 bytes: one chunk of 16 through `prefill`, then 10 steps
     assert consume(tmp_path / "b", prompt, prompt_graph="model.tflite") == reference_greedy(ckpt, list(prompt.encode()))
+
+
+# ---- RWKV-7 -----------------------------------------------------------------------------------------------------
+
+
+def v7_reference_greedy(tensors_or_path, prompt_ids: list[int]) -> list[int]:
+    from runtime_ref.rwkv7 import RWKV7
+
+    ref = (RWKV7.from_checkpoint(tensors_or_path, dtype=torch.float64) if isinstance(tensors_or_path, Path)
+           else RWKV7(tensors_or_path, dtype=torch.float64))
+    return ref.greedy(prompt_ids, N_GREEDY)[0]
+
+
+def test_v7_world_ort_bundle_consumer(tmp_path):
+    """A World-vocab RWKV-7 in ORT format: its state (att_kv [L, H, N, N]) built from the manifest, the prompt through
+    the prompt graph in two chunks, the World vocab shipped in the bundle and read by the consumer's own tokenizer
+    (it may not import rwkv_export): prompt ids equal the `rwkv` pip package's tokenizer's, greedy ids runtime_ref's."""
+    from test_v7_cli import WORLD_PROMPT, one_torch_thread, world_oracle, world_v7_checkpoint
+
+    from rwkv_export.bundle import make_bundle
+    from rwkv_export.tokenizer import WORLD_FILE
+
+    ckpt = world_v7_checkpoint(tmp_path / "world-v7.safetensors")
+    out = tmp_path / "bundle"
+    with one_torch_thread():  # --no-check: the consumer's tokens against the reference are this test's check
+        make_bundle(str(ckpt), out, runtime="ort-mobile", check=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert [(g["format"], g["kind"], g["file"]) for g in m["graphs"]] == [
+        ("ort", "step", "model.ort"), ("ort", "sequence", "prefill.ort")]
+    assert (out / m["tokenizer"]["file"]).read_bytes() == WORLD_FILE.read_bytes()
+    doc = (out / "INTEGRATION.md").read_text()
+    for text in ("RWKV-7, 2 layers × 32 (2 heads of 16)", "three tensors in, the same three out", "[2, 2, 16, 16]",
+                 "`att_kv_out`", "plus the same three state inputs", "`rwkv_vocab_v20230424.txt`, the RWKV World",
+                 "FloatArray(1024)", "longArrayOf(2, 2, 16, 16)"):
+        assert text in doc, text
+    assert "five" not in doc
+
+    prompt = WORLD_PROMPT + " " + WORLD_PROMPT  # more than max_chunk (64) tokens: two calls of the prompt graph
+    prompt_ids = world_oracle().encode(prompt)
+    assert len(prompt_ids) > m["graphs"][1]["max_chunk"]
+    res = consume_all(out, prompt, prompt_graph="prefill.ort")
+    assert res["prompt_ids"] == prompt_ids
+    assert res["ids"] == v7_reference_greedy(ckpt, prompt_ids)
+
+    # the consumer checks the vocab against the manifest's sha256 before it trusts it
+    vocab = out / m["tokenizer"]["file"]
+    vocab.write_bytes(vocab.read_bytes().replace(b"'\\x00' 1", b"'\\x01' 1", 1))
+    bad = subprocess.run([sys.executable, "-I", str(CONSUMER), str(out), "x", "2"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "rwkv_vocab_v20230424.txt is damaged" in bad.stderr, bad.stderr
+
+
+def test_v7_tflite_bundle_consumer(tmp_path):
+    """RWKV-7 in the TFLite runtime: the consumer runs the prompt through the `prefill` signature in whole chunks of
+    16 and the rest through `step`, in the LiteRT interpreter, with the rank-4 state from the manifest."""
+    from test_v7_cli import one_torch_thread
+
+    from rwkv_export.bundle import make_bundle
+    from rwkv_export.sources import Source
+
+    out = tmp_path / "b"
+    with one_torch_thread():
+        make_bundle("builtin:v7-tiny", out, runtime="tflite", check=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert [(g["format"], g["kind"], g["signature"]) for g in m["graphs"]] == [
+        ("tflite", "step", "step"), ("tflite", "sequence", "prefill")]
+    doc = (out / "INTEGRATION.md").read_text()
+    assert "three tensors in" in doc and "floats(16384, 0.0f),   // shape [2, 2, 64, 64]" in doc
+    prompt = "RWKV-7 on a phone: the state is three tensors."  # 47 bytes: two chunks of 16, then 15 steps
+    ids = v7_reference_greedy(Source("builtin:v7-tiny").load().tensors, list(prompt.encode()))
+    assert consume(out, prompt, prompt_graph="model.tflite") == ids

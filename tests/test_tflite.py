@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,7 +20,7 @@ from rwkv_export.manifest import MANIFEST_NAME, new_manifest, read_manifest, wri
 from rwkv_export.arch.rwkv4.step import STATE_NAMES, RWKV4Step
 
 from ckpts import state_dict
-from test_sequence import check_prompt_against_steps
+from test_sequence import SEQ_VS_STEP_TOL, check_prompt_against_steps, logits_err, random_tokens, rel_err, steps
 
 SETUP_HINT = "install the TFLite extra: pip install -e '.[tflite]' (or bash tools/install_edge_extras.sh)"
 
@@ -53,6 +54,16 @@ def _require_extra():
         import litert_torch  # noqa: F401
     except ImportError as e:
         pytest.fail(f"{e}: {SETUP_HINT}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread (conversion, references): on a loaded 2-core box two spinning threads make the tiny models'
+    work 10-40x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -220,8 +231,6 @@ def test_prompt_runner_rejects_bad_tokens(prompt_runners):
 
 def test_state_is_carried_not_ignored(exported):
     """The same token from two different states must give different logits (the state inputs are wired)."""
-    import numpy as np
-
     from rwkv_export.tf_runners import TFLiteStepRunner
 
     out, m = exported
@@ -264,3 +273,152 @@ def test_manifest_round_trips_as_json(exported):
     out, m = exported
     assert json.loads((out / MANIFEST_NAME).read_text())["graphs"] == m["graphs"]
 
+
+
+# -- RWKV-5.2, RWKV-6, RWKV-7: the same file contract over the heads' rank-4 WKV state ------------------------------
+# One tiny synthetic model per version (the `tiny` preset of each: 2 layers, C = 128 as 2 heads of 64), converted once
+# per version (module-scoped), with int4 beside fp32: int4 must leave the LoRA matmuls narrower than a block (v7
+# tiny's ranks 16 and 8) to int8, and the prompt signature's WKV (v5/v6: blocks of 8 unrolled, v7: the chunk's exact
+# delta-rule solve) must agree with T steps.
+HEAD_VERSIONS = ["5.2", "6", "7"]
+HEAD_VARIANTS = ["fp32", "int4"]
+# The prompt signature against T steps of the step signature, both fp32 in LiteRT: the chunked WKV sums in another
+# order. Measured (T <= 64, fresh and used state): logits PROMPT_MEASURED, states likewise; the bound is the ONNX
+# prompt graph's (test_sequence.SEQ_VS_STEP_TOL) for logits and states alike: the v5+ step graphs hold no running
+# sum that drifts per token the way RWKV-4's att_pp does (their state is the WKV matrix itself, multiplied by w < 1).
+HEAD_SEQ_VS_STEP_TOL = SEQ_VS_STEP_TOL
+# int4 (dynamic range, blocks of 32; LoRA factors narrower than a block in int8) against the fp64 reference on the
+# random-weight tiny models: a broken scale or layout gives top-1 near 1/256 and KL of nats.
+HEAD_INT4_BOUNDS = {"min_top1": 0.5, "max_kl_mean": 0.5}
+
+
+@pytest.fixture(scope="module", params=HEAD_VERSIONS, ids=lambda v: f"v{v}")
+def heads(request, tmp_path_factory):
+    """(version, checkpoint, export folder, manifest, fp64 reference) of one version's tiny model, converted once."""
+    import time
+
+    from rwkv_export.arch import get
+    from rwkv_export.targets.tflite import export_tflite
+
+    _require_extra()
+    arch = get(request.param)
+    ck = from_state_dict(arch.fake_state_dict("tiny"))
+    out = tmp_path_factory.mktemp(f"tflite-v{request.param}")
+    t0 = time.perf_counter()
+    entries = export_tflite(arch.step_module(ck), out, HEAD_VARIANTS)
+    print(f"\nRWKV-{request.param} tiny: litert-torch conversion + variants {time.perf_counter() - t0:.1f} s")
+    manifest = new_manifest(arch=ck.arch, dims=ck.dims, source={"kind": "test"}, tokenizer={"kind": "bytes"})
+    manifest["graphs"] = entries
+    write_manifest(out, manifest)
+    return request.param, ck, out, read_manifest(out), arch.reference(ck.tensors, torch.float64)
+
+
+def test_heads_manifest_io_is_read_from_the_file(heads):
+    """Every graph's I/O, read back from the file by the interpreter: the state spec's names in its order, att_kv
+    rank 4 ([L, H, N, N]), float32 state and logits, int32 token(s)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from rwkv_export.targets.tflite import PREFILL_CHUNK
+
+    version, ck, out, m, _ = heads
+    spec = ck.arch.state(ck.dims)
+    d = ck.dims
+    assert m["model"]["rwkv_version"] == version
+    assert [(t.name, t.shape) for t in spec] == [("att_x", (d.n_layer, d.n_embd)),
+                                                 ("att_kv", (d.n_layer, d.n_head, d.head_size, d.head_size)),
+                                                 ("ffn_x", (d.n_layer, d.n_embd))]
+    assert [(g["variant"], g["kind"]) for g in m["graphs"]] == [(v, k) for v in HEAD_VARIANTS
+                                                                for k in ("step", "sequence")]
+    for g in m["graphs"]:
+        token = ("tokens", "tokens", [PREFILL_CHUNK]) if g["kind"] == "sequence" else ("token", "token", [1])
+        assert [(i["name"], i["role"]) for i in g["inputs"]] == [token[:2]] + [(t.name, "state") for t in spec]
+        assert [(o["name"], o["role"]) for o in g["outputs"]] == (
+            [("logits", "logits")] + [(f"{t.name}_out", "state") for t in spec])
+        assert g["inputs"][0]["dtype"] == "int32" and g["inputs"][0]["shape"] == token[2]
+        for io in (g["inputs"][1:], g["outputs"][1:]):
+            assert [(e["shape"], e["dtype"]) for e in io] == [(list(t.shape), "float32") for t in spec]
+        assert g["outputs"][0]["shape"] == [1, d.vocab_size] and g["outputs"][0]["dtype"] == "float32"
+        # the interpreter's own view of the signature (not our manifest)
+        sig = Interpreter(model_path=str(out / g["file"])).get_signature_runner(g["signature"])
+        ins = {k: [int(x) for x in v["shape"]] for k, v in sig.get_input_details().items()}
+        assert ins["att_kv"] == [d.n_layer, d.n_head, d.head_size, d.head_size]
+        assert {k: [int(x) for x in v["shape"]] for k, v in sig.get_output_details().items()}["att_kv_out"] == (
+            ins["att_kv"])
+
+
+def test_heads_fp32_parity_and_greedy_continuation(heads):
+    from rwkv_export.tf_runners import TFLiteStepRunner
+
+    version, _, out, m, ref = heads
+    runner = TFLiteStepRunner(out, m, _graph(m, "fp32"))
+    report = parity.compare(runner, ref, target="tflite", variant="fp32", n_greedy=GREEDY_TOKENS)
+    print(f"\nRWKV-{version} tflite fp32: {parity.format_report(report)}")
+    assert report["max_rel"] <= FP32_MAX_REL, parity.format_report(report)
+    assert report["top1_agreement"] == 1.0 and report["tokens"] >= 64
+    assert report["greedy_identical"] and report["greedy_tokens"] == GREEDY_TOKENS, parity.format_report(report)
+    parity.gate(report)
+
+
+def test_heads_int4_keeps_narrow_lora_matmuls_in_int8(heads):
+    """int4 quantizes in blocks of 32 along a matmul's input: v7 tiny's LoRA up-projections (inputs 16 and 8) cannot
+    be, and get int8 channelwise (in both signatures) instead of failing the export; the rest is int4."""
+    from rwkv_export.tf_runners import TFLiteStepRunner, quality
+    from rwkv_export.targets.tflite import unblockable_scopes
+
+    version, ck, out, m, ref = heads
+    fp32 = (out / _graph(m, "fp32")["file"]).read_bytes()
+    narrow = sum(1 for k, n in ck.dims.lora if n % 32)  # LoRA ranks that are no multiple of the block
+    assert (len(unblockable_scopes(fp32)) > 0) == (narrow > 0), (version, ck.dims.lora)
+    runner = TFLiteStepRunner(out, m, _graph(m, "int4"))
+    q = quality(runner, ref, parity.parity_tokens(m["model"]["vocab_size"], QUALITY_TOKENS))
+    print(f"\nRWKV-{version} tflite int4 vs fp64 reference: {q}")
+    b = HEAD_INT4_BOUNDS
+    assert q["top1_agreement"] >= b["min_top1"] and q["kl_mean"] <= b["max_kl_mean"], (version, q)
+
+
+def _check_heads_prompt(step_runner, seq_runner, ref, names, T: int, used_state: bool) -> dict:
+    """test_sequence.check_prompt_against_steps for the v5+ state names: the prompt runner against T steps of the step
+    signature (HEAD_SEQ_VS_STEP_TOL) and against runtime_ref's fp64 forward_seq (the fp32 gate), from a fresh or a
+    used state (37 tokens fed first). Returns the errors measured."""
+    vocab = ref.vocab_size
+    state, ref_state = step_runner.new_state(), ref.new_state()
+    if used_state:
+        warmup = random_tokens(37, vocab, 8)
+        _, state = steps(step_runner, warmup, state)
+        _, ref_state = ref.forward_seq(warmup, ref_state)
+    before = {k: v.copy() for k, v in state.items()}
+    tokens = random_tokens(T, vocab, 7 + T)
+    step_logits, step_state = steps(step_runner, tokens, state)
+    logits, new_state = seq_runner.forward(tokens, state)
+    assert logits.shape == step_logits.shape == (1, vocab) and logits.dtype == np.float32
+    assert all(np.array_equal(before[k], state[k]) for k in state)  # the caller's state is left as it was
+    assert np.isfinite(logits).all() and all(np.isfinite(v).all() for v in new_state.values())
+    assert int(logits.argmax()) == int(step_logits.argmax())
+    ref_logits, ref_state = ref.forward_seq(tokens, ref_state)
+    err = {"vs_steps": max([logits_err(logits, step_logits)] + [rel_err(new_state[n], step_state[n]) for n in names]),
+           "vs_ref": max([logits_err(logits, ref_logits[None].numpy())]
+                         + [rel_err(new_state[n], ref_state[n].numpy()) for n in names])}
+    for n in names:
+        assert new_state[n].shape == step_state[n].shape == tuple(ref_state[n].shape), n
+    assert err["vs_steps"] <= HEAD_SEQ_VS_STEP_TOL and err["vs_ref"] <= FP32_MAX_REL, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def heads_prompt_runners(heads):
+    from rwkv_export.tf_runners import TFLiteSequenceRunner, TFLiteStepRunner
+
+    _, _, out, m, _ = heads
+    return TFLiteStepRunner(out, m, _graph(m, "fp32")), TFLiteSequenceRunner(out, m, _graph(m, "fp32", "sequence"))
+
+
+@pytest.mark.parametrize("used_state", [False, True], ids=["fresh", "used"])
+@pytest.mark.parametrize("T", [1, 2, 7, 16, 64])
+def test_heads_prompt_graph_equals_step_graph(heads, heads_prompt_runners, T, used_state):
+    """The prompt runner (whole chunks of 16 through `prefill`, the tail through `step`) against T steps and against
+    runtime_ref in fp64, from a fresh and a used state: 16 and 64 go through `prefill` (64: four calls, the WKV
+    state handed from call to call), fewer tokens through `step` only."""
+    version, ck, _, _, ref = heads
+    names = [t.name for t in ck.arch.state(ck.dims)]
+    err = _check_heads_prompt(*heads_prompt_runners, ref, names, T, used_state)
+    print(f"\nRWKV-{version} prefill T={T} {'used' if used_state else 'fresh'}: {err}")

@@ -5,7 +5,9 @@ sampling rule allows (and the JS rule equals runtime_ref.sampling_probs); the Ne
 Python `tokenizers`; broken model files, missing and invalid manifests show an error on the page; the page stays
 responsive while generating and Stop stops; WebGPU without an adapter falls back visibly, and with SwiftShader's
 adapter (--enable-unsafe-webgpu) runs the WebGPU EP for real with the same greedy ids; the server's headers,
-path rules and one-line errors; the `serve` CLI. Saves a screenshot to tests/_artifacts/screenshot.png
+path rules and one-line errors; the `serve` CLI. RWKV-7 from its manifest alone: greedy ids equal runtime_ref.rwkv7's
+(fp64) through the prompt graph in chunks and token by token, and a World-vocab v7 tokenizes in the page like the
+`rwkv` pip package's tokenizer (the v7 export folders are shared with test_v7_cli.py, which makes them). Saves a screenshot to tests/_artifacts/screenshot.png
 (git-ignored; docs/screenshot.png in the README is a copy of one).
 
 Needs (a missing one is a failure, never a skip):
@@ -116,6 +118,20 @@ def neox(tmp_path_factory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("web_neox")
     ckpt = save_checkpoint(make_state_dict(SyntheticConfig(**NEOX_TINY), seed=1), d / "neox_tiny.pth")
     return _export(str(ckpt), d / "neox"), ckpt
+
+
+@pytest.fixture(scope="module")
+def v7(tmp_path_factory) -> Path:
+    from test_v7_cli import v7_export
+
+    return v7_export(tmp_path_factory, "bytes")  # builtin:v7-tiny, step + prompt graph
+
+
+@pytest.fixture(scope="module")
+def v7_world(tmp_path_factory) -> Path:
+    from test_v7_cli import v7_export
+
+    return v7_export(tmp_path_factory, "world")  # a World-vocab (65536) v7, step graph only
 
 
 @contextmanager
@@ -621,4 +637,75 @@ def test_quantized_variant_in_the_page_equals_onnxruntime_in_python(page, pydoc_
         res = page.evaluate("p => window.rwkvDemo.generate({prompt: p, temperature: 0, maxTokens: %d})" % GREEDY_TOKENS,
                             prompt)
     assert res["ids"] == python_ort_greedy(pydoc_quant, variant, list(prompt.encode()), GREEDY_TOKENS)
+    assert page.page_errors == []
+
+
+# ---- RWKV-7 -------------------------------------------------------------------------------------------------------
+
+
+V7_GREEDY_TOKENS = 48
+
+
+def test_v7_greedy_tokens_equal_reference_with_and_without_the_prompt_graph(page, v7):
+    """RWKV-7 (state att_x [L, C], att_kv [L, H, N, N], ffn_x [L, C]) from its manifest alone: the model line says
+    RWKV-7, and 48 greedy tokens equal runtime_ref.rwkv7's fp64 ones, with a 164-byte prompt through the prompt graph
+    (three calls: max_chunk is 64) and, with ?sequence=0, token by token through the step graph."""
+    from test_v7_cli import one_torch_thread, v7_tiny_reference
+
+    prompt = "RWKV-7 in the browser: the state is three tensors, one of them a matrix per head. " * 2
+    prompt_ids = list(prompt.encode())
+    max_chunk = next(g for g in read_manifest(v7)["graphs"] if g["kind"] == "sequence")["max_chunk"]
+    assert max_chunk == 64 and len(prompt_ids) > 2 * max_chunk
+    runs = []
+    with served(v7) as url:
+        for query in ("?autoload=1&threads=1&warmup=4", "?autoload=1&threads=1&warmup=0&sequence=0"):
+            info = load_model(page, url, query)
+            summary = page.inner_text("#model-summary")
+            res = page.evaluate("p => window.rwkvDemo.generate({prompt: p, temperature: 0, maxTokens: %d})"
+                                % V7_GREEDY_TOKENS, prompt)
+            runs.append((info, summary, res))
+    with one_torch_thread():
+        expected, _ = v7_tiny_reference().greedy(prompt_ids, V7_GREEDY_TOKENS)
+    (info, summary, res), (info0, _, res0) = runs
+    assert summary == "RWKV-7 · 2 layers × 128 (2 heads of 64) · vocab 256 · builtin:v7-tiny · tokenizer: bytes"
+    assert info["sequence"] == "prefill.onnx" and res["stats"]["promptMode"] == "sequence"
+    assert res["stats"]["promptRuns"] == -(-len(prompt_ids) // max_chunk)  # ceil: 3 calls of at most 64 tokens
+    assert res["promptIds"] == prompt_ids
+    assert res["ids"] == expected
+    assert res["text"] == bytes(expected).decode("utf-8", errors="replace")
+    assert info0["sequence"] is None and res0["stats"]["promptMode"] == "step"
+    assert res0["stats"]["promptRuns"] == len(prompt_ids) and res0["ids"] == expected
+    assert page.page_errors == []
+
+
+def test_v7_world_vocab_tokenizes_and_generates_in_the_page(page, v7_world):
+    """A World-vocab RWKV-7: the page picks the rwkv-world tokenizer from the manifest, fetches the vocab .txt from the
+    server (UTF-8 text, cross-origin isolated), encodes the prompt like the `rwkv` pip package's tokenizer, and its
+    greedy ids (stopping at end-of-text, id 0) and text equal the fp64 reference's."""
+    from runtime_ref.rwkv7 import RWKV7
+
+    from test_v7_cli import WORLD_PROMPT, greedy_until_eos, one_torch_thread, world_checkpoint_of, world_oracle
+
+    vocab = read_manifest(v7_world)["tokenizer"]["file"]
+    with served(v7_world) as url:
+        status, headers, body = _get(url, f"/model/{vocab}")
+        info = load_model(page, url, "?autoload=1&threads=1&warmup=0")
+        kind = page.evaluate("window.rwkvDemo.tokenizer.kind")
+        summary = page.inner_text("#model-summary")
+        res = page.evaluate("p => window.rwkvDemo.generate({prompt: p, temperature: 0, maxTokens: %d})" % GREEDY_TOKENS,
+                            WORLD_PROMPT)
+    assert status == 200 and headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert body == (v7_world / vocab).read_bytes()
+    assert all(headers.get(k) == v for k, v in ISOLATION_HEADERS.items()), headers
+    assert kind == "rwkv-world" and info["sequence"] is None
+    assert summary.startswith("RWKV-7 · 2 layers × 32 (2 heads of 16) · vocab 65536 · ") and \
+        summary.endswith("tokenizer: rwkv-world"), summary
+    oracle = world_oracle()
+    prompt_ids = oracle.encode(WORLD_PROMPT)
+    with one_torch_thread():
+        ref = RWKV7.from_checkpoint(world_checkpoint_of(v7_world), dtype=torch.float64)
+        expected = greedy_until_eos(ref, prompt_ids, GREEDY_TOKENS, eos=0)
+    assert res["promptIds"] == prompt_ids
+    assert res["ids"] == expected and len(expected) >= 8
+    assert res["text"] == oracle.decodeBytes(expected).decode("utf-8", errors="replace")
     assert page.page_errors == []

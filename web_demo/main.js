@@ -104,7 +104,9 @@ async function loadTokenizerFor(manifest) {
 function describeModel(m) {
   const d = m.model;
   const src = d.source?.builtin ? `builtin:${d.source.builtin}` : (d.source?.file ?? 'checkpoint');
-  return `RWKV-${d.rwkv_version} · ${d.n_layer} layer${d.n_layer === 1 ? '' : 's'} × ${d.n_embd} · vocab ${d.vocab_size} · ${src} · ` +
+  // RWKV-5/6/7 have heads (the manifest's n_head / head_size); RWKV-4 has none
+  const heads = Number.isInteger(d.n_head) ? ` (${d.n_head} head${d.n_head === 1 ? '' : 's'} of ${d.head_size})` : '';
+  return `RWKV-${d.rwkv_version} · ${d.n_layer} layer${d.n_layer === 1 ? '' : 's'} × ${d.n_embd}${heads} · vocab ${d.vocab_size} · ${src} · ` +
     `tokenizer: ${m.tokenizer.kind}`;
 }
 

@@ -1,8 +1,10 @@
 """TF.js target (browsers): the step graph as a TF.js graph model (model.json + weight shards), one folder per variant.
 
-Chain: our own ONNX step graph (targets/onnx.py) translated node by node into a TF.js graph model. The step graph
-uses 14 ONNX op types, each with a direct TF op that TF.js executes (`_convert_node`, `_convert_split`); any other op
-is a one-line error naming it. We chose this over tensorflowjs_converter on a SavedModel (onnx2tf) because that chain needs
+Chain: our own ONNX step graph (targets/onnx.py) translated node by node into a TF.js graph model. RWKV-4's step graph
+uses 14 ONNX op types; RWKV-5.2 and 6 add the batched MatMul over the heads (the [H, N, N] WKV state: BatchMatMulV2,
+batch dims broadcast) and LayerNormalization over [.., H, N] (GroupNorm); RWKV-7 adds ReduceL2 (Sqrt of Sum of
+Square), Clip (Maximum/Minimum) and ReduceSum (Sum). Each has a direct TF op that TF.js executes (`_convert_node`,
+`_convert_split`); any other op is a one-line error naming it. We chose this over tensorflowjs_converter on a SavedModel (onnx2tf) because that chain needs
 TensorFlow (~1 GB), onnx2tf 1.x's exact pins on Python 3.11 and tensorflowjs 4.22, whose install is broken on current
 TensorFlow (it only imports with two modules stubbed). The format we write is the one TF.js 4.x reads (GraphDef as
 JSON in `modelTopology`, weights in `weightsManifest`), and it is checked by running it in Node with @tensorflow/tfjs.
@@ -144,62 +146,28 @@ def _convert_node(g: _Graph, node, consts: dict, ranks: dict) -> None:
             res = g.node("MatMul", x, hint, {"transpose_a": {"b": False}, "transpose_b": {"b": False}})
         else:  # batched over the leading dims, broadcast as in ONNX/numpy (RWKV-5+: the heads' [H, N, N] state)
             res = g.node("BatchMatMulV2", x, hint, {"adj_x": {"b": False}, "adj_y": {"b": False}})
-    elif op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceL2"):
-        # opset 18: axes as an optional second input (opset < 18: an attribute, ReduceSum from 13 as input too)
-        if len(ins) > 1 and ins[1]:
-            if ins[1] not in consts:
-                raise RwkvExportError(f"{op} {node.name}: axes computed at run time are not handled")
-            axes = consts[ins[1]].reshape(-1)
+    elif op in ("ReduceSum", "ReduceL2"):
+        # opset 18: the axes are the second input (a constant in our graphs; reducing over all axes is not needed)
+        if len(ins) < 2 or ins[1] not in consts or consts[ins[1]].size == 0:
+            raise RwkvExportError(f"{op} {node.name}: only constant, non-empty axes are handled")
+        ax = g.const(consts[ins[1]].reshape(-1).astype(np.int32), f"{hint}/axes")
+        keep = {"keep_dims": {"b": bool(a.get("keepdims", 1))}, "T": {"type": "DT_FLOAT"},
+                "Tidx": {"type": "DT_INT32"}}
+        if op == "ReduceL2":  # sqrt(sum(x^2)): TF has no L2-norm reduction op
+            res = g.node("Sqrt", [g.node("Sum", [g.node("Square", [x[0]], f"{hint}/sq"), ax], f"{hint}/sum_sq",
+                                         keep)], hint)
         else:
-            axes = np.array(a.get("axes", []), np.int64)
-        if axes.size == 0:
-            if a.get("noop_with_empty_axes", 0):
-                g.names[out] = g.node("Identity", [x[0]], hint, {"T": {"type": "DT_FLOAT"}})
-                return
-            rank = ranks.get(ins[0])
-            if rank is None:
-                raise RwkvExportError(f"{op} {node.name} over all axes of a tensor of unknown rank: not handled")
-            axes = np.arange(rank)
-        ax = g.const(axes.astype(np.int32), f"{hint}/axes")
-        keep = {"keep_dims": {"b": bool(a.get("keepdims", 1))}, "T": {"type": "DT_FLOAT"}, "Tidx": {"type": "DT_INT32"}}
-        if op == "ReduceL2":  # sqrt(sum(x^2)): TF has no L2-reduction op
-            sq = g.node("Sum", [g.node("Square", [x[0]], f"{hint}/sq"), ax], f"{hint}/sum_sq", keep)
-            res = g.node("Sqrt", [sq], hint)
-        else:
-            res = g.node({"ReduceSum": "Sum", "ReduceMean": "Mean", "ReduceMax": "Max"}[op], [x[0], ax], hint, keep)
+            res = g.node("Sum", [x[0], ax], hint, keep)
     elif op == "Clip":
-        # opset >= 11: min and max as optional inputs; absent ones leave that side unbounded
-        lo = x[1] if len(x) > 1 else None
-        hi = x[2] if len(x) > 2 else None
-        if lo is None and "min" in a:
-            lo = g.const(np.float32(a["min"]), f"{hint}/min")
-        if hi is None and "max" in a:
-            hi = g.const(np.float32(a["max"]), f"{hint}/max")
+        # opset >= 11: min and max are optional inputs; an absent one leaves that side unbounded
+        lo, hi = (x + [None, None])[1:3]
         res = x[0]
         if lo is not None:
-            res = g.node("Maximum", [res, lo], hint if hi is None else f"{hint}/lo")
+            res = g.node("Maximum", [res, lo], hint if hi is None else f"{hint}/min")
         if hi is not None:
             res = g.node("Minimum", [res, hi], hint)
         if res == x[0]:
             res = g.node("Identity", [res], hint, {"T": {"type": "DT_FLOAT"}})
-    elif op == "Transpose":
-        rank = ranks.get(ins[0])
-        perm = a.get("perm")
-        if perm is None:
-            if rank is None:
-                raise RwkvExportError(f"Transpose {node.name} without perm on a tensor of unknown rank")
-            perm = list(range(rank))[::-1]
-        res = g.node("Transpose", [x[0], g.const(np.array(perm, np.int32), f"{hint}/perm")], hint,
-                     {"Tperm": {"type": "DT_INT32"}})
-    elif op == "Expand":
-        if ins[1] not in consts:
-            raise RwkvExportError(f"Expand {node.name}: a shape computed at run time is not handled")
-        # ONNX Expand broadcasts both ways (a 1 in the shape keeps the input's dim): x * ones(shape) is exactly that
-        ones = g.const(np.ones([int(d) for d in consts[ins[1]].reshape(-1)], np.float32), f"{hint}/ones")
-        res = g.node("Mul", [x[0], ones], hint)
-    elif op == "Squeeze":
-        axes = consts[ins[1]].reshape(-1) if len(ins) > 1 and ins[1] else np.array(a.get("axes", []), np.int64)
-        res = g.node("Squeeze", x[:1], hint, {"squeeze_dims": {"list": {"i": [str(int(v)) for v in axes]}}})
     elif op == "Gather":
         axis = g.const(np.int32(a.get("axis", 0)), f"{hint}/axis")
         res = g.node("GatherV2", [x[0], x[1], axis], hint, {"batch_dims": {"i": "0"}})

@@ -121,9 +121,14 @@ def _signature(inner, token_input: str):
 
 
 def _prefill_module(module, chunk: int):
-    """The prompt graph over `module`'s very parameters, reaching at least `chunk` tokens (the scan's reach is
-    2**m - 1 tokens; the smallest that holds the chunk keeps the scan short)."""
-    return module.arch.sequence_module(module, max_chunk=(1 << chunk.bit_length()) - 1)
+    """The prompt graph over `module`'s very parameters, for calls of `chunk` tokens. The architecture is asked for
+    exactly `chunk`: what it builds from that is its own (RWKV-4's scan rounds up to 2**m - 1 tokens, RWKV-5/6 unroll
+    chunk / 8 blocks, RWKV-7's solve takes log2(chunk) levels), so the chunk costs no more than it needs."""
+    seq = module.arch.sequence_module(module, max_chunk=chunk)
+    if seq.max_chunk < chunk:
+        raise RwkvExportError(f"the {module.arch.title} prompt graph holds {seq.max_chunk} tokens per call, "
+                              f"fewer than the prefill chunk of {chunk}")
+    return seq
 
 
 def convert_fp32(module, prefill_chunk: int | None = PREFILL_CHUNK) -> bytes:

@@ -2,7 +2,13 @@
 
 It imports nothing from rwkv_export or runtime_ref — only the runtime (onnxruntime or the LiteRT interpreter), numpy,
 and `tokenizers` for hf-tokenizers bundles — reads manifest.json, joins split parts (checking sha256), builds the
-fresh state from the manifest, feeds the prompt and prints the greedy continuation as JSON on stdout.
+fresh state from the manifest (every tensor its own shape, any rank: RWKV-7's att_kv is [L, H, N, N]), feeds the
+prompt and prints the prompt ids and the greedy continuation as JSON on stdout.
+
+Tokenizers, by the manifest's tokenizer.kind: "bytes" (id = byte), "hf-tokenizers" (the `tokenizers` package on the
+bundle's tokenizer.json) and "rwkv-world": a small World tokenizer written here (WorldVocab below: the bundle's vocab
+.txt, its sha256 checked against the manifest, parsed with ast.literal_eval; greedy longest match over the UTF-8
+bytes), since the `tokenizers` package cannot read that format and this consumer may not import rwkv_export.
 
     python -I consume_bundle.py BUNDLE_DIR PROMPT N_TOKENS [VARIANT]
 """
@@ -30,10 +36,55 @@ def read_model_bytes(root: Path, graph: dict) -> bytes:
     return data
 
 
+class WorldVocab:
+    """The RWKV World vocabulary as the bundle documents it (INTEGRATION.md): one token a line, `ID LITERAL LENGTH`,
+    LITERAL a Python str (its UTF-8 bytes) or bytes literal of LENGTH bytes; encode = at each position the longest
+    token that the rest of the text's UTF-8 bytes starts with (every single byte is a token)."""
+
+    def __init__(self, data: bytes):
+        import ast
+
+        self.ids = {}  # token bytes -> id
+        for line in data.decode("utf-8").split("\n"):  # not splitlines(): it also splits at \x0b, \x85, ...
+            line = line.removesuffix("\r")  # the file as shipped has CRLF line ends
+            if not line:
+                continue
+            tid, rest = line.split(" ", 1)
+            literal, length = rest.rsplit(" ", 1)
+            value = ast.literal_eval(literal)
+            token = value.encode("utf-8") if isinstance(value, str) else value
+            assert isinstance(token, bytes) and len(token) == int(length), f"bad vocab line {line[:60]!r}"
+            self.ids[token] = int(tid)
+        # the lengths of the tokens starting with each byte, longest first
+        self.lengths = {}
+        for token in self.ids:
+            self.lengths.setdefault(token[0], set()).add(len(token))
+        self.lengths = {b: sorted(n, reverse=True) for b, n in self.lengths.items()}
+
+    def encode(self, text: str) -> list:
+        data, i, out = text.encode("utf-8"), 0, []
+        while i < len(data):
+            for n in (n for n in self.lengths[data[i]] if i + n <= len(data)):
+                tid = self.ids.get(data[i:i + n])
+                if tid is not None:
+                    out.append(tid)
+                    i += n
+                    break
+            else:
+                raise AssertionError(f"no token for byte {data[i]:#x}: not the World vocabulary")
+        return out
+
+
 def encode(text: str) -> list:
     tok = MANIFEST["tokenizer"]
     if tok["kind"] == "bytes":
         return list(text.encode("utf-8"))
+    if tok["kind"] == "rwkv-world":
+        data = (ROOT / tok["file"]).read_bytes()
+        entry = next(f for f in MANIFEST["files"] if f["file"] == tok["file"])
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{tok['file']} is damaged"
+        return WorldVocab(data).encode(text)
+    assert tok["kind"] == "hf-tokenizers", f"unknown tokenizer kind {tok['kind']!r}"
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(ROOT / tok["file"])).encode(text).ids
@@ -117,4 +168,5 @@ if __name__ == "__main__":
         ids.append(nxt)
         logits = step(nxt)
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("rwkv_export", "runtime_ref"))
-    print(json.dumps({"ids": ids, "leaked_modules": leaked, "prompt_graph": seq["file"] if seq else None}))
+    print(json.dumps({"ids": ids, "prompt_ids": prompt_ids, "leaked_modules": leaked,
+                      "prompt_graph": seq["file"] if seq else None}))

@@ -42,6 +42,9 @@ class RWKV4Arch(Architecture):
     def sequence_module(self, step, *, all_logits: bool = False, max_chunk: int | None = None):
         from .sequence import DEFAULT_MAX_CHUNK, RWKV4Sequence
 
+        # the scan reaches 2**m - 1 tokens: a call that must hold max_chunk tokens gets the smallest such reach
+        if max_chunk is not None and max_chunk >= 1:
+            max_chunk = (1 << max_chunk.bit_length()) - 1
         return RWKV4Sequence(step, all_logits=all_logits, max_chunk=max_chunk or DEFAULT_MAX_CHUNK)
 
     def reference(self, tensors: dict, dtype=None):

@@ -49,9 +49,9 @@ def dims(sd: dict) -> ModelDims:
     L, C, F, V, H, N = base_dims(sd)
     key = "blocks.0.att.time_decay"
     t = sd.get(key)
-    if t is not None and t.dim() != 2:
-        raise UnsupportedVersionError(f"tensor '{key}' has shape {list(t.shape)}: RWKV-5.2 stores it [n_head, "
-                                      f"head_size] (a 1-D decay is RWKV-5.0/5.1, which is not supported)")
+    if t is not None and t.dim() == 1:  # (any other wrong shape is the strict mapping's error)
+        raise UnsupportedVersionError(f"tensor '{key}' has shape {list(t.shape)}: a 1-D decay is RWKV-5.0/5.1, which "
+                                      f"is not supported (RWKV-5.2 stores it [n_head, head_size])")
     return ModelDims(n_layer=L, n_embd=C, ffn_dim=F, vocab_size=V, n_head=H, head_size=N)
 
 

@@ -208,10 +208,10 @@ class RWKV5Sequence(nn.Module):
             x = x[-1:]
         x = F.layer_norm(x, x.shape[-1:], self.ln_out_w, self.ln_out_b)
         logits = _to(x @ self.head, att_kv[0].dtype)
-        # chunk guard: more than max_chunk tokens exceed the unrolled block steps; answer NaN rather than wrong numbers
-        too_long = (torch.arange(tokens.shape[0]) >= self.max_chunk).any()
-        logits = logits + torch.where(too_long, float("nan"), 0.0).to(logits.dtype)
-        return logits, torch.cat(new_x), torch.cat(new_kv), torch.cat(new_f)
+        # chunk guard: more than max_chunk tokens exceed the unrolled block steps; answer NaN, in the logits and the
+        # state (a caller keeping only the state must not go on from a wrong one), rather than wrong numbers
+        nan = torch.where((torch.arange(tokens.shape[0]) >= self.max_chunk).any(), float("nan"), 0.0)
+        return tuple(t + nan.to(t.dtype) for t in (logits, torch.cat(new_x), torch.cat(new_kv), torch.cat(new_f)))
 
     def new_state(self) -> dict:
         return self._new_state()
