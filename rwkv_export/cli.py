@@ -23,7 +23,8 @@ app = typer.Typer(
     "PyTorch reference. A model is a .pth/.safetensors checkpoint or builtin:NAME (see `rwkv-export builtins`).",
 )
 
-SOURCE_HELP = "Checkpoint (.pth or .safetensors, RWKV-4) or builtin:NAME (no download; see `rwkv-export builtins`)."
+SOURCE_HELP = ("Checkpoint (.pth or .safetensors; RWKV-4, 5.2, 6 or 7, detected from the keys) or builtin:NAME (no "
+               "download; see `rwkv-export builtins`).")
 
 
 def _fail(e: BaseException) -> None:
@@ -173,7 +174,8 @@ def generate(
     min_p_power: float = typer.Option(2.0, min=0.0),
     seed: int = typer.Option(0),
     variant: Optional[str] = typer.Option(None, help="Graph variant in the folder (fp32, ...); default: the first."),
-    tokenizer: Optional[str] = typer.Option(None, help="Override the tokenizer (tokenizer.json or 'bytes')."),
+    tokenizer: Optional[str] = typer.Option(
+        None, help="Override the tokenizer (a tokenizer.json, an RWKV World vocab .txt, 'rwkv-world' or 'bytes')."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No statistics line."),
 ):
     """Stream text generated from PROMPT."""
