@@ -271,7 +271,7 @@ def test_fp16_variant_rescales_without_changing_the_state():
         assert rel(sb[n], sa[n]) < RESCALE_TOL, n
 
 
-# -- the chunked WKV ------------------------------------------------------------------------------------------------------
+# -- the chunked WKV ---------------------------------------------------------------------------------------------------
 
 
 def _recurrence(r, k, v, lw, u, S):
@@ -359,7 +359,7 @@ def test_sequence_chunk_guard_block_sizes_and_fp16(version):
     t.check(logits, state, want, FP16_TOL, "fp16")
 
 
-# -- ONNX ---------------------------------------------------------------------------------------------------------------
+# -- ONNX --------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("version", VERSIONS)

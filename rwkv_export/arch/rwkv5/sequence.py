@@ -52,7 +52,7 @@ from torch import nn
 
 from ...errors import RwkvExportError
 from .mapping import STATE_NAMES
-from .step import RWKV5Step, _to, shifted
+from .step import RWKV5Step, _to
 
 # Tokens per call. At 12 x 768 x 65536 a 256-token prompt ran at the same rate in calls of 64 and of 128 (115 / 113
 # tok/s, 1 thread, loaded 2-core box; the step graph: 11.5 tok/s): 64 keeps the graph's unrolled block steps few.
