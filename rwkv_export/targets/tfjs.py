@@ -4,10 +4,11 @@ Chain: our own ONNX step graph (targets/onnx.py) translated node by node into a 
 uses 14 ONNX op types; RWKV-5.2 and 6 add the batched MatMul over the heads (the [H, N, N] WKV state: BatchMatMulV2,
 batch dims broadcast) and LayerNormalization over [.., H, N] (GroupNorm); RWKV-7 adds ReduceL2 (Sqrt of Sum of
 Square), Clip (Maximum/Minimum) and ReduceSum (Sum). Each has a direct TF op that TF.js executes (`_convert_node`,
-`_convert_split`); any other op is a one-line error naming it. We chose this over tensorflowjs_converter on a SavedModel (onnx2tf) because that chain needs
-TensorFlow (~1 GB), onnx2tf 1.x's exact pins on Python 3.11 and tensorflowjs 4.22, whose install is broken on current
-TensorFlow (it only imports with two modules stubbed). The format we write is the one TF.js 4.x reads (GraphDef as
-JSON in `modelTopology`, weights in `weightsManifest`), and it is checked by running it in Node with @tensorflow/tfjs.
+`_convert_split`); any other op is a one-line error naming it. We chose this over tensorflowjs_converter on a
+SavedModel (onnx2tf) because that chain needs TensorFlow (~1 GB), onnx2tf 1.x's exact pins on Python 3.11 and
+tensorflowjs 4.22, whose install is broken on current TensorFlow (it only imports with two modules stubbed). The format
+we write is the one TF.js 4.x reads (GraphDef as JSON in `modelTopology`, weights in `weightsManifest`), and it is
+checked by running it in Node with @tensorflow/tfjs.
 
 Contract: model.json's `signature` maps the logical names (`token`, the state spec's names, `logits`, `<state>_out`) to
 tensors; clients resolve through it, never by position. Token int32 (TF.js has no int64), state and logits float32

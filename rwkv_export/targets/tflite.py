@@ -42,7 +42,8 @@ VARIANTS = {
     "fp32": "float32 weights and compute",
     "fp16": "float16 weights (dequantized to fp32 at load; a GPU delegate may compute in fp16), fp32 I/O",
     "int8": "dynamic range: int8 per-channel weights, activations quantized at run time",
-    "int4": "dynamic range: int4 weights in blocks of 32 along the input dim, activations quantized at run time",
+    "int4": "dynamic range: int4 weights in blocks of 32 along the input dim, activations quantized at run time "
+            "(a matmul whose input dim is no multiple of 32, e.g. a narrow LoRA factor: int8 per channel)",
 }
 INT4_BLOCK = 32  # ai-edge-quantizer's blockwise int4; channelwise int4 loses ~1/3 of top-1 on small models
 PREFILL_SIGNATURE = "prefill"
@@ -155,9 +156,9 @@ def convert_fp32(module, prefill_chunk: int | None = PREFILL_CHUNK) -> bytes:
 def unblockable_scopes(fp32_model: bytes, block: int = INT4_BLOCK) -> list[str]:
     """The op scopes (ai-edge-quantizer's name for an op: its output tensor names) of the weight ops whose blockwise
     quantized dimension (the input dim of a FULLY_CONNECTED, the row of an EMBEDDING_LOOKUP table) is not a multiple
-    of `block`, in every signature. int4 cannot quantize those in blocks; they get int8 channelwise instead. RWKV-6/7
-    have them: a LoRA up-projection's input is its rank (16 and 8 in the tiny presets; 32 .. 128 at the released
-    shapes, all multiples of 32, so real models have none)."""
+    of `block`, in every signature. int4 cannot quantize those in blocks; they get int8 channelwise instead. A LoRA
+    up-projection's input is its rank: 16 and 8 in RWKV-7's tiny preset (10 ops over both signatures); the released
+    RWKV-6/7 ranks (32 .. 128) are multiples of 32, so real models have none."""
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fu
 
     model = fu.read_model(bytearray(fp32_model))
