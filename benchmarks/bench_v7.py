@@ -300,6 +300,8 @@ def quality(work: Path, targets: list, n_eval: int, n_eval_tfjs: int, n_anchor: 
              f"greedy {anchor['greedy_match']}/{anchor['greedy_tokens']}")
     emit("parity: each graph vs runtime_ref fp64 (rwkv_export.parity, the `rwkv-export check` gate): verdict and "
          "max|Δlogits|/std over 64 tokens (+32 greedy for step graphs); prompt = the prompt graph")
+    emit("Δppl, KL, top-1, greedy: against the baseline over the same tokens (the 'tokens' column; TF.js: the first "
+         "--tfjs-eval-tokens, so its ppl column is over that prefix)")
     emit("gate: quality.judge_quality, max perplexity increase per kind (fp16 0.1 %, int8 1 %, int4 5 %)\n")
     emit("| target | variant | MB | tokens | ppl | Δppl % | KL nats | top-1 | greedy | gate % | verdict | "
          "step parity | prompt parity |")
