@@ -70,6 +70,146 @@ def browser_runs(url: str, variant: str, threads: int, tokens: int, browser, bac
         page.close()
 
 
+LONG_PROMPT_REPEAT = 24  # the prompt-speed run feeds PROMPT this many times (~450 tokens at 169M)
+
+
+def cdp_runs(url: str, variant: str, threads: int, tokens: int, backend: str, io: str, sequence: bool,
+             repeats: int = 3, long_prompt: bool = True) -> dict:
+    """browser_runs' measurement over the DevTools protocol of an already running Chromium ($CDP; the GPU machine's
+    recipe in ../shared/tools/webgpu-device starts one and has no Playwright): cdp.py evaluates each step."""
+    import json
+    import os
+    import subprocess
+
+    cdp = os.environ.get("CDP_PY", str(ROOT / ".wgpu" / "B" / "cdp.py"))
+    load = {"variant": variant, "backend": backend, "threads": threads, "verify": False, "io": io, "useSequence": sequence}
+    gen = "await window.rwkvDemo.generate(%s).then(r => ({ids: r.ids, stats: r.stats}))"
+    opts = {"prompt": PROMPT, "temperature": 0, "maxTokens": tokens}
+    exprs = [f"await window.rwkvDemo.load({json.dumps(load)})", "window.rwkvDemo.notices",
+             gen % json.dumps({**opts, "maxTokens": WARMUP_TOKENS}), *[gen % json.dumps(opts)] * repeats]
+    if long_prompt:
+        exprs.append(gen % json.dumps({**opts, "prompt": PROMPT * LONG_PROMPT_REPEAT, "maxTokens": 1}))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, cdp, f"{url}?verify=0", "document.body.dataset.status === 'setup'", *exprs],
+                          capture_output=True, text=True, timeout=900)
+    values = [json.loads(line)["value"] for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or len(values) != len(exprs):
+        return {"error": (proc.stderr or proc.stdout)[-300:]}
+    bad = next((v for v in values if isinstance(v, dict) and "exception" in v), None)
+    if bad:
+        return {"error": bad["exception"][:300]}
+    info, notices, _, *runs = values
+    long = runs.pop() if long_prompt else None
+    runs.sort(key=lambda r: r["stats"]["tokensPerSecond"])
+    st = runs[len(runs) // 2]["stats"]
+    res = {
+        "tok_s": st["tokensPerSecond"], "all_tok_s": [r["stats"]["tokensPerSecond"] for r in runs],
+        "n": st["generatedTokens"], "prompt_ms": st["promptMs"], "model_share": st["modelMs"] / st["generateMs"],
+        "prompt_tokens": st["promptTokens"], "load_s": info["totalSeconds"], "session_s": info["sessionSeconds"],
+        "ids": runs[len(runs) // 2]["ids"], "info": info, "notices": notices, "wall_s": time.perf_counter() - t0,
+    }
+    if long:
+        res["long_prompt"] = {"tokens": long["stats"]["promptTokens"], "ms": long["stats"]["promptMs"],
+                              "mode": long["stats"]["promptMode"], "runs": long["stats"]["promptRuns"]}
+    return res
+
+
+# What one WebGPU dispatch costs in this browser, without onnxruntime: N tiny compute dispatches (one workgroup each)
+# in one command buffer, in N passes of one command buffer, and in N submits; and a 200 kB mapAsync readback. The
+# decode step of the 169M graph is ~580 dispatches, so this is the floor of a step's time on the GPU path.
+DISPATCH_PROBE = """(async () => {
+  const a = await navigator.gpu.requestAdapter(); const d = await a.requestDevice();
+  const info = a.info || {}; const N = 600;
+  const m = d.createShaderModule({code: '@group(0) @binding(0) var<storage, read_write> b: array<f32>;' +
+    '@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) i: vec3u) { b[i.x] = b[i.x] * 0.5 + 1.0; }'});
+  const pl = d.createComputePipeline({layout: 'auto', compute: {module: m, entryPoint: 'main'}});
+  const buf = d.createBuffer({size: 4096, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC});
+  const bg = d.createBindGroup({layout: pl.getBindGroupLayout(0), entries: [{binding: 0, resource: {buffer: buf}}]});
+  const time = async (fn) => { await fn(); const t = performance.now(); for (let r = 0; r < 5; r++) await fn(); return (performance.now() - t) / 5; };
+  const onePass = () => { const e = d.createCommandEncoder(); const p = e.beginComputePass(); p.setPipeline(pl);
+    for (let i = 0; i < N; i++) { p.setBindGroup(0, bg); p.dispatchWorkgroups(1); } p.end(); d.queue.submit([e.finish()]); return d.queue.onSubmittedWorkDone(); };
+  const passes = () => { const e = d.createCommandEncoder(); for (let i = 0; i < N; i++) { const p = e.beginComputePass();
+    p.setPipeline(pl); p.setBindGroup(0, bg); p.dispatchWorkgroups(1); p.end(); } d.queue.submit([e.finish()]); return d.queue.onSubmittedWorkDone(); };
+  const submits = () => { for (let i = 0; i < N; i++) { const e = d.createCommandEncoder(); const p = e.beginComputePass();
+    p.setPipeline(pl); p.setBindGroup(0, bg); p.dispatchWorkgroups(1); p.end(); d.queue.submit([e.finish()]); } return d.queue.onSubmittedWorkDone(); };
+  const big = d.createBuffer({size: 201108, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC});
+  const st = d.createBuffer({size: 201108, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST});
+  const readback = async () => { const e = d.createCommandEncoder(); e.copyBufferToBuffer(big, 0, st, 0, 201108);
+    d.queue.submit([e.finish()]); await st.mapAsync(GPUMapMode.READ); st.unmap(); };
+  const us = (ms) => Math.round(1000 * ms / N * 10) / 10;
+  const r = {adapter: [info.vendor, info.architecture, info.device, info.description].filter(Boolean).join(' / '),
+    features: [...a.features].join(','), dispatches: N};
+  r.one_pass_us_per_dispatch = us(await time(onePass)); r.pass_per_dispatch_us = us(await time(passes));
+  r.submit_per_dispatch_us = us(await time(submits)); r.readback_200kB_ms = Math.round(await time(readback) * 1000) / 1000;
+  d.destroy(); return r; })()"""
+
+
+def dispatch_probe(url: str) -> dict:
+    import json
+    import os
+    import subprocess
+
+    cdp = os.environ.get("CDP_PY", str(ROOT / ".wgpu" / "B" / "cdp.py"))
+    proc = subprocess.run([sys.executable, cdp, url, "true", f"await {DISPATCH_PROBE}"], capture_output=True,
+                          text=True, timeout=300)
+    lines = [json.loads(line)["value"] for line in proc.stdout.splitlines() if line.startswith("{")]
+    return lines[0] if lines else {"error": (proc.stderr or proc.stdout)[-300:]}
+
+
+def gpu_main(args, folder: Path) -> None:
+    """--cdp: WebGPU (each io mode) and wasm cells on the GPU machine, one JSON line per cell, then a table."""
+    import json
+
+    from rwkv_export.manifest import read_manifest
+    from rwkv_export.serve import serve_in_thread
+
+    server, url = serve_in_thread(folder)
+    manifest = read_manifest(folder, verify_files=False)
+    sizes = {f["file"]: f["size"] for f in manifest["files"]}
+    graphs = {g["variant"]: g for g in manifest["graphs"] if g["kind"] == "step" and g["format"] == "onnx"}
+    rows = []
+    if args.probe:
+        print(json.dumps({"dispatch_probe": dispatch_probe(url)}), flush=True)
+    for cell in filter(None, args.cells.split(",")):  # variant:backend:io[:noseq]
+        variant, backend, io, *rest = cell.split(":")
+        if variant not in graphs:
+            continue
+        g = graphs[variant]
+        mb = sum(sizes.get(f, 0) for f in [g["file"], *g.get("data_files", [])]) / 1e6
+        t = max(int(x) for x in args.threads.split(","))
+        web = cdp_runs(url, variant, t, args.tokens, backend, io, "noseq" not in rest, args.repeats)
+        print(json.dumps({"cell": cell, **{k: v for k, v in web.items() if k != "ids"}}), flush=True)
+        rows.append((cell, variant, mb, web))
+    ref = None
+    if "fp32" in graphs and args.reference:
+        from rwkv_export.tokenizer import TokenizerSpec, load_tokenizer
+
+        tk = manifest["tokenizer"]
+        tok = load_tokenizer(TokenizerSpec("bytes") if tk["kind"] == "bytes"
+                             else TokenizerSpec("hf-tokenizers", folder / tk["file"]))
+        ref = python_runs(folder, manifest, graphs["fp32"], 8, tok.encode(PROMPT), args.tokens, 1)["ids"]
+    server.shutdown()
+    d = manifest["model"]
+    print(f"\n{d['n_layer']} x {d['n_embd']}, vocab {d['vocab_size']}; {args.tokens} greedy tokens, median of "
+          f"{args.repeats}; prompt tok/s from a {LONG_PROMPT_REPEAT}x prompt; same ids: vs onnxruntime (Python, CPU) fp32\n")
+    print("| variant | file | backend | io | decode tok/s | prompt tok/s (how) | load s | off-GPU nodes (step graph's nodes per provider) | same ids as fp32 ref |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for cell, variant, mb, web in rows:
+        _, backend, io, *rest = cell.split(":")
+        if "error" in web:
+            print(f"| {variant} | {mb:.0f} MB | {backend} | {io} | error: {web['error'][:100]} | | | | |")
+            continue
+        lp = web.get("long_prompt")
+        prompt = f"{1000 * lp['tokens'] / lp['ms']:.0f} ({lp['mode']}, {lp['runs']} runs)" if lp else ""
+        spread = "–".join(f"{v:.0f}" for v in (web["all_tok_s"][0], web["all_tok_s"][-1]))
+        same = "" if ref is None else ("yes" if web["ids"] == ref else f"no ({sum(a == b for a, b in zip(web['ids'], ref))}/{len(ref)})")
+        step_nodes = (web["info"].get("nodes") or {}).get("step") or {}
+        nodes = ", ".join(f"{k.replace('ExecutionProvider', '')} {v}" for k, v in step_nodes.items()) or "–"
+        ran = web["info"]["backend"] + ("/" + web["info"]["io"] if web["info"]["backend"] == "webgpu" else "")
+        print(f"| {variant} | {mb:.0f} MB | {ran} | {io} | {web['tok_s']:.1f} ({spread}) | {prompt} | {web['load_s']:.1f} | "
+              f"{len(web['info'].get('offGpu', []))} ({nodes}) | {same} |")
+
+
 def python_runs(folder: Path, manifest: dict, graph: dict, threads: int, prompt_ids: list[int], tokens: int,
                 repeats: int = 3) -> dict:
     import numpy as np
@@ -106,7 +246,18 @@ def main() -> None:
     ap.add_argument("--backend", choices=["wasm", "webgpu"], default="wasm",
                     help="webgpu starts Chromium with --enable-unsafe-webgpu (headless: SwiftShader's CPU adapter)")
     ap.add_argument("--variants", default=None, help="comma-separated variants to run (default: every step graph)")
+    ap.add_argument("--cdp", action="store_true",
+                    help="drive the Chromium at $CDP (the GPU machine's recipe) instead of Playwright; see --cells")
+    ap.add_argument("--cells", default="int4:webgpu:capture,int4:webgpu:gpu,int4:webgpu:cpu,fp32:webgpu:capture,"
+                    "fp32:webgpu:gpu,fp32:webgpu:cpu,int4:webgpu:capture:noseq,int8:wasm:cpu,fp32:wasm:cpu",
+                    help="--cdp: variant:backend:io[:noseq] cells (io: capture, gpu, cpu; noseq: prompt by steps)")
+    ap.add_argument("--probe", action="store_true", help="--cdp: first time raw WebGPU dispatches (no onnxruntime)")
+    ap.add_argument("--no-reference", dest="reference", action="store_false",
+                    help="--cdp: skip the fp32 greedy ids from onnxruntime in Python")
     args = ap.parse_args()
+    if args.cdp:
+        gpu_main(args, args.folder)
+        return
     threads = [int(t) for t in args.threads.split(",")]
 
     from rwkv_export.errors import RwkvExportError

@@ -357,6 +357,12 @@ class RWKV6(nn.Module):
         Returns (logits, new state): logits [V] of the last token, or [T, V] with all_logits=True. Equal to T calls
         of `step` up to rounding; differentiable.
         """
+        hidden, new = self.hidden_seq(tokens, state)
+        return self.head(hidden if all_logits else hidden[-1]), new
+
+    def hidden_seq(self, tokens, state: dict) -> tuple[torch.Tensor, dict]:
+        """forward_seq without the head: (the final hidden state after ln_out of every token [T, C], new state).
+        The oracle of the exported graphs' embedding outputs (rwkv_export.embed)."""
         self._check_state(state)
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.emb.weight.device)
         if tokens.dim() != 1 or tokens.numel() == 0:
@@ -368,10 +374,7 @@ class RWKV6(nn.Module):
             x, layer_state = block.forward_seq(x, *(state[k][i] for k in STATE_KEYS))
             for k, s in zip(STATE_KEYS, layer_state):
                 new[k].append(s)
-        if not all_logits:
-            x = x[-1]
-        logits = self.head(self.ln_out(x))
-        return logits, {k: torch.stack(v) for k, v in new.items()}
+        return self.ln_out(x), {k: torch.stack(v) for k, v in new.items()}
 
     def forward(self, tokens, state: dict, all_logits: bool = False) -> tuple[torch.Tensor, dict]:
         """`model(tokens, state)` is `forward_seq` (for trainers and torch.func)."""

@@ -365,15 +365,19 @@ class RWKV7(nn.Module):
         Returns (logits, new state): logits [V] of the last token, or [T, V] with all_logits=True. Equal to T calls
         of `step` up to rounding; differentiable.
         """
+        hidden, new = self.hidden_seq(tokens, state)
+        return self.head(hidden if all_logits else hidden[-1]), new
+
+    def hidden_seq(self, tokens, state: dict) -> tuple[torch.Tensor, dict]:
+        """forward_seq without the head: (the final hidden state after ln_out of every token [T, C], new state).
+        The oracle of the exported graphs' embedding outputs (rwkv_export.embed)."""
         self._check_state(state)
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.emb.weight.device)
         if tokens.dim() != 1 or tokens.numel() == 0:
             raise ValueError(f"tokens must be 1-D with at least one token, got shape {tuple(tokens.shape)}")
         self._check_tokens(tokens)
         x, new = self._run(self.blocks[0].ln0(self.emb(tokens)), state, seq=True)  # x [T, C]
-        if not all_logits:
-            x = x[-1]
-        return self.head(self.ln_out(x)), new
+        return self.ln_out(x), new
 
     def forward(self, tokens, state: dict, all_logits: bool = False) -> tuple[torch.Tensor, dict]:
         """`model(tokens, state)` is `forward_seq` (for trainers and torch.func)."""

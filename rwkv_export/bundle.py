@@ -89,8 +89,8 @@ def make_bundle(source: str, out: str | Path, *, runtime: str = "ort-mobile", qu
     if part_bytes is not None and part_bytes <= 0:
         raise RwkvExportError("--part-mb must be positive")
     out = Path(out)
-    check_output_dir(out, force)
-    with staged_output_dir(out, force) as tmp:
+    check_output_dir(out, force, inputs=(source, tokenizer))
+    with staged_output_dir(out, force, inputs=(source, tokenizer)) as tmp:
         if runtime == "ort-mobile":
             onnx_dir = Path(tempfile.mkdtemp(prefix=".onnx-", dir=tmp))
             res = export_onnx(source, onnx_dir / "onnx", quant=quant, quant_options=QuantOptions(),

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Mapping
 from pathlib import Path
 
 from .manifest import read_manifest, write_manifest
@@ -60,49 +62,148 @@ def eval_token_ids(root: Path, manifest: dict, max_tokens: int | None = None) ->
     return eval_tokens(load_tokenizer(spec).encode, max_tokens or DEFAULT_EVAL_TOKENS)
 
 
+class SharedReference:
+    """The reference model behind the interface parity.compare and compare_sequence use (new_state, step,
+    vocab_size), each distinct token path computed once. Every graph of a folder is compared on the same tokens,
+    and the reference's side of a comparison (its logits, its greedy continuation, its states) does not depend on
+    the graph, so its fp64 steps are shared by all the graphs instead of repeated for each. The states handed out
+    are views of a path; a state's tensors are kept (within KEEP_BYTES) or recomputed from the longest kept prefix."""
+
+    KEEP_BYTES = 256 * 1024**2
+
+    def __init__(self, model):
+        self.model, self.vocab_size = model, model.vocab_size
+        self._logits: dict[tuple, object] = {}
+        self._states: dict[tuple, dict] = {(): model.new_state()}
+        self._kept = 0
+        self._last: tuple = ((), self._states[()])
+
+    def new_state(self) -> "_PathState":
+        return _PathState(self, ())
+
+    def step(self, token: int, state):
+        if not isinstance(state, _PathState):  # a state from elsewhere (parity.state_effect's, from a graph)
+            import torch
+
+            with torch.no_grad():
+                return self.model.step(int(token), state)
+        path = (*state.path, int(token))
+        if path not in self._logits:
+            import torch
+
+            with torch.no_grad():
+                self._logits[path], new = self.model.step(int(token), self.state_of(state.path))
+            size = sum(t.numel() * t.element_size() for t in new.values())
+            if self._kept + size <= self.KEEP_BYTES:
+                self._states[path], self._kept = new, self._kept + size
+            self._last = (path, new)
+        return self._logits[path], _PathState(self, path)
+
+    def state_of(self, path: tuple) -> dict:
+        if path in self._states:
+            return self._states[path]
+        if self._last[0] == path:
+            return self._last[1]
+        import torch
+
+        n = max(i for i in range(len(path) + 1) if path[:i] in self._states)
+        state = self._states[path[:n]]
+        with torch.no_grad():
+            for tok in path[n:]:
+                _, state = self.model.step(tok, state)
+        self._states[path] = state  # read once, likely read again (the next graph's comparison)
+        return state
+
+
+class _PathState(Mapping):
+    """The reference state after a token path (SharedReference), read as a mapping of tensors."""
+
+    def __init__(self, ref: SharedReference, path: tuple):
+        self.ref, self.path = ref, path
+
+    def __getitem__(self, name):
+        return self.ref.state_of(self.path)[name]
+
+    def __iter__(self):
+        return iter(self.ref.state_of(self.path))
+
+    def __len__(self):
+        return len(self.ref.state_of(self.path))
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """The references run many small ops per token, which two torch threads run slower than one (RWKV-7 at 0.1B
+    shapes on the 2-core box: 14x slower with 2 under load, issue 15); restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def check_graphs(root: Path, manifest: dict, ckpt, *, progress: Progress = QUIET, raise_on_fail: bool = True,
                  variants: list[str] | None = None, eval_tokens: int | None = None) -> list[dict]:
     """Check each graph against the reference built from `ckpt`; store each report in its manifest entry ("parity",
-    and "quality" for variants other than fp32). Returns the reports (parity, then quality, per graph)."""
-    import torch
-
-    from .quality import evaluate_variant, judge_quality
-    from .runners import ReferenceRunner
-
-    ref = ckpt.arch.reference(ckpt.tensors, torch.float64)
-    baseline = None  # the fp32 reference the quality gate measures variants against (built when first needed)
-    ids = None
-    reports = []
-    for graph in manifest["graphs"]:
-        if variants and graph["variant"] not in variants:
-            continue
-        runner = make_runner(root, manifest, graph)
-        try:
-            if graph["kind"] == "sequence":
-                graph["parity"] = compare_sequence(runner, ref, target=graph["format"], variant=graph["variant"],
-                                                   progress=progress)
-                reports.append(graph["parity"])
-                continue
-            graph["parity"] = compare(runner, ref, target=graph["format"], variant=graph["variant"],
-                                      progress=progress)
-            reports.append(graph["parity"])
-            if graph["variant"] == "fp32":
-                continue
-            if baseline is None:
-                baseline = ReferenceRunner(ckpt, "float32")
-                ids = eval_token_ids(root, manifest, eval_tokens)
-            kind = QUALITY_KIND.get(graph["variant"], graph["variant"])
-            with progress.stage(f"quality {graph['format']}/{graph['variant']} vs fp32 on {len(ids)} tokens of "
-                                f"eval text"):
-                rep = judge_quality(evaluate_variant(runner, baseline, ids), kind)  # raised below, with the others
-            graph["quality"] = {"kind": "quality", "target": graph["format"], **rep, "variant": graph["variant"],
-                                "gate": kind, "eval_text": "tiny-pydoc-eval.txt", "baseline": "runtime_ref fp32"}
-            reports.append(graph["quality"])
-        finally:
-            _close(runner)
+    and "quality" for variants other than fp32). Returns the reports (parity, then quality, per graph). The fp64
+    reference steps are shared by every graph (SharedReference), and the quality gate reads the eval text once on
+    the fp32 side for all variants (quality.evaluate_variants)."""
+    with _torch_threads(1):
+        reports = _check_graphs(root, manifest, ckpt, progress, variants, eval_tokens)
     if raise_on_fail:
         gate_all(reports)
     return reports
+
+
+def _check_graphs(root: Path, manifest: dict, ckpt, progress: Progress, variants, eval_tokens) -> list[dict]:
+    import torch
+
+    ref = SharedReference(ckpt.arch.reference(ckpt.tensors, torch.float64))
+    reports, pending = [], []  # pending: (graph, its step runner, its report's slot) awaiting the quality gate
+    try:
+        for graph in manifest["graphs"]:
+            if variants and graph["variant"] not in variants:
+                continue
+            runner = make_runner(root, manifest, graph)
+            kept = False
+            try:
+                cmp = compare_sequence if graph["kind"] == "sequence" else compare
+                graph["parity"] = cmp(runner, ref, target=graph["format"], variant=graph["variant"], progress=progress)
+                reports.append(graph["parity"])
+                if graph["kind"] != "sequence" and graph["variant"] != "fp32":
+                    graph["quality"] = {}  # filled below; its place in `reports` is right after the parity report
+                    reports.append(graph["quality"])
+                    pending.append((graph, runner))
+                    kept = True
+            finally:
+                if not kept:
+                    _close(runner)
+        if pending:
+            _quality(root, manifest, ckpt, pending, progress, eval_tokens)
+    finally:
+        for _, runner in pending:
+            _close(runner)
+    return reports
+
+
+def _quality(root: Path, manifest: dict, ckpt, pending: list, progress: Progress, eval_tokens) -> None:
+    """The quality gate of every pending variant, against one fp32 reference run over the eval text (the
+    reference's GPT mode, chunked: runners.ReferenceRunner.logits_seq)."""
+    from .quality import evaluate_variants, judge_quality
+    from .runners import ReferenceRunner
+
+    ids = eval_token_ids(root, manifest, eval_tokens)
+    names = ", ".join(f"{g['format']}/{g['variant']}" for g, _ in pending)
+    with progress.stage(f"quality {names} vs fp32 on {len(ids)} tokens of eval text"):
+        reps = evaluate_variants([r for _, r in pending], ReferenceRunner(ckpt, "float32"), ids)
+    for (graph, _), rep in zip(pending, reps):
+        kind = QUALITY_KIND.get(graph["variant"], graph["variant"])
+        graph["quality"].update({"kind": "quality", "target": graph["format"], **judge_quality(rep, kind),
+                                 "variant": graph["variant"], "gate": kind, "eval_text": "tiny-pydoc-eval.txt",
+                                 "baseline": "runtime_ref fp32"})
 
 
 def gate_all(reports: list[dict]) -> None:

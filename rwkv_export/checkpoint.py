@@ -7,7 +7,8 @@ or mis-shaped tensor, a non-float tensor, or a NaN/Inf weight is an error that n
 
 from __future__ import annotations
 
-import zipfile
+import pickle
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -18,41 +19,42 @@ from .errors import CheckpointError
 FLOAT_DTYPES = _base.FLOAT_DTYPES
 
 
+# what a file begins with, by format (read before anything else, so a file that is none of them is never parsed)
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save since 1.6: a zip archive
+PICKLE_MAGIC = b"\x80"  # torch's legacy format: a pickle (protocol 2 or later), opcode PROTO first
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit on its JSON header
+
+
 def read_state_dict(path: str | Path) -> dict:
-    """Read a flat name->tensor dict from .pth/.pt (weights_only, mmap) or .safetensors, with one-line errors."""
+    """Read a flat name->tensor dict from .pth/.pt (weights_only, mmap) or .safetensors, with one-line errors. Only
+    regular files are opened, and only after their first bytes and size say which format they are."""
     import torch
 
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint is a directory, expected a .pth or .safetensors file: {path}")
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
+    if suffix not in (".safetensors", ".pth", ".pt", ".bin", ".ckpt"):
+        _regular_size(path)
+        raise CheckpointError(f"unknown checkpoint format '{path.suffix}': expected .pth or .safetensors")
+    kind = sniff_format(path)
+    if kind == "safetensors":
         try:
             from safetensors.torch import load_file
 
             sd = load_file(str(path), device="cpu")
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
             raise CheckpointError(f"cannot read {path.name} as safetensors: {_first_line(e)}") from None
-    elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        if not zipfile.is_zipfile(path):
-            # torch's legacy (pre-1.6) format is not a zip; torch.load handles it without mmap
-            mmap = False
-        else:
-            mmap = True
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    else:
+        try:  # torch's legacy (pre-1.6) format is not a zip; torch.load handles it without mmap
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=kind == "zip")
         except Exception as e:
-            msg = _first_line(e)
-            if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            # inside a torch zip the pickle is torch's own: a weights_only refusal means objects, not damage
+            if "Unsupported global" in str(e) or (kind == "zip" and isinstance(e, pickle.UnpicklingError)):
                 raise CheckpointError(
                     f"refusing to load {path.name}: it holds Python objects, not only tensors "
                     "(loaded with weights_only=True, so no code runs)"
                 ) from None
-            raise CheckpointError(f"cannot read {path.name} as a PyTorch checkpoint (truncated or corrupt?): {msg}") from None
-    else:
-        raise CheckpointError(f"unknown checkpoint format '{path.suffix}': expected .pth or .safetensors")
+            raise CheckpointError(f"cannot read {path.name} as a PyTorch checkpoint (truncated or corrupt?): "
+                                  f"{_first_line(e)}") from None
     if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
         raise CheckpointError(f"{path.name} is not a flat state dict of named tensors")
     for k, v in sd.items():
@@ -61,10 +63,68 @@ def read_state_dict(path: str | Path) -> dict:
     return sd
 
 
+def _regular_size(path: Path) -> int:
+    """The size of `path`, refused unless it is a regular file (a device such as /dev/zero, or a FIFO, would be
+    read without end)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"checkpoint is a directory, expected a .pth or .safetensors file: {path}")
+    if not stat.S_ISREG(st.st_mode):
+        what = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO (pipe)",
+                stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise CheckpointError(f"checkpoint {path} is {what}, not a regular file: refusing to read it")
+    return st.st_size
+
+
+def sniff_format(path: Path) -> str:
+    """'zip' | 'pickle' | 'safetensors', from the file's first bytes and its size; anything else is refused here,
+    before a parser sees it."""
+    size = _regular_size(path)
+    if size == 0:
+        raise CheckpointError(f"{path.name} is empty (0 bytes): not a checkpoint")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    if head.startswith(ZIP_MAGIC):
+        return "zip"
+    if head[:1] == PICKLE_MAGIC and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: u64 little-endian header length, then a JSON object
+        n = int.from_bytes(head[:8], "little")
+        if n > MAX_SAFETENSORS_HEADER or 8 + n > size:
+            raise CheckpointError(f"cannot read {path.name} as safetensors: its header claims {n} bytes, the file has "
+                                  f"{size} (truncated or corrupt)")
+        return "safetensors"
+    raise CheckpointError(f"{path.name} is not a PyTorch or safetensors checkpoint (its first bytes are neither a zip "
+                          "archive, a pickle nor a safetensors header)")
+
+
+# wrappers whose state dicts prefix every key
+WRAPPER_PREFIXES = {"module.": "DistributedDataParallel", "_orig_mod.": "torch.compile"}
+
+
+def strip_wrapper_prefix(sd: dict, progress: Callable | None = None) -> dict:
+    """Keys that all start with a wrapper's prefix lose it, with a notice; anything else is returned unchanged."""
+    for prefix, wrapper in WRAPPER_PREFIXES.items():
+        if sd and all(k.startswith(prefix) for k in sd):
+            if hasattr(progress, "note"):
+                progress.note(f"note: every key starts with '{prefix}' (a {wrapper} checkpoint): read without it")
+            return strip_wrapper_prefix({k[len(prefix):]: v for k, v in sd.items()}, progress)
+    return sd
+
+
 def from_state_dict(sd: dict, path: Path | None = None, progress: Callable | None = None) -> Checkpoint:
     """Detect the version from the keys, map every tensor strictly, and return the validated checkpoint."""
     from . import arch
 
+    sd = strip_wrapper_prefix(sd, progress)
     architecture = arch.detect(sd.keys())
     dims = architecture.validate(sd, progress=progress)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in sd.values()})

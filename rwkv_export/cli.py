@@ -12,17 +12,20 @@ from typing import Optional
 import typer
 
 from .errors import RwkvExportError
-from .quantize import DEFAULT_INT4_BLOCK_SIZE  # a light module: stdlib imports only at load time
+from .quantize import DEFAULT_INT4_BLOCK_SIZE, MIN_BLOCK_SIZE  # a light module: stdlib imports only at load time
 
 INT4_BLOCK_HELP = "Block size of int4 (MatMulNBits) quantization; 32 loses ~0.8% less perplexity, ~25% slower."
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,  # help text is plain: `[tflite]` (an extra's name) must print as written, not as markup
     help="Export RWKV language models to edge and browser runtimes (ONNX first), with parity checks against a "
     "PyTorch reference. A model is a .pth/.safetensors checkpoint or builtin:NAME (see `rwkv-export builtins`).",
 )
 
+EMBEDDING_HELP = ("Also output the final hidden state (after ln_out) for sentence embeddings: graph outputs `hidden` "
+                  "and, in prompt graphs, `hidden_sum` (see `rwkv-export embed`).")
 SOURCE_HELP = ("Checkpoint (.pth or .safetensors; RWKV-4, 5.2, 6 or 7, detected from the keys) or builtin:NAME (no "
                "download; see `rwkv-export builtins`).")
 
@@ -31,6 +34,21 @@ def _fail(e: BaseException) -> None:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(getattr(e, "exit_code", 2))
+
+
+def _check_int4_options(quant: Optional[str], block_size: Optional[int], embedding: bool) -> None:
+    """--int4-block-size / --int4-embedding: valid, and only with --quant int4 (not silently ignored)."""
+    wants_int4 = "int4" in [q.strip() for q in (quant or "").split(",")]
+    for given, name in ((block_size is not None, "--int4-block-size"), (embedding, "--int4-embedding")):
+        if given and not wants_int4:
+            raise RwkvExportError(f"{name} applies to int4 quantization; add int4 to --quant")
+    if block_size is not None and (block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1)):
+        raise RwkvExportError(f"--int4-block-size must be a power of two >= {MIN_BLOCK_SIZE}, got {block_size}")
+
+
+def _check_range(name: str, value, low, high, *, open_low: bool = False) -> None:
+    if (value <= low if open_low else value < low) or value > high:
+        raise RwkvExportError(f"{name} must lie in {'(' if open_low else '['}{low}, {high}], got {value}")
 
 
 def _progress(quiet: bool):
@@ -46,23 +64,28 @@ def onnx(
     force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
     tokenizer: Optional[str] = typer.Option(None, help="tokenizer.json to ship instead of the bundled one, or 'bytes'."),
     quant: Optional[str] = typer.Option(None, "--quant", help="Extra variants, comma-separated: fp16,int8,int4."),
-    int4_block_size: int = typer.Option(DEFAULT_INT4_BLOCK_SIZE, help=INT4_BLOCK_HELP),
+    int4_block_size: Optional[int] = typer.Option(None, help=INT4_BLOCK_HELP, show_default=str(DEFAULT_INT4_BLOCK_SIZE)),
     int4_embedding: bool = typer.Option(False, "--int4-embedding", help="Quantize the embedding table to int4 too."),
     simplify: bool = typer.Option(False, "--simplify", help="Simplify the graph with onnxslim (extra: simplify)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Run the parity gate before writing (default on)."),
     prefill: bool = typer.Option(True, "--prefill/--no-prefill",
                                  help="Also export the prompt (GPT-mode sequence) graph of each variant."),
-    opset: int = typer.Option(18, help="ONNX opset (>= 18)."),
+    opset: int = typer.Option(18, help="ONNX opset (18 to 24)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress output."),
+    embedding: bool = typer.Option(False, "--embedding", help=EMBEDDING_HELP),
 ):
     """Export CHECKPOINT's RNN-mode step graph to ONNX, check it against the reference, write a folder."""
     try:
         from .check import format_any
         from .export import QuantOptions, export_onnx, parse_quant
+        from .targets.onnx import MAX_OPSET, MIN_OPSET
 
+        _check_range("--opset", opset, MIN_OPSET, MAX_OPSET)  # options first: nothing is loaded for a bad one
+        _check_int4_options(quant, int4_block_size, int4_embedding)
+        block = int4_block_size or DEFAULT_INT4_BLOCK_SIZE
         res = export_onnx(checkpoint, out, force=force, tokenizer=tokenizer, quant=parse_quant(quant),
-                          quant_options=QuantOptions(int4_block_size, int4_embedding), simplify=simplify,
-                          check=check, prefill=prefill, opset=opset, progress=_progress(quiet))
+                          quant_options=QuantOptions(block, int4_embedding), simplify=simplify,
+                          check=check, prefill=prefill, opset=opset, progress=_progress(quiet), embedding=embedding)
         for r in res.reports:
             typer.echo(format_any(r))
         typer.echo(f"wrote {res.out}/ ({', '.join(f['file'] for f in res.manifest['files'])}, manifest.json)")
@@ -75,7 +98,7 @@ def quantize(
     folder: Path = typer.Argument(..., help="An export folder with an fp32 model."),
     quant: str = typer.Option(..., "--quant", help="Variants to add, comma-separated: fp16,int8,int4."),
     checkpoint: Optional[str] = typer.Option(None, help="The source checkpoint; default: the one the manifest records."),
-    int4_block_size: int = typer.Option(DEFAULT_INT4_BLOCK_SIZE, help=INT4_BLOCK_HELP),
+    int4_block_size: Optional[int] = typer.Option(None, help=INT4_BLOCK_HELP, show_default=str(DEFAULT_INT4_BLOCK_SIZE)),
     int4_embedding: bool = typer.Option(False, "--int4-embedding", help="Quantize the embedding table to int4 too."),
     force: bool = typer.Option(False, "--force", help="Replace variants the folder already has."),
     check: bool = typer.Option(True, "--check/--no-check"),
@@ -86,8 +109,13 @@ def quantize(
         from .check import format_any
         from .export import QuantOptions, add_variants, parse_quant
 
-        res = add_variants(folder, parse_quant(quant), checkpoint=checkpoint, force=force, check=check,
-                           quant_options=QuantOptions(int4_block_size, int4_embedding), progress=_progress(quiet))
+        _check_int4_options(quant, int4_block_size, int4_embedding)
+        variants = parse_quant(quant)
+        if not variants:
+            raise RwkvExportError("--quant names no variant; choose from fp16, int8, int4")
+        block = int4_block_size or DEFAULT_INT4_BLOCK_SIZE
+        res = add_variants(folder, variants, checkpoint=checkpoint, force=force, check=check,
+                           quant_options=QuantOptions(block, int4_embedding), progress=_progress(quiet))
         for r in res.reports:
             typer.echo(format_any(r))
         graphs = [f"{g['variant']} {g['kind']}" for g in res.manifest["graphs"]]
@@ -96,13 +124,14 @@ def quantize(
         _fail(e)
 
 
-def _edge_command(target: str, checkpoint, out, force, tokenizer, quant, check, quiet, prefill: bool = False):
+def _edge_command(target: str, checkpoint, out, force, tokenizer, quant, check, quiet, prefill: bool = False,
+                  embedding: bool = False):
     try:
         from .check import format_any
         from .export import export_target, parse_quant
 
         res = export_target(target, checkpoint, out, force=force, tokenizer=tokenizer, quant=parse_quant(quant, target),
-                            check=check, prefill=prefill, progress=_progress(quiet))
+                            check=check, prefill=prefill, progress=_progress(quiet), embedding=embedding)
         for r in res.reports:
             typer.echo(format_any(r))
         typer.echo(f"wrote {res.out}/ ({len(res.manifest['files'])} files, manifest.json)")
@@ -122,10 +151,11 @@ def tflite(
                                  help="Also give each .tflite the prompt graph: a `prefill` signature for chunks of 16 "
                                       "tokens, sharing the step signature's weights."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress output."),
+    embedding: bool = typer.Option(False, "--embedding", help=EMBEDDING_HELP),
 ):
     """Export CHECKPOINT to TFLite (LiteRT): one .tflite per variant with `step` and `prefill` signatures. Extra:
     [tflite]."""
-    _edge_command("tflite", checkpoint, out, force, tokenizer, quant, check, quiet, prefill)
+    _edge_command("tflite", checkpoint, out, force, tokenizer, quant, check, quiet, prefill, embedding)
 
 
 @app.command()
@@ -137,9 +167,10 @@ def tfjs(
     quant: Optional[str] = typer.Option(None, "--quant", help="Extra variants, comma-separated: fp16,uint8."),
     check: bool = typer.Option(True, "--check/--no-check", help="Run the gates in Node with @tensorflow/tfjs first."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress output."),
+    embedding: bool = typer.Option(False, "--embedding", help=EMBEDDING_HELP),
 ):
     """Export CHECKPOINT to a TF.js graph model (model.json + weight shards) per variant. Checking needs Node."""
-    _edge_command("tfjs", checkpoint, out, force, tokenizer, quant, check, quiet)
+    _edge_command("tfjs", checkpoint, out, force, tokenizer, quant, check, quiet, embedding=embedding)
 
 
 @app.command()
@@ -169,7 +200,8 @@ def generate(
     prompt: str = typer.Option(..., "-p", "--prompt"),
     max_tokens: int = typer.Option(100, "-n", "--max-tokens", min=0),
     temperature: float = typer.Option(1.0, min=0.0, help="0 = greedy."),
-    top_p: float = typer.Option(0.85, min=0.0, max=1.0),
+    top_p: float = typer.Option(0.85, help="Nucleus sampling: keep the most likely tokens up to this probability mass, "
+                                "in (0, 1]."),
     min_p_ratio: float = typer.Option(0.02, min=0.0, help="Drop tokens with p < ratio * p_max^power (0 = off)."),
     min_p_power: float = typer.Option(2.0, min=0.0),
     seed: int = typer.Option(0),
@@ -180,16 +212,21 @@ def generate(
 ):
     """Stream text generated from PROMPT."""
     try:
+        from .generate import check_prompt
         from .generate import generate as run_generate
         from .generate import open_model
 
+        _check_range("--top-p", top_p, 0, 1, open_low=True)
+        check_prompt(prompt)
         runner, tok = open_model(model, variant=variant, tokenizer=tokenizer, progress=_progress(quiet))
+        if hasattr(sys.stdout, "reconfigure"):  # text the terminal's encoding cannot show prints as '?', not a crash
+            sys.stdout.reconfigure(errors="replace")
 
         def emit(piece: str):
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        sys.stdout.write(prompt)
+        emit(prompt)
         stats = run_generate(runner, tok, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                              min_p_ratio=min_p_ratio, min_p_power=min_p_power, seed=seed, on_text=emit)
         sys.stdout.write("\n")
@@ -213,6 +250,7 @@ def serve(
     try:
         from .serve import serve as run_serve
 
+        _check_range("--port", port, 0, 65535)
         run_serve(folder, host=host, port=port)
     except RwkvExportError as e:
         _fail(e)
@@ -239,6 +277,42 @@ def bundle(
                         part_bytes=part_mb * 1024 * 1024 if part_mb is not None else None,
                         tokenizer=tokenizer, check=check, progress=_progress(quiet))
         typer.echo(f"wrote {out}/ ({', '.join(f['file'] for f in m['files'])}, manifest.json)")
+    except RwkvExportError as e:
+        _fail(e)
+
+
+@app.command()
+def embed(
+    folder: Path = typer.Argument(..., help="An export folder made with --embedding."),
+    texts: list[str] = typer.Argument(None, help="Texts to embed (one vector each)."),
+    pool: str = typer.Option("mean", "--pool", help="last (the last token's hidden state), mean (over the tokens) "
+                             "or state (the RNN state after the text, flattened)."),
+    similarity: bool = typer.Option(False, "--similarity", help="Print the cosine similarity of the two TEXTS."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the vectors to this .npy file ([texts, dim])."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    graph: Optional[str] = typer.Option(None, "--graph", help="step or prefill; default: prefill if the folder has it."),
+    variant: str = typer.Option("fp32", help="Graph variant in the folder."),
+):
+    """Print one embedding vector per text (or --similarity A B: their cosine similarity)."""
+    try:
+        from .embed import cosine, embed_texts, format_vector, save_npy
+
+        texts = texts or []
+        if similarity and len(texts) != 2:
+            raise RwkvExportError(f"--similarity takes exactly two texts, got {len(texts)}")
+        kinds = {None: None, "step": "step", "prefill": "sequence"}
+        if graph not in kinds:
+            raise RwkvExportError(f"unknown --graph '{graph}'; choose from step, prefill")
+        vectors = embed_texts(folder, texts, pool=pool, kind=kinds[graph], variant=variant)
+        if out is not None:
+            save_npy(out, vectors, force=force)
+        if similarity:
+            typer.echo(f"{cosine(vectors[0], vectors[1]):.6f}")
+        elif out is None:
+            for v in vectors:
+                typer.echo(format_vector(v))
+        else:
+            typer.echo(f"wrote {out} ({vectors.shape[0]} x {vectors.shape[1]} float32, --pool {pool})")
     except RwkvExportError as e:
         _fail(e)
 

@@ -23,8 +23,16 @@ class OutputPathError(RwkvExportError):
     """The output path cannot be written."""
 
 
+class OutputLockedError(RwkvExportError):
+    """Another rwkv-export process is writing the same output path."""
+
+
 class ManifestError(RwkvExportError):
     """An export folder is missing its manifest or the manifest does not describe the files there."""
+
+
+class GraphFileError(RwkvExportError):
+    """A graph file in an export folder does not load or run in its runtime (damaged, or not what it claims to be)."""
 
 
 class MissingExtraError(RwkvExportError):

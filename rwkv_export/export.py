@@ -15,8 +15,9 @@ from .errors import RwkvExportError
 from .manifest import new_manifest, read_manifest, write_manifest
 from .outdir import check_output_dir, staged_output_dir
 from .progress import QUIET, Progress
-from .quantize import DEFAULT_INT4_BLOCK_SIZE
+from .quantize import DEFAULT_INT4_BLOCK_SIZE, web_backends
 from .sources import Source, source_from_manifest
+from .embed import has_embedding, step_module
 from .tokenizer import resolve_tokenizer
 
 STEP_FILE = "model.onnx"
@@ -87,11 +88,12 @@ def _graph_entry(root: Path, file: str, variant: str, files: list[str], info: di
     }
     if info:
         entry["quantization"] = info
+    entry["backends"] = web_backends(variant, info)  # which onnxruntime-web backends it suits (quantize.py)
     return entry
 
 
 def _make_variant(variant: str, root: Path, ckpt, options: QuantOptions, opset: int, progress: Progress,
-                  prefill: bool = False) -> list[dict]:
+                  prefill: bool = False, embedding: bool = False) -> list[dict]:
     """Write one variant's step graph (and, with prefill, its prompt graph) into `root`; fp32 must already be there
     for int8/int4. Returns the graph entries."""
     from .targets import onnx as onnx_target
@@ -101,7 +103,7 @@ def _make_variant(variant: str, root: Path, ckpt, options: QuantOptions, opset: 
         from .targets import onnx_seq
 
         info = ckpt.arch.fp16_info()
-        module = ckpt.arch.step_module(ckpt, "fp16")
+        module = step_module(ckpt, "fp16", embedding)
         rescale = f", rescale every {info['rescale_every']} layers" if info.get("rescale_every") else ""
         with progress.stage(f"exporting {file} (fp16 weights and activations, fp32 state{rescale})"):
             files = onnx_target.export_step(module, root / file, opset)
@@ -171,16 +173,17 @@ def export_onnx(
     opset: int | None = None,
     external_data: bool | None = None,
     progress: Progress = QUIET,
+    embedding: bool = False,
 ) -> ExportResult:
     from .targets import onnx as onnx_target
 
     out = Path(out)
     opset = opset or onnx_target.DEFAULT_OPSET
-    check_output_dir(out, force)  # fail before the slow part
+    check_output_dir(out, force, inputs=(source, tokenizer))  # fail before the slow part
     src, ckpt, tok = load_source(source, tokenizer, progress)
-    with staged_output_dir(out, force) as tmp:
+    with staged_output_dir(out, force, inputs=(source, tokenizer)) as tmp:
         with progress.stage(f"building the {ckpt.arch.title} step graph"):
-            module = ckpt.arch.step_module(ckpt)
+            module = step_module(ckpt, "fp32", embedding)
         with progress.stage(f"exporting {STEP_FILE} (torch.onnx dynamo, opset {opset})"):
             files = onnx_target.export_step(module, tmp / STEP_FILE, opset, external_data)
         seq_entry = _export_prefill(module, tmp, opset, external_data, progress) if prefill else None
@@ -196,7 +199,7 @@ def export_onnx(
         if seq_entry:
             manifest["graphs"].append(seq_entry)
         for variant in quant:
-            manifest["graphs"] += _make_variant(variant, tmp, ckpt, quant_options, opset, progress, prefill)
+            manifest["graphs"] += _make_variant(variant, tmp, ckpt, quant_options, opset, progress, prefill, embedding)
         reports = []
         if check:
             from .check import check_graphs
@@ -213,7 +216,8 @@ def add_variants(folder: str | Path, quant: list[str], *, checkpoint: str | None
     into place and the manifest replaced atomically; on any failure the folder is left as it was."""
     import copy
     import os
-    import tempfile
+
+    from .outdir import clone_or_copy, signals_blocked, staging_beside
 
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -231,14 +235,17 @@ def add_variants(folder: str | Path, quant: list[str], *, checkpoint: str | None
             raise RwkvExportError(f"{checkpoint} is not the checkpoint {folder} was exported from "
                                   f"({recorded['file']}, sha256 {recorded['sha256'][:12]}…)")
     ckpt = source_from_manifest(recorded, checkpoint).load(progress)
-    stage = Path(tempfile.mkdtemp(prefix=".variants.partial-", dir=folder))
-    try:
+    # staged beside the folder (never inside it, where `serve` could serve it), locked against other writers
+    with staging_beside(folder.resolve()) as stage:
         fp32 = next(g for g in manifest["graphs"] if g["kind"] == "step" and g["variant"] == "fp32")
         seq32 = [g for g in manifest["graphs"] if g["kind"] == "sequence" and g["variant"] == "fp32"]
-        for f in dict.fromkeys(f for g in [fp32, *seq32] for f in [g["file"], *g["data_files"]]):
-            os.symlink(folder.resolve() / f, stage / f)
+        tok_file = [manifest["tokenizer"]["file"]] if manifest["tokenizer"].get("file") else []
+        from_fp32 = [g for g in [fp32, *seq32] if any(v in ("int8", "int4") for v in quant)]  # fp16 needs none
+        for f in dict.fromkeys([*(f for g in from_fp32 for f in [g["file"], *g["data_files"]]), *tok_file]):
+            clone_or_copy(folder / f, stage / f)  # onnx refuses external data behind a symbolic or hard link
         new = [e for v in quant
-               for e in _make_variant(v, stage, ckpt, quant_options, fp32.get("opset") or 18, progress, bool(seq32))]
+               for e in _make_variant(v, stage, ckpt, quant_options, fp32.get("opset") or 18, progress, bool(seq32),
+                                      has_embedding(fp32))]
         reports = []
         if check:
             from .check import check_graphs
@@ -247,23 +254,22 @@ def add_variants(folder: str | Path, quant: list[str], *, checkpoint: str | None
             staged["graphs"] = new
             reports = check_graphs(stage, staged, ckpt, progress=progress, raise_on_fail=True, variants=list(quant))
             new = staged["graphs"]  # now with their parity and quality reports
-        for f in dict.fromkeys(f for g in new for f in [g["file"], *g["data_files"]]):  # a shared data file once
-            os.replace(stage / f, folder / f)
         manifest["graphs"] = [g for g in manifest["graphs"] if g["variant"] not in quant] + new
-        write_manifest(folder, manifest)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        with signals_blocked():  # the files and the manifest that lists them land together
+            for f in dict.fromkeys(f for g in new for f in [g["file"], *g["data_files"]]):  # a shared data file once
+                os.replace(stage / f, folder / f)
+            write_manifest(folder, manifest)
     return ExportResult(out=folder, manifest=manifest, reports=reports)
 
 
 def build_target(target: str, root: Path, src: Source, ckpt, tok, *, quant: list[str] = (), check: bool = True,
-                 prefill: bool = True, progress: Progress = QUIET) -> tuple[dict, list]:
+                 prefill: bool = True, progress: Progress = QUIET, embedding: bool = False) -> tuple[dict, list]:
     """Write the TFLite or TF.js files of `ckpt` (fp32 plus `quant` variants), the tokenizer and their checks into
     the existing folder `root`; return (manifest, reports). The manifest is not written (the caller does). prefill:
     TFLite files also get the prompt graph (`prefill` signature, fixed chunks); TF.js has none."""
     variants = ["fp32", *[v for v in quant if v != "fp32"]]
     with progress.stage(f"building the {ckpt.arch.title} step graph"):
-        module = ckpt.arch.step_module(ckpt)
+        module = step_module(ckpt, "fp32", embedding)
     if target == "tflite":
         from .targets import tflite
 
@@ -292,18 +298,18 @@ def build_target(target: str, root: Path, src: Source, ckpt, tok, *, quant: list
 
 def export_target(target: str, source: str, out: str | Path, *, force: bool = False, tokenizer: str | None = None,
                   quant: list[str] = (), check: bool = True, prefill: bool = True,
-                  progress: Progress = QUIET) -> ExportResult:
+                  progress: Progress = QUIET, embedding: bool = False) -> ExportResult:
     """`rwkv-export tflite|tfjs`: like export_onnx, for the edge targets (staged, checked, then moved into place)."""
     if target not in ("tflite", "tfjs"):
         raise RwkvExportError(f"unknown target '{target}'; choose from tflite, tfjs")
     quant = validate_quant(quant, target)
     _check_target_installed(target, check)
     out = Path(out)
-    check_output_dir(out, force)
+    check_output_dir(out, force, inputs=(source, tokenizer))
     src, ckpt, tok = load_source(source, tokenizer, progress)
-    with staged_output_dir(out, force) as tmp:
+    with staged_output_dir(out, force, inputs=(source, tokenizer)) as tmp:
         manifest, reports = build_target(target, tmp, src, ckpt, tok, quant=quant, check=check, prefill=prefill,
-                                         progress=progress)
+                                         progress=progress, embedding=embedding)
         write_manifest(tmp, manifest)
     return ExportResult(out=out, manifest=manifest, reports=reports)
 

@@ -25,6 +25,19 @@ class GenerationStats:
         return self.generated_tokens / self.generate_seconds if self.generate_seconds > 0 else float("nan")
 
 
+def check_prompt(prompt: str) -> None:
+    """A prompt the tokenizers can take: not empty, valid UTF-8 (an argument with invalid UTF-8 bytes reaches Python
+    as lone surrogates, which no encoder takes)."""
+    if not prompt:
+        raise RwkvExportError("the prompt is empty")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(prompt[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+        raise RwkvExportError(f"the prompt is not valid UTF-8 ({what} at character {e.start})") from None
+
+
 def open_model(target: str, *, variant: str | None = None, tokenizer: str | None = None,
                progress: Progress = QUIET):
     """An export folder -> (ONNX runner, tokenizer); a checkpoint or builtin:NAME -> (runtime_ref runner, tokenizer).
@@ -70,6 +83,7 @@ def generate(runner, tokenizer, prompt: str, *, max_tokens: int = 100, temperatu
 
     from .tokenizer import StreamDecoder
 
+    check_prompt(prompt)
     ids = tokenizer.encode(prompt)
     if not ids:
         raise RwkvExportError("the prompt is empty (it encodes to no tokens)")

@@ -5,6 +5,12 @@
 3. logits over N_TOKENS tokens with each side's state fed back: max|Δ|, max|Δ|/std(ref), top-1 agreement
    (ParityToleranceError);
 4. a greedy continuation of N_GREEDY tokens from each side's own state must be identical (ParityGreedyError).
+
+A prompt (sequence) graph's state is judged by its effect, as the user meets it: N_STATE_PROBE reference steps run
+from the graph's state and from the reference's own, their logits compared like any logits (state_effect_rel). Its
+own relative error (state_max_rel) is reported, not gated: a state tensor of ~1e-6 (an fp16 subnormal, as a trained
+model's ffn_x can be) has a large relative error and no effect on the text, and RWKV-4's (aa, bb, pp) is only
+defined up to a common scale (aa*e^d, bb*e^d, pp-d is the same state).
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from .progress import QUIET, Progress
 N_TOKENS = 64  # tokens fed with the state carried over: long enough for the WKV state to matter
 N_GREEDY = 32  # greedy continuation compared token by token
 TOKEN_SEED = 1234
+# reference steps continued from a prompt graph's state (and from the reference's own) to judge that state: the
+# token-shift states (att_x, ffn_x) act on the first of them, the WKV state on all, most on the first few
+N_STATE_PROBE = 8
 
 
 @dataclass(frozen=True)
@@ -67,21 +76,51 @@ for _t, _engine in (("tflite", "the LiteRT interpreter (XNNPACK)"), ("tfjs", "TF
         reason="float16 weight storage, dequantized to fp32 at load: at most the ONNX fp16 error (which also rounds "
         "activations); same bound and reasons as onnx/fp16; quality on real text is gated separately")
 
+# Per architecture, keyed (target, variant, rwkv_version); where a version has no entry its (target, variant) one holds.
+# RWKV-5.2 / 6 / 7 in fp32: the same kind of error as RWKV-4 (fp32 rounding against fp64), but more of it: GroupNorm
+# (ln_x, eps 64e-5) divides each head's output by its own spread, amplifying the rounding of a head whose spread is
+# small, and the WKV state is an [H, N, N] matrix summed over N per channel. Measured on synthetic checkpoints at the
+# 0.1B shapes (12 x 768, vocab 65536; 16-core x86 host, onnxruntime 1.30), max|Δ|/std over the parity run: ONNX step
+# graph 5.0e-6 (v5.2), 4.7e-6 (v6), 6.9e-6 (v7), against 3.3e-6 for RWKV-4 at 169M; runtime_ref itself in fp32
+# 2.9e-6 / 3.8e-6 / 4.2e-6 (2.0e-6 for v4): the export adds no error of its own, the architecture has more. Issue 15
+# measured 1.0e-5 for v5.2 at these shapes: on the RWKV-4 bound. 5e-5 is 5x the worst seen and still 1,000x below
+# a formula slip (GroupNorm eps 1e-5 for 64e-5 moves logits by 6.7e-2 to 0.10 of std, tests/test_arch_v5_v6.py).
+V5_FP32_MAX_REL = 5e-5
+for _version in ("5.2", "6", "7"):
+    for _t in ("onnx", "tflite", "tfjs"):
+        _base = TOLERANCES[(_t, "fp32")]
+        TOLERANCES[(_t, "fp32", _version)] = Tolerance(
+            V5_FP32_MAX_REL, _base.min_top1, _base.greedy_identical,
+            f"RWKV-{_version}'s fp32 rounding (GroupNorm, the matrix WKV state) against an fp64 reference: measured "
+            "5.0e-6 (v5.2), 4.7e-6 (v6), 6.9e-6 (v7) of std for ONNX at the 0.1B shapes, 1.0e-5 in issue 15; 5x the "
+            "worst; a wrong equation shows as >6e-2")
+
 # ONNX Runtime's .ort format is the same graph after ORT's own (Fixed-style) optimizations — fusions that reorder
 # fp32 arithmetic, not new approximations — so each ONNX tolerance holds for it, for the same reasons.
-for (_t, _v), _tol in list(TOLERANCES.items()):
-    if _t == "onnx":
-        TOLERANCES[("ort", _v)] = Tolerance(_tol.max_rel, _tol.min_top1, _tol.greedy_identical,
-                                            "as ONNX: the .ort file is the same graph after ORT's fusions. " + _tol.reason)
+for _key, _tol in list(TOLERANCES.items()):
+    if _key[0] == "onnx":
+        TOLERANCES[("ort", *_key[1:])] = Tolerance(_tol.max_rel, _tol.min_top1, _tol.greedy_identical,
+                                                   "as ONNX: the .ort file is the same graph after ORT's fusions. "
+                                                   + _tol.reason)
 
 
-def tolerance_for(target: str, variant: str) -> Tolerance:
+def tolerance_for(target: str, variant: str, version: str | None = None) -> Tolerance:
+    """The tolerance of (target, variant) for RWKV `version` (the manifest's model.rwkv_version): its own entry where
+    the table has one, else the (target, variant) entry."""
+    if version is not None and (target, variant, str(version)) in TOLERANCES:
+        return TOLERANCES[(target, variant, str(version))]
     try:
         return TOLERANCES[(target, variant)]
     except KeyError:
         from .errors import RwkvExportError
 
         raise RwkvExportError(f"no parity tolerance is declared for target={target} variant={variant}") from None
+
+
+def _version(runner) -> str | None:
+    """The RWKV version of the graph a runner runs, from its manifest (None: unknown, the version-free entry holds)."""
+    model = (getattr(runner, "manifest", None) or {}).get("model") or {}
+    return model.get("rwkv_version")
 
 
 def parity_tokens(vocab_size: int, n: int = N_TOKENS, seed: int = TOKEN_SEED) -> list[int]:
@@ -111,10 +150,10 @@ def _check_outputs(logits, state, graph: dict, step: int):
 
 def compare(runner, ref, *, target: str, variant: str, tokens: list[int] | None = None, n_greedy: int = N_GREEDY,
             progress: Progress = QUIET) -> dict:
-    """Run `runner` (an exported graph) and `ref` (runtime_ref.RWKV4) side by side; return the report dict."""
+    """Run `runner` (an exported graph) and `ref` (a runtime_ref model) side by side; return the report dict."""
     import torch
 
-    tol = tolerance_for(target, variant)
+    tol = tolerance_for(target, variant, _version(runner))
     tokens = tokens if tokens is not None else parity_tokens(ref.vocab_size)
     m_state, r_state = runner.new_state(), ref.new_state()
     max_abs = max_rel = 0.0
@@ -173,10 +212,11 @@ def gate(report: dict) -> None:
     """Raise the typed error for the first failed layer of the report."""
     tol = Tolerance(**report["tolerance"])
     where = f"{report['target']}/{report['variant']}"
-    if tol.max_rel is not None and report.get("state_max_rel", 0.0) > tol.max_rel:
+    if tol.max_rel is not None and report.get("state_effect_rel", 0.0) > tol.max_rel:
         raise ParityToleranceError(
-            f"{where}: prompt graph state differs from the reference by {report['state_max_rel']:.3g} of its "
-            f"magnitude, past {tol.max_rel:g}"
+            f"{where}: the prompt graph's state moves the next {report['state_probe_tokens']} reference steps' logits "
+            f"by {report['state_effect_rel']:.3g} of std, past {tol.max_rel:g} (the state itself differs by "
+            f"{report['state_max_rel']:.3g} of its magnitude)"
         )
     if tol.max_rel is not None and report["max_rel"] > tol.max_rel:
         raise ParityToleranceError(
@@ -201,7 +241,8 @@ def format_report(report: dict) -> str:
     head = f"parity {report['target']}/{report['variant']}"
     if report.get("kind") == "sequence":
         return (f"{head} prompt graph vs {report['reference']}: {status}  max|Δ|/std={report['max_rel']:.3g} ({bound})  "
-                f"state max|Δ|/max|ref|={report['state_max_rel']:.3g}  over {report['tokens']} tokens in "
+                f"state: effect max|Δ|/std={report['state_effect_rel']:.3g} over {report['state_probe_tokens']} "
+                f"steps, max|Δ|/max|ref|={report['state_max_rel']:.3g} (reported)  over {report['tokens']} tokens in "
                 f"{report['calls']} calls")
     return (
         f"{head} vs {report['reference']}: {status}  "
@@ -211,20 +252,39 @@ def format_report(report: dict) -> str:
     )
 
 
+def state_effect(ref, got: dict, want: dict, tokens: list[int]) -> float:
+    """max|Δlogits|/std(ref) over `tokens` run by the (fp64) reference from the state `got` (a graph's, as arrays)
+    and from `want` (the reference's own): the effect of the state's error on what comes next, free of the step
+    graph's own error."""
+    import torch
+
+    got = {k: torch.from_numpy(np.asarray(got[k], np.float64).reshape(tuple(v.shape))).to(v.dtype)
+           for k, v in want.items()}
+    worst = 0.0
+    for tok in tokens:
+        g_logits, got = ref.step(tok, got)
+        w_logits, want = ref.step(tok, want)
+        w = w_logits.double().numpy().reshape(-1)
+        worst = max(worst, float(np.abs(g_logits.double().numpy().reshape(-1) - w).max() / w.std()))
+    return worst
+
+
 def compare_sequence(runner, ref, *, target: str, variant: str, tokens: list[int] | None = None,
                      progress: Progress = QUIET) -> dict:
     """A sequence (prompt) graph against T reference steps: the tokens go in two calls (so the state handed from one
-    call to the next is exercised), each call in the graph's own chunks; after each call the last token's logits and
-    every state tensor are compared. Gated by the step graph's tolerance for the same (target, variant) on logits and
-    states (states relative to their largest magnitude)."""
+    call to the next is exercised), each call in the graph's own chunks. After each call the last token's logits are
+    compared, and the state by its effect (state_effect: N_STATE_PROBE reference steps from each side's state), both
+    gated by the step graph's tolerance for the same (target, variant); each state tensor's own max|Δ|/max|ref| is
+    reported."""
     import torch
 
-    tol = tolerance_for(target, variant)
+    tol = tolerance_for(target, variant, _version(runner))
     tokens = tokens if tokens is not None else parity_tokens(ref.vocab_size)
+    probe = parity_tokens(ref.vocab_size, N_STATE_PROBE, TOKEN_SEED + 1)
     split = max(1, (len(tokens) * 3) // 5)
     calls = [tokens[:split], tokens[split:]] if len(tokens) > 1 else [tokens]
     m_state, r_state = runner.new_state(), ref.new_state()
-    max_abs = max_rel = state_rel = 0.0
+    max_abs = max_rel = state_rel = effect = 0.0
     top1 = 0
     with progress.stage(f"parity {target}/{variant} prompt graph"), torch.no_grad():
         for call in calls:
@@ -243,13 +303,19 @@ def compare_sequence(runner, ref, *, target: str, variant: str, tokens: list[int
             top1 += int(m.argmax() == r.argmax())
             for name, want in r_state.items():
                 want = want.double().numpy()
-                got = np.asarray(m_state[name], np.float64).reshape(want.shape)
-                state_rel = max(state_rel, float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)))
+                got = np.asarray(m_state[name], np.float64)
+                if got.size != want.size:
+                    raise ParityShapeError(f"{target}/{variant} prompt graph: state '{name}' has {got.size} values, "
+                                           f"the reference {want.size}")
+                state_rel = max(state_rel, float(np.abs(got.reshape(want.shape) - want).max()
+                                                 / max(np.abs(want).max(), 1e-30)))
+            effect = max(effect, state_effect(ref, m_state, r_state, probe))
     report = {
         "kind": "sequence", "target": target, "variant": variant, "reference": "runtime_ref fp64 steps",
         "tokens": len(tokens), "calls": len(calls), "max_abs": max_abs, "max_rel": max_rel,
-        "state_max_rel": state_rel, "top1_agreement": top1 / len(calls), "tolerance": asdict(tol),
+        "state_max_rel": state_rel, "state_effect_rel": effect, "state_probe_tokens": len(probe),
+        "top1_agreement": top1 / len(calls), "tolerance": asdict(tol),
     }
-    report["passed"] = (tol.max_rel is None or max(max_rel, state_rel) <= tol.max_rel) and (
+    report["passed"] = (tol.max_rel is None or max(max_rel, effect) <= tol.max_rel) and (
         report["top1_agreement"] >= tol.min_top1)
     return report

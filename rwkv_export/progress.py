@@ -1,4 +1,5 @@
-"""Progress on stderr for long work: bars for loops, timed stage lines for single long calls."""
+"""Progress on stderr for long work: bars for loops, timed stage lines for single long calls, and a summary line
+(total time, peak memory)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,26 @@ import sys
 import time
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident memory so far of this process, and of its waited-for children if larger (ru_maxrss is KiB on
+    Linux). Not a sum: a child's peak is its own, and children here run one at a time."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes
+    return max(own, kids) * scale
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 1024**3:.2f} GB" if n >= 1024**3 else f"{n / 1024**2:.0f} MB"
+
+
 class Progress:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self.stages: list[tuple[str, float, int]] = []  # (desc, seconds, peak RSS after it) when enabled
 
     def iter(self, items, desc: str, total: int | None = None):
         if not self.enabled:
@@ -27,11 +45,19 @@ class Progress:
             print(f"{desc} ...", file=sys.stderr, flush=True)
         yield
         if self.enabled:
-            print(f"{desc}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+            dt, peak = time.perf_counter() - t0, peak_rss_bytes()
+            self.stages.append((desc, dt, peak))
+            print(f"{desc}: done in {dt:.1f} s (peak RSS {format_bytes(peak)})", file=sys.stderr, flush=True)
 
     def note(self, msg: str):
         if self.enabled:
             print(msg, file=sys.stderr, flush=True)
+
+    def summary(self, what: str) -> str:
+        """'WHAT in 41.2 s, peak RSS 1.21 GB' (time since this Progress was made), printed as a note and returned."""
+        line = f"{what} in {time.perf_counter() - self.t0:.1f} s, peak RSS {format_bytes(peak_rss_bytes())}"
+        self.note(line)
+        return line
 
 
 QUIET = Progress(enabled=False)

@@ -74,58 +74,105 @@ def evaluate_variant(variant_runner, fp32_runner, tokens, *, n_greedy: int = DEF
 
     Runners have `.new_state()` and `.step(token, state) -> (logits [1, V], state)` (rwkv_export.runners).
     """
+    return evaluate_variants([variant_runner], fp32_runner, tokens, n_greedy=n_greedy, prompt_len=prompt_len)[0]
+
+
+def evaluate_variants(variant_runners: list, fp32_runner, tokens, *, n_greedy: int = DEFAULT_N_GREEDY,
+                      prompt_len: int = DEFAULT_PROMPT_LEN, chunk: int = 128) -> list[dict]:
+    """evaluate_variant for several variants against one fp32 run: the fp32 side (its logits over the text, its state
+    after the prompt, its greedy continuation) does not depend on the variant, so it is computed once and each
+    variant is compared with it in turn, token by token. When fp32_runner also has `.logits_seq(tokens, state) ->
+    (logits [T, V], state)` (ReferenceRunner: the reference's GPT mode, the same equations as T steps, rounded in a
+    different order), the text is read in chunks of `chunk` tokens through it; the greedy continuation always uses
+    `.step`."""
     tokens = [int(t) for t in tokens]
     if len(tokens) < 2:
         raise EvalTextError(f"need at least 2 tokens of eval text to measure perplexity, got {len(tokens)}")
     prompt_len = max(1, min(prompt_len, len(tokens)))
-    sv, sf = variant_runner.new_state(), fp32_runner.new_state()
-    nll_v = nll_f = kl = 0.0
-    top1 = 0
     n = len(tokens) - 1
-    greedy_start = None
-    for i, tok in enumerate(tokens[:-1]):
-        lv, sv = variant_runner.step(tok, sv)
-        lf, sf = fp32_runner.step(tok, sf)
+    fed = max(n, prompt_len)  # tokens each side reads: all but the last, or all when the prompt is the whole text
+    acc = [{"nll": 0.0, "kl": 0.0, "top1": 0, "state": r.new_state(), "start": None} for r in variant_runners]
+    nll_f, lf_start, sf_start = 0.0, None, None
+    for i, lf, sf in _fp32_logits(fp32_runner, tokens[:fed], prompt_len, chunk):
+        pf = _log_softmax(lf) if i < n else None
+        if pf is not None and not np.isfinite(pf).all():
+            raise ParityNonFiniteError(f"NaN/Inf fp32 logits at token {i} of the eval text")
         if i == prompt_len - 1:
-            greedy_start = (lv, sv, lf, sf)
-        pv, pf = _log_softmax(lv), _log_softmax(lf)
-        if not (np.isfinite(pv).all() and np.isfinite(pf).all()):
-            raise ParityNonFiniteError(f"NaN/Inf logits at token {i} of the eval text")
-        nxt = tokens[i + 1]
-        nll_v -= pv[nxt]
-        nll_f -= pf[nxt]
-        kl += float(np.sum(np.exp(pf) * (pf - pv)))
-        top1 += int(pv.argmax() == pf.argmax())
-    if greedy_start is None:  # prompt covers the whole text: feed its last token too
-        lv, sv = variant_runner.step(tokens[-1], sv)
-        lf, sf = fp32_runner.step(tokens[-1], sf)
-        greedy_start = (lv, sv, lf, sf)
-    ppl_v, ppl_f = float(np.exp(nll_v / n)), float(np.exp(nll_f / n))
-    match = _greedy_agreement(variant_runner, fp32_runner, *greedy_start, n_greedy)
-    return {
-        "tokens": n,
-        "ppl": ppl_v,
-        "ppl_fp32": ppl_f,
-        "ppl_delta": ppl_v / ppl_f - 1.0,
-        "kl": kl / n,
-        "vocab_size": int(np.asarray(lf).size),
-        "top1_agreement": top1 / n,
-        "greedy_match": match,
-        "greedy_tokens": n_greedy,
-        "prompt_tokens": prompt_len,
-    }
+            lf_start, sf_start = lf, sf
+        if pf is not None:
+            nll_f -= pf[tokens[i + 1]]
+        for runner, a in zip(variant_runners, acc):
+            lv, a["state"] = runner.step(tokens[i], a["state"])
+            if i == prompt_len - 1:
+                a["start"] = (lv, a["state"])
+            if pf is None:
+                continue
+            pv = _log_softmax(lv)
+            if not np.isfinite(pv).all():
+                raise ParityNonFiniteError(f"NaN/Inf logits at token {i} of the eval text")
+            a["nll"] -= pv[tokens[i + 1]]
+            a["kl"] += float(np.sum(np.exp(pf) * (pf - pv)))
+            a["top1"] += int(pv.argmax() == pf.argmax())
+    fp32_greedy = _Greedy(fp32_runner, lf_start, sf_start, n_greedy)
+    ppl_f = float(np.exp(nll_f / n))
+    reports = []
+    for runner, a in zip(variant_runners, acc):
+        ppl_v = float(np.exp(a["nll"] / n))
+        reports.append({
+            "tokens": n,
+            "ppl": ppl_v,
+            "ppl_fp32": ppl_f,
+            "ppl_delta": ppl_v / ppl_f - 1.0,
+            "kl": a["kl"] / n,
+            "vocab_size": int(np.asarray(lf_start).size),
+            "top1_agreement": a["top1"] / n,
+            "greedy_match": fp32_greedy.agreement(runner, *a["start"]),
+            "greedy_tokens": n_greedy,
+            "prompt_tokens": prompt_len,
+        })
+    return reports
 
 
-def _greedy_agreement(vr, fr, lv, sv, lf, sf, n: int) -> int:
-    """Identical greedy tokens before the first difference, each side continuing from its own state."""
-    for i in range(n):
-        tv, tf = int(np.argmax(lv)), int(np.argmax(lf))
-        if tv != tf:
-            return i
-        if i + 1 < n:
-            lv, sv = vr.step(tv, sv)
-            lf, sf = fr.step(tf, sf)
-    return n
+def _fp32_logits(runner, tokens, prompt_len: int, chunk: int):
+    """(i, logits after tokens[i], the state after it or None) for every i; the state is given at least after the
+    prompt (i = prompt_len - 1), where the greedy comparison starts."""
+    state = runner.new_state()
+    if not hasattr(runner, "logits_seq"):
+        for i, tok in enumerate(tokens):
+            logits, state = runner.step(tok, state)
+            yield i, logits, state
+        return
+    bounds = [0, *range(prompt_len, len(tokens), chunk), len(tokens)]  # a chunk ends where the prompt does
+    for lo, hi in zip(bounds, bounds[1:]):
+        if hi <= lo:
+            continue
+        logits, state = runner.logits_seq(tokens[lo:hi], state)
+        for j in range(hi - lo):
+            yield lo + j, logits[j], (state if lo + j == hi - 1 else None)
+
+
+class _Greedy:
+    """The fp32 side's greedy continuation from its state after the prompt, computed as far as a variant needs it."""
+
+    def __init__(self, runner, logits, state, n: int):
+        self.runner, self.logits, self.state, self.n = runner, logits, state, n
+        self.tokens = [int(np.argmax(logits))]
+
+    def token(self, i: int) -> int:
+        while len(self.tokens) <= i:
+            self.logits, self.state = self.runner.step(self.tokens[-1], self.state)
+            self.tokens.append(int(np.argmax(self.logits)))
+        return self.tokens[i]
+
+    def agreement(self, runner, lv, sv) -> int:
+        """Identical greedy tokens before the first difference, `runner` continuing from its own state."""
+        for i in range(self.n):
+            tv = int(np.argmax(lv))
+            if tv != self.token(i):
+                return i
+            if i + 1 < self.n:
+                lv, sv = runner.step(tv, sv)
+        return self.n
 
 
 def gate_for(variant: str) -> float:

@@ -77,6 +77,25 @@ class QuantizeError(RwkvExportError):
     """A model cannot be quantized as asked (unreadable file, nothing to quantize, bad option)."""
 
 
+# Which onnxruntime-web backends a variant suits (the manifest's graph entry "backends"; the web demo picks a variant
+# per backend from it). Measured in headless Chromium (benchmarks/bench_web.py; README): on WebGPU (onnxruntime-web
+# 1.30's WebGPU EP) fp32 and MatMulNBits (int4, int8 "matmul-nbits") run every node of the step graph on the GPU, while
+# the dynamic int8 formulations' DynamicQuantizeMatMul has no WebGPU kernel and runs on the CPU (~3 tok/s at 169M);
+# fp16 computes in fp16 and needs the adapter's shader-f16 ("webgpu-f16"). On wasm, MatMulNBits has no fast kernel
+# (2-4 tok/s at 169M) and the dynamic int8 is the fastest.
+def web_backends(variant: str, info: dict | None = None) -> list[str]:
+    method = (info or {}).get("method")
+    if variant == "fp32":
+        return ["wasm", "webgpu"]
+    if variant == "fp16":
+        return ["wasm", "webgpu-f16"]
+    if method == "matmul-nbits":
+        return ["webgpu"]
+    if method in DYNAMIC_METHODS:
+        return ["wasm"]
+    return []  # not measured (qdq)
+
+
 # -- public API -------------------------------------------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ManifestError
+from .errors import GraphFileError, ManifestError
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
@@ -52,18 +52,44 @@ def new_state_from_manifest(manifest: dict, graph: dict) -> dict:
     return state
 
 
-class OnnxStepRunner:
-    def __init__(self, root: Path, manifest: dict, graph: dict, threads: int | None = None):
+def _ort_failure(e: Exception, graph: dict, doing: str) -> GraphFileError:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return GraphFileError(f"{graph.get('file', '?')} does not {doing} in onnxruntime (damaged, or not the graph the "
+                          f"manifest describes): {msg[:300]}")
+
+
+class OrtSession:
+    """An onnxruntime session over a manifest graph entry whose failures (a damaged file, inputs the graph does not
+    take) are one-line GraphFileErrors, not onnxruntime's own exceptions."""
+
+    def __init__(self, root: Path, graph: dict, threads: int | None = None):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
         so.log_severity_level = 3
+        self.graph = graph
+        model = read_graph_bytes(root, graph) if "parts" in graph else str(Path(root) / graph["file"])
+        try:
+            self.session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's InvalidProtobuf, Fail, NoSuchFile, ... share no base class but Exception
+            raise _ort_failure(e, graph, "load") from None
+
+    def run(self, names: list[str], feeds: dict) -> list:
+        try:
+            return self.session.run(names, feeds)
+        except Exception as e:
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            raise _ort_failure(e, self.graph, "run") from None
+
+
+class OnnxStepRunner:
+    def __init__(self, root: Path, manifest: dict, graph: dict, threads: int | None = None):
         self.manifest, self.graph = manifest, graph
         self.io = io_by_role(graph)
-        model = read_graph_bytes(root, graph) if "parts" in graph else str(Path(root) / graph["file"])
-        self.session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        self.session = OrtSession(root, graph, threads)
         self._out_names = [self.io["logits"]["name"]] + [self.io["state_out"][s]["name"] for s in self.io["state_in"]]
 
     def new_state(self) -> dict:
@@ -90,4 +116,13 @@ class ReferenceRunner:
 
         with torch.no_grad():
             logits, state = self.model.step(int(token), state)
+        return logits.float().numpy(), state
+
+    def logits_seq(self, tokens, state: dict):
+        """GPT mode: the logits after each of `tokens` ([T, V], fp32) and the state after the last; the same
+        equations as T calls of `step` (runtime_ref's forward_seq), rounded in a different order."""
+        import torch
+
+        with torch.no_grad():
+            logits, state = self.model.forward_seq(list(tokens), state, all_logits=True)
         return logits.float().numpy(), state

@@ -65,7 +65,7 @@ class OnnxSequenceRunner:
 
     def __init__(self, root: Path, manifest: dict, graph: dict, threads: int | None = None,
                  chunk: int | None = None):
-        import onnxruntime as ort
+        from .runners import OrtSession
 
         self.manifest, self.graph = manifest, graph
         self.io = sequence_io(graph)
@@ -76,14 +76,7 @@ class OnnxSequenceRunner:
             raise RwkvExportError(f"chunk must lie in [1, {self.io['max_chunk']}] (the graph's max_chunk), got {chunk}")
         self.chunk = chunk or self.io["max_chunk"]
         self.vocab_size = int(manifest["model"]["vocab_size"])
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        so.log_severity_level = 3
-        from .runners import read_graph_bytes
-
-        model = read_graph_bytes(root, graph) if "parts" in graph else str(Path(root) / graph["file"])
-        self.session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        self.session = OrtSession(root, graph, threads)
         self._states = list(self.io["state_in"])
         self._out_names = [self.io["logits"]["name"]] + [self.io["state_out"][s]["name"] for s in self._states]
         self._tokens_dtype = NP_DTYPES[self.io["tokens"]["dtype"]]

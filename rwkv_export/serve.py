@@ -1,35 +1,44 @@
 """`rwkv-export serve`: the browser demo (web_demo/) and one export folder over HTTP, cross-origin isolated.
 
-Layout of the site:
-  /                                    web_demo/ (index.html, ES modules, css)
-  /node_modules/onnxruntime-web/dist/  onnxruntime-web's runtime files (nothing else under node_modules is served)
-  /model/                              the export folder (manifest.json, *.onnx, tokenizer.json or the World vocab .txt)
+Layout of the site (nothing else is served; no directory listings):
+  /                                    web_demo/'s own files: index.html and the top-level .js/.mjs/.css
+  /node_modules/onnxruntime-web/dist/  onnxruntime-web's runtime files (only that folder of the demo's npm packages)
+  /model/                              the export folder: manifest.json and the files it names, each confined to
+                                       the folder (manifest.confined_path: no '..', no hidden file, no link out)
 
 Every response carries Cross-Origin-Opener-Policy: same-origin and Cross-Origin-Embedder-Policy: require-corp, so
 the page is `crossOriginIsolated` and onnxruntime-web can use wasm threads (SharedArrayBuffer), plus
-Cross-Origin-Resource-Policy: same-origin on the files.
+Cross-Origin-Resource-Policy: same-origin on the files. A request whose Host header names neither the bound address
+nor an IP literal is refused (403), so a web page cannot reach the server through DNS rebinding; a malformed request
+(NUL, bad percent-encoding, an overlong URL, a garbage request line, a method other than GET/HEAD) gets a 4xx.
 
-web_demo/ is found beside the package (a source checkout: rwkv_export/ and web_demo/ in one folder); an installed
-wheel does not contain it.
+The demo's files are package data (rwkv_export/web_demo/ in a wheel; web_demo/ beside the package in a checkout).
+onnxruntime-web comes from web_demo/node_modules where installed (a checkout), else it is installed into the user
+cache on first use (rwkv_export/node.py).
 """
 
 from __future__ import annotations
 
-import posixpath
+import ipaddress
+import os
+import re
+import shutil
 import socket
 import sys
 import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote_to_bytes
 
 from .errors import ManifestError, RwkvExportError
 
-WEB_DEMO_DIR = Path(__file__).resolve().parent.parent / "web_demo"
+_PKG = Path(__file__).resolve().parent
+WEB_DEMO_DIR = _PKG / "web_demo" if (_PKG / "web_demo" / "index.html").is_file() else _PKG.parent / "web_demo"
 ORT_DIST = "node_modules/onnxruntime-web/dist"
 ORT_ENTRY = f"{ORT_DIST}/ort.wasm.min.mjs"  # the file the demo's worker imports for the wasm backend
 MODEL_PREFIX = "/model/"
+DEMO_SUFFIXES = (".html", ".js", ".mjs", ".css")  # the demo's own files: top level of web_demo/, these kinds only
 
 ISOLATION_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
@@ -48,27 +57,26 @@ MIME_TYPES = {
     ".data": "application/octet-stream",
     ".map": "application/json",
     ".css": "text/css",
-    ".html": "text/html",
+    ".html": "text/html; charset=utf-8",
 }
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]/@]+)(?::(\d{1,5}))?")
 
 
-def check_web_demo(web_root: Path = WEB_DEMO_DIR) -> Path:
-    """The demo's folder, with its npm packages installed; a one-line error otherwise."""
-    web_root = Path(web_root)
+def check_web_demo(web_root: Path = WEB_DEMO_DIR) -> tuple[Path, Path]:
+    """(the demo's folder, onnxruntime-web's dist folder), installing onnxruntime-web on first use; one-line error
+    otherwise."""
+    from .node import npm_packages
+
+    web_root = Path(web_root).resolve()
     if not (web_root / "index.html").is_file():
-        raise RwkvExportError(
-            f"web demo files not found at {web_root}: `rwkv-export serve` runs from a source checkout "
-            "(web_demo/ next to rwkv_export/), which an installed wheel does not include"
-        )
-    if not (web_root / ORT_ENTRY).is_file():
-        raise RwkvExportError(
-            f"onnxruntime-web is not installed in {web_root / 'node_modules'}: run `npm ci --prefix {web_root}`"
-        )
-    return web_root
+        raise RwkvExportError(f"web demo files not found at {web_root}: reinstall rwkv-export (they are package data)")
+    packages = npm_packages(web_root, ORT_ENTRY.removeprefix("node_modules/"), "the web demo (onnxruntime-web)")
+    return web_root, (packages / ORT_DIST).resolve()
 
 
 def check_model_folder(folder: Path) -> dict:
-    """read_manifest (files present, sizes and sha256 as listed) and at least one ONNX step graph."""
+    """read_manifest (files present, confined, sizes and sha256 as listed) and at least one ONNX step graph."""
     from .manifest import read_manifest
 
     manifest = read_manifest(Path(folder))
@@ -77,62 +85,162 @@ def check_model_folder(folder: Path) -> dict:
     return manifest
 
 
-class DemoRequestHandler(SimpleHTTPRequestHandler):
-    """Static files from web_demo/ and the model folder, with cross-origin isolation headers."""
+def host_allowed(header: str | None, bound_host: str, port: int) -> bool:
+    """A Host header the server answers: `localhost`, an IP literal (a rebinding page can only use a DNS name) or
+    the host it was bound to, with the bound port (no port = 80)."""
+    m = _HOST.fullmatch((header or "").strip())
+    if not m or int(m.group(2) or 80) != port:
+        return False
+    name = m.group(1).lower()
+    if name in ("localhost", bound_host.lower(), f"[{bound_host.lower()}]"):
+        return True
+    try:
+        ipaddress.ip_address(name[1:-1] if name.startswith("[") else name)
+        return True
+    except ValueError:
+        return False
 
-    extensions_map = {**SimpleHTTPRequestHandler.extensions_map, **MIME_TYPES}
 
-    def __init__(self, *args, web_root: Path, model_dir: Path, **kwargs):
-        self.web_root = Path(web_root)
-        self.model_dir = Path(model_dir)
-        super().__init__(*args, directory=str(self.web_root), **kwargs)
+def _inside(root: Path, rel: str) -> Path | None:
+    """root/rel if it is a regular file that resolves inside root, else None."""
+    p = (root / rel).resolve()
+    return p if p.is_relative_to(root) and p.is_file() else None
 
-    def translate_path(self, path: str) -> str:
-        """Map a URL path to a file under web_demo/ or the model folder; anything else maps to a missing path."""
-        raw = unquote(urlsplit(path).path)
-        # Resolve '.' and '..' first, so no prefix rule below can be walked out of.
-        parts = [p for p in posixpath.normpath("/" + raw).split("/") if p and p not in (".", "..")]
-        if any("\\" in p or ":" in p for p in parts):
-            return str(self.web_root / "__not_served__")
-        if parts[:1] == [MODEL_PREFIX.strip("/")]:
-            root, parts = self.model_dir, parts[1:]
-        elif parts[:1] == ["node_modules"]:
-            if parts[: len(ORT_DIST.split("/"))] != ORT_DIST.split("/"):
-                return str(self.web_root / "__not_served__")
-            root = self.web_root
-        else:
-            root = self.web_root
-        target = root.joinpath(*parts)
-        return str(target) + "/" if raw.endswith("/") or not parts else str(target)
 
-    def list_directory(self, path):  # no directory listings
-        self.send_error(404, "Not found")
+class Site:
+    """Which file a URL path names: the demo's own files, onnxruntime-web's dist files, the manifest's files."""
+
+    def __init__(self, web_root: Path, ort_dist: Path, model_dir: Path):
+        self.web_root, self.ort_dist, self.model_dir = web_root, ort_dist, model_dir.resolve()
+
+    def model_file(self, rel: str) -> Path | None:
+        from .manifest import MANIFEST_NAME, confined_path, named_files, read_manifest
+
+        try:  # read on every request: the folder may be re-exported while it is served
+            if rel != MANIFEST_NAME:  # (a damaged manifest.json is served too: the page reports what is wrong)
+                m = read_manifest(self.model_dir, verify_files=False)
+                if rel not in {r for _, r in named_files(m)}:
+                    return None
+            p = confined_path(self.model_dir, rel)
+        except ManifestError:
+            return None
+        return p if p.is_file() else None
+
+    def lookup(self, parts: list[str]) -> Path | None:
+        if any(p.startswith(".") or "\\" in p for p in parts):  # '..', hidden files, staging folders
+            return None
+        if not parts:
+            return _inside(self.web_root, "index.html")
+        if parts[0] == MODEL_PREFIX.strip("/"):
+            return self.model_file("/".join(parts[1:])) if len(parts) > 1 else None
+        dist = ORT_DIST.split("/")
+        if parts[: len(dist)] == dist and len(parts) == len(dist) + 1:
+            return _inside(self.ort_dist, parts[-1])
+        if len(parts) == 1 and parts[0].endswith(DEMO_SUFFIXES):
+            return _inside(self.web_root, parts[0])
         return None
 
+
+def url_parts(target: str) -> list[str] | None:
+    """The decoded path segments of a request target ('.' and empty ones dropped), or None if it is malformed:
+    not origin-form, bad percent-encoding, not UTF-8, NUL or control characters."""
+    path = target.split("?", 1)[0].split("#", 1)[0]
+    if not path.startswith("/") or _BAD_PERCENT.search(path):
+        return None
+    raw = unquote_to_bytes(path)
+    if any(b < 0x20 or b == 0x7F for b in raw):
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return [p for p in text.split("/") if p not in ("", ".")]
+
+
+class DemoRequestHandler(BaseHTTPRequestHandler):
+    """GET/HEAD of the Site's files, with cross-origin isolation headers; everything else a 4xx."""
+
+    server_version = "rwkv-export"
+    default_request_version = "HTTP/1.0"  # a garbage request line gets a status line, not HTTP/0.9's bare body
+    timeout = 60  # a client that stops sending does not hold its thread forever
+    _status = None
+
+    def send_response(self, code, message=None) -> None:
+        self._status = int(code)
+        super().send_response(code, message)
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            if self._status is None:  # e.g. an empty request line, which the base class drops without an answer
+                self.send_error(HTTPStatus.BAD_REQUEST)
+            return False
+        if self.command not in ("GET", "HEAD"):
+            self.send_error(HTTPStatus.METHOD_NOT_ALLOWED)
+            return False
+        return True
+
+    def do_GET(self) -> None:
+        f = self.send_head()
+        if f is not None:
+            with f:
+                try:
+                    shutil.copyfileobj(f, self.wfile)
+                except (BrokenPipeError, ConnectionResetError):  # the page went away mid-download
+                    pass
+
+    def do_HEAD(self) -> None:
+        f = self.send_head()
+        if f is not None:
+            f.close()
+
     def send_head(self):
-        # Always the current bytes: If-Modified-Since has one-second resolution, and an export folder rewritten
-        # within that second would otherwise be answered with 304 and a stale manifest.
-        del self.headers["If-Modified-Since"]
-        return super().send_head()
+        if not host_allowed(self.headers.get("Host"), self.server.bound_host, self.server.server_address[1]):
+            self.send_error(HTTPStatus.FORBIDDEN, "Host not allowed")
+            return None
+        parts = url_parts(self.path)
+        if parts is None:
+            self.send_error(HTTPStatus.BAD_REQUEST)
+            return None
+        try:  # a trailing '/' names a folder, and no folder is served (only '/', the demo's page)
+            path = None if parts and self.path.split("?", 1)[0].endswith("/") else self.server.site.lookup(parts)
+            f = open(path, "rb") if path is not None else None
+        except (OSError, ValueError):
+            f = None
+        if f is None:
+            self.send_error(HTTPStatus.NOT_FOUND)
+            return None
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", MIME_TYPES.get(path.suffix.lower(), "application/octet-stream"))
+        self.send_header("Content-Length", str(os.fstat(f.fileno()).st_size))
+        self.end_headers()
+        return f
 
     def end_headers(self) -> None:
         for k, v in ISOLATION_HEADERS.items():
             self.send_header(k, v)
+        # Always the current bytes: an export folder rewritten while served must never be answered from a cache.
         self.send_header("Cache-Control", "no-store")
         super().end_headers()
+
+    def finish(self) -> None:
+        super().finish()
+        if self._status in (400, 414, 431):  # read what the client still sends, so closing does not reset the answer
+            try:
+                self.connection.shutdown(socket.SHUT_WR)
+                self.connection.settimeout(1)
+                for _ in range(64):
+                    if not self.connection.recv(1 << 16):
+                        break
+            except OSError:
+                pass
 
     def log_message(self, format: str, *args) -> None:  # quiet: only failed requests (log_request below)
         pass
 
     def log_request(self, code="-", size="-") -> None:
-        if str(getattr(code, "value", code)).startswith(("4", "5")):
-            sys.stderr.write(f"serve: {self.command} {self.path} -> {getattr(code, 'value', code)}\n")
-
-    def copyfile(self, source, outputfile) -> None:
-        try:
-            super().copyfile(source, outputfile)
-        except (BrokenPipeError, ConnectionResetError):  # the page went away mid-download
-            pass
+        if str(int(code) if isinstance(code, int) else code).startswith(("4", "5")):
+            line = getattr(self, "requestline", "")[:200].encode("ascii", "backslashreplace").decode()
+            sys.stderr.write(f"serve: {line!r} -> {int(code)}\n")
 
 
 class DemoServer(ThreadingHTTPServer):
@@ -158,15 +266,18 @@ def make_server(folder, host: str = "127.0.0.1", port: int = 8000, *, web_root: 
     server.serve_forever() (in a thread if it likes) and server.shutdown() / server.server_close() to stop."""
     folder = Path(folder)
     check_model_folder(folder)
-    web = check_web_demo(WEB_DEMO_DIR if web_root is None else web_root)
-    handler = partial(DemoRequestHandler, web_root=web, model_dir=folder.resolve())
+    web, ort_dist = check_web_demo(WEB_DEMO_DIR if web_root is None else web_root)
+    if not 0 <= port <= 65535:
+        raise RwkvExportError(f"--port {port} is not a port number (0 to 65535; 0 = any free port)")
     server_class = DemoServer
     if ":" in host:
         server_class = type("DemoServer6", (DemoServer,), {"address_family": socket.AF_INET6})
     try:
-        server = server_class((host, port), handler)
-    except OSError as e:
-        raise RwkvExportError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        server = server_class((host, port), DemoRequestHandler)
+    except (OSError, OverflowError) as e:
+        raise RwkvExportError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    server.site = Site(web, ort_dist, folder)
+    server.bound_host = host
     return server, _url(host, server.server_address[1])
 
 

@@ -3,7 +3,8 @@
 - TFLiteStepRunner: the `.tflite` in the LiteRT interpreter (ai-edge-litert), through its named signature;
 - TFLiteSequenceRunner: its `prefill` signature (prompt chunks of a fixed size; the tail through `step`);
 - TFJSStepRunner: the TF.js graph model in Node with @tensorflow/tfjs (pure-JS CPU backend). One Node process per
-  runner, kept alive and fed one JSON line per step (tests/js/tfjs_step.mjs), so a 96-step parity run is one launch.
+  runner, kept alive and fed one JSON line per step (rwkv_export/js/tfjs_step.mjs), so a 96-step parity run is one
+  launch. Its npm packages are found or installed by rwkv_export.node (a checkout's or the user cache's).
 
 Also `quality`, the measures quantized variants are judged by (top-1 agreement and KL against a reference).
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ManifestError, RwkvExportError
+from .node import JS_DIR, npm_packages
+from .node import require_node as _require_node
 from .runners import io_by_role, new_state_from_manifest, step_feeds
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-NODE_DIR = REPO_ROOT / "tests" / "js"  # package.json + lockfile: `npm ci --prefix tests/js`
+NODE_DIR = JS_DIR  # the driver, with package.json + lockfile (a checkout: `npm ci --prefix rwkv_export/js`)
 NODE_SCRIPT = "tfjs_step.mjs"
-NODE_MIN_MAJOR = 20
+TFJS_PROBE = "@tensorflow/tfjs-converter"
 
 
 def _tflite_signature(root: Path, graph: dict, threads: int | None, interpreter=None, default: str = "step"):
@@ -107,14 +108,6 @@ class TFLiteSequenceRunner:
         return logits, state
 
 
-def _node_version(node: str) -> int:
-    out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30)
-    try:
-        return int(out.stdout.strip().lstrip("v").split(".")[0])
-    except ValueError:
-        return 0
-
-
 def _b64(a: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(a, dtype=np.float32).tobytes()).decode("ascii")
 
@@ -123,16 +116,17 @@ def _unb64(s: str, shape) -> np.ndarray:
     return np.frombuffer(base64.b64decode(s), dtype=np.float32).reshape(shape).copy()
 
 
-def require_node(node_dir: Path | None = None) -> str:
-    """The `node` executable, after checking it is recent enough and @tensorflow/tfjs is installed for it."""
-    node_dir = Path(node_dir or NODE_DIR)
-    node = shutil.which("node")
-    hint = f"install Node >= {NODE_MIN_MAJOR} and run `npm ci --prefix {node_dir}` (see tools/install_edge_extras.sh)"
-    if node is None or _node_version(node) < NODE_MIN_MAJOR:
-        raise RwkvExportError(f"running a TF.js model needs Node >= {NODE_MIN_MAJOR}: {hint}")
-    if not (node_dir / "node_modules" / "@tensorflow" / "tfjs-converter").is_dir():
-        raise RwkvExportError(f"running a TF.js model needs @tensorflow/tfjs in {node_dir}: {hint}")
-    return node
+def require_node(node_dir: Path | None = None) -> tuple[str, Path]:
+    """(the `node` executable, the folder whose node_modules holds @tensorflow/tfjs). With `node_dir`, the packages
+    must already be installed there; without, they are found or installed on first use (rwkv_export.node)."""
+    what = "running a TF.js model"
+    node = _require_node(what)
+    if node_dir is None:
+        return node, npm_packages(JS_DIR, TFJS_PROBE, what)
+    node_dir = Path(node_dir)
+    if not (node_dir / "node_modules" / TFJS_PROBE).is_dir():
+        raise RwkvExportError(f"{what} needs @tensorflow/tfjs in {node_dir}: run `npm ci --prefix {node_dir}`")
+    return node, node_dir
 
 
 class TFJSStepRunner:
@@ -143,16 +137,15 @@ class TFJSStepRunner:
         self.io = io_by_role(graph)
         self.timeout = timeout
         self.node_rss_mb = None
-        node_dir = Path(node_dir or NODE_DIR)
-        node = require_node(node_dir)
-        model = Path(root) / graph["file"]
+        node, packages = require_node(node_dir)
+        model = (Path(root) / graph["file"]).absolute()  # Node runs in another folder: a relative path would not do
         if not model.is_file():
             raise ManifestError(f"{graph['file']} is listed in the manifest but missing from {root}")
         self._shapes = {o["state"]: o["shape"] for o in graph["outputs"] if o["role"] == "state"}
         self._logits_shape = self.io["logits"]["shape"]
         # stderr to a file, not a pipe: nobody drains it while stepping, and a full pipe would block Node
         self._stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([node, str(node_dir / NODE_SCRIPT), str(model)], cwd=node_dir,
+        self.proc = subprocess.Popen([node, str(JS_DIR / NODE_SCRIPT), str(model), str(packages)], cwd=packages,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         hello = self._read()
         self.backend = hello.get("backend")

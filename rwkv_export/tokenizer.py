@@ -23,6 +23,10 @@ WORLD_SHA256 = "8324476023347dec2964625ccb2075c864d250a9c6d9a74f36daba628de8c008
 # the same file with LF line ends (what a checkout that normalizes line endings holds); accepted as well
 WORLD_SHA256_LF = "e6dee3d4e31b4d5c40ac99508ac6c701ceef4bed681bf2167ce9a908552bca89"
 WORLD_MODEL_VOCAB = 65536
+# A tokenizer may have fewer ids than the model's vocab, which training pads (50277 -> 50304 in GPT-NeoX's, 65529 ->
+# 65536 in World's: under 1%); below this share of the vocab it is another model's tokenizer (bytes for a 50277-vocab
+# model: 0.5%), whose missing ids the model would write as nothing
+MIN_TOKENIZER_COVERAGE = 0.8
 WORLD_DOC = ("RWKV World vocabulary: one token a line, 'ID LITERAL LENGTH' (LITERAL a Python str or bytes literal; "
              "a str stands for its UTF-8 bytes); encode = greedy longest match over the text's UTF-8 bytes; decode = "
              "the tokens' bytes concatenated, as UTF-8; id 0 = end-of-text (no bytes)")
@@ -91,6 +95,10 @@ def resolve_tokenizer(vocab_size: int, override: str | Path | None = None) -> To
             n = load_tokenizer(spec).vocab_size
         if n > vocab_size:
             raise TokenizerError(f"tokenizer has {n} ids but the model's vocab is {vocab_size}")
+        if n < MIN_TOKENIZER_COVERAGE * vocab_size:
+            raise TokenizerError(f"tokenizer has {n} ids, too few for the model's vocab of {vocab_size} (a padded "
+                                 f"vocab adds a few percent; this tokenizer cannot write "
+                                 f"{1 - n / vocab_size:.0%} of the model's tokens): it is not this model's tokenizer")
         return spec
     if vocab_size == BYTE_VOCAB:
         return TokenizerSpec("bytes")
@@ -168,23 +176,38 @@ def load_tokenizer(spec: TokenizerSpec):
 
 
 class StreamDecoder:
-    """Turns a stream of token ids into text pieces, holding back an incomplete UTF-8 sequence until it completes."""
+    """Turns a stream of token ids into text pieces as they come, holding back an incomplete UTF-8 sequence until it
+    completes. Constant work per token (it never decodes the whole text again): a tokenizer with `decode_bytes` (bytes,
+    RWKV World) goes through an incremental UTF-8 decoder, whose output is exactly the one-shot decode's; any other
+    (tokenizers' decode) decodes a window of the last few ids, with the previous piece's ids as context."""
+
+    MAX_HELD = 8  # ids a window may hold back; a UTF-8 character spans at most 4 bytes, so more is invalid UTF-8
 
     def __init__(self, tokenizer):
+        import codecs
+
         self.tok = tokenizer
         self.ids: list[int] = []
-        self.emitted = 0  # characters of the full decode already returned
+        self._bytes = getattr(tokenizer, "decode_bytes", None)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._prefix = self._read = 0  # window: ids[_prefix:_read] is context already emitted, ids[_read:] pending
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
-            return ""
-        piece, self.emitted = text[self.emitted :], len(text)
-        return piece
+        if self._bytes is not None:
+            return self._utf8.decode(self._bytes(self.ids[-1:]))
+        context = self.tok.decode(self.ids[self._prefix:self._read])
+        text = self.tok.decode(self.ids[self._prefix:])
+        if text.endswith("\ufffd") and len(self.ids) - self._read < self.MAX_HELD:
+            return ""  # a multi-byte character split across tokens: wait for the rest
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(context):]
 
     def flush(self) -> str:
         """At the end of generation: whatever is still held back (an incomplete sequence decodes to U+FFFD)."""
-        text = self.tok.decode(self.ids)
-        piece, self.emitted = text[self.emitted :], len(text)
-        return piece
+        if self._bytes is not None:
+            return self._utf8.decode(b"", final=True)
+        context = self.tok.decode(self.ids[self._prefix:self._read])
+        text = self.tok.decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return text[len(context):]

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -84,4 +86,92 @@ def test_not_rwkv_at_all(tmp_path):
 def test_missing_layer_is_named(tmp_path):
     sd = {k: v for k, v in state_dict("tiny-ffn").items() if not k.startswith("blocks.1.")}
     with pytest.raises(CheckpointError, match=r"layer 1 \('blocks.1.\*'\)"):
+        load_checkpoint(write(tmp_path / "m.pth", sd))
+
+
+# ---- files that are not checkpoints (issue 18, points 6, 7 and 12), through the CLI ---------------------------------
+
+
+def _cli(*args, timeout=120):
+    """The CLI in a subprocess with a timeout: a command that started reading a device or FIFO would never end."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "rwkv_export.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _assert_refused(res, match: str):
+    err = res.stderr.strip()
+    assert res.returncode == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, res.stderr
+    assert match in err, err
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "symlink-to-dev-zero", "fifo"])
+def test_special_files_are_refused_without_reading(tmp_path, kind):
+    """/dev/zero was read without bound until the kernel killed the process (22 GB); a FIFO blocks forever."""
+    import os
+
+    if kind == "dev-zero":
+        p = "/dev/zero"
+    elif kind == "symlink-to-dev-zero":
+        p = tmp_path / "m.pth"
+        p.symlink_to("/dev/zero")
+    else:
+        p = tmp_path / "m.pth"
+        os.mkfifo(p)
+    match = "a FIFO (pipe), not a regular file" if kind == "fifo" else "a character device, not a regular"
+    _assert_refused(_cli("onnx", p, "-o", tmp_path / "out", "-q"), match)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name,raw,match", [
+    ("m.pth", bytes(range(256)) * 40, "not a PyTorch or safetensors checkpoint"),
+    ("m.bin", b"\x00" * 5000, "not a PyTorch or safetensors checkpoint"),
+    ("m.pth", b"", "is empty (0 bytes)"),
+    ("m.safetensors", b"this is not a safetensors file at all", "not a PyTorch or safetensors checkpoint"),
+    ("m.safetensors", (10**9).to_bytes(8, "little") + b'{"a": 1}',
+     "its header claims 1000000000 bytes, the file has 16"),
+], ids=["random-pth", "zeros-bin", "empty", "text-safetensors", "header-past-the-end"])
+def test_random_bytes_are_not_reported_as_python_objects(tmp_path, name, raw, match):
+    """Random bytes in a .pth used to read "holds Python objects"; the format is judged from the first bytes."""
+    from rwkv_export.checkpoint import read_state_dict
+
+    p = tmp_path / name
+    p.write_bytes(raw)
+    with pytest.raises(CheckpointError, match=re.escape(match)) as e:
+        read_state_dict(p)
+    assert "Python objects" not in str(e.value)
+
+
+def test_random_bytes_through_the_cli_are_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from rwkv_export.cli import app
+
+    p = tmp_path / "m.pth"
+    p.write_bytes(bytes(range(256)) * 40)
+    res = CliRunner().invoke(app, ["onnx", str(p), "-o", str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 2 and res.stderr.strip() == (
+        "error: m.pth is not a PyTorch or safetensors checkpoint (its first bytes are neither a zip archive, a "
+        "pickle nor a safetensors header)"), res.output
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_ddp_module_prefix_is_stripped_with_a_notice(tmp_path, capsys, suffix):
+    from rwkv_export.progress import Progress
+
+    sd = state_dict("tiny")
+    ck = load_checkpoint(write(tmp_path / f"ddp{suffix}", {"module." + k: v for k, v in sd.items()}),
+                         progress=Progress(enabled=True))
+    assert set(ck.tensors) == set(sd) and ck.dims.n_layer == 2
+    assert all(torch.equal(ck.tensors[k], sd[k]) for k in sd)
+    assert "every key starts with 'module.' (a DistributedDataParallel checkpoint)" in capsys.readouterr().err
+
+
+def test_a_partial_module_prefix_is_not_stripped(tmp_path):
+    """Only when every key has it: a stray 'module.' key is an unexpected tensor like any other."""
+    sd = dict(state_dict("tiny"))
+    sd["module.extra"] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match="module.extra"):
         load_checkpoint(write(tmp_path / "m.pth", sd))

@@ -263,3 +263,28 @@ def test_bad_missing_checkpoint_and_unknown_builtin(tmp_path):
 def test_bad_check_folder_without_manifest(tmp_path):
     res = run("check", tmp_path)
     assert res.exit_code != 0 and "no manifest.json" in res.stderr
+
+
+def _words(text: str) -> str:
+    """Whitespace collapsed, and a line break after a hyphen dropped (the help formatter wraps at hyphens)."""
+    import re
+
+    return re.sub(r"-\s+", "-", " ".join(text.split()))
+
+
+def test_help_prints_every_docstring_and_option_help_as_written():
+    """Nothing in a command's docstring or an option's help is eaten as markup (issue 18: `rwkv-export tflite
+    --help` printed 'Extra: .' for 'Extra: [tflite].')."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    assert group.commands, "no commands"
+    for name, cmd in group.commands.items():
+        res = run(name, "--help")
+        assert res.exit_code == 0, (name, res.output)
+        shown = _words(res.output)
+        assert _words(cmd.help or "") in shown, (name, res.output)
+        for p in cmd.params:
+            if getattr(p, "help", None):
+                assert _words(p.help) in shown, (name, p.name, res.output)
+    assert "Extra: [tflite]." in _words(run("tflite", "--help").output)

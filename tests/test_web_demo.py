@@ -442,31 +442,93 @@ def test_webgpu_choice_without_adapter_falls_back_visibly(page, tiny):
         assert visible and "using wasm instead" in visible[0]
 
 
-def test_webgpu_runs_for_real_on_swiftshader(browser, tiny):
-    """Chromium started with --enable-unsafe-webgpu exposes SwiftShader's WebGPU adapter (a CPU implementation that
-    ships in Debian's chromium-common): the demo runs the step graph on onnxruntime-web's WebGPU EP, and its 32
-    greedy tokens equal runtime_ref's. (Not a speed path: it exists so the WebGPU code path is tested without a GPU.)"""
-    prompt = "Hello"
+def swiftshader_runs(browser, folder: Path, query: str, prompt: str) -> tuple[dict, dict, list, list]:
+    """Load `folder` in a Chromium with SwiftShader's WebGPU adapter (--enable-unsafe-webgpu) and generate
+    GREEDY_TOKENS greedy tokens: (loadInfo, result, notices, page errors)."""
     args = [a for a in CHROMIUM_ARGS if a != "--disable-gpu"] + ["--enable-unsafe-webgpu"]
-    with served(tiny) as url:
+    with served(folder) as url:
         b = browser.browser_type.launch(executable_path=str(CHROMIUM), args=args)
         try:
             pg = b.new_page()
             pg.set_default_timeout(LOAD_TIMEOUT_MS)
             errors = []
             pg.on("pageerror", lambda e: errors.append(str(e)))
-            info = load_model(pg, url, "?autoload=1&backend=webgpu&sequence=0")
-            webgpu = pg.evaluate("window.rwkvDemo.webgpu")
+            info = load_model(pg, url, query)
+            assert pg.evaluate("window.rwkvDemo.webgpu")["available"]
             res = pg.evaluate("p => window.rwkvDemo.generate({prompt: p, temperature: 0, maxTokens: %d})" % GREEDY_TOKENS,
                               prompt)
             notices = pg.evaluate("window.rwkvDemo.notices")
         finally:
             b.close()
-    assert webgpu["available"], webgpu
-    assert info["backend"] == "webgpu", notices
+    return info, res, notices, errors
+
+
+def test_webgpu_runs_for_real_on_swiftshader(browser, tiny):
+    """Chromium started with --enable-unsafe-webgpu exposes SwiftShader's WebGPU adapter (a CPU implementation that
+    ships in Debian's chromium-common): the demo runs the step graph on onnxruntime-web's WebGPU EP with its default
+    I/O (graph capture, the state in GPU buffers, only the logits row read back: web_demo/session_io.js), every node
+    on WebGPU, and its 32 greedy tokens equal runtime_ref's. (Not a speed path: it exists so the WebGPU code path is
+    tested without a GPU.)"""
+    prompt = "Hello"
+    info, res, notices, errors = swiftshader_runs(browser, tiny, "?autoload=1&backend=webgpu&sequence=0", prompt)
+    assert info["backend"] == "webgpu" and info["io"] == "capture", notices
+    assert not [n for n in notices if n["kind"] == "fallback"], notices
+    assert info["offGpu"] == [] and info["nodes"]["step"].get("WebGpuExecutionProvider", 0) > 0, info["nodes"]
+    assert info["stateBytesOnGpu"] > 0
     expected, _ = tiny_reference().greedy(list(prompt.encode()), GREEDY_TOKENS)
     assert res["ids"] == expected
     assert errors == []
+
+
+@pytest.mark.parametrize("io", ["gpu", "cpu"])
+def test_webgpu_state_on_the_gpu_with_the_prompt_graph(browser, tiny, io):
+    """io=gpu: the state in two GPU buffer sets used alternately (no graph capture), the prompt through the prompt
+    graph on WebGPU, its state handed to the step graph on the GPU; io=cpu: the state through the CPU at every run
+    (the old way, kept for comparisons). Both give runtime_ref's greedy ids, and the prompt graph's nodes that
+    onnxruntime keeps on the CPU (shape arithmetic over the dynamic length) are named on the page."""
+    prompt = "Hello, WebGPU! " * 3
+    info, res, notices, errors = swiftshader_runs(browser, tiny, f"?autoload=1&backend=webgpu&io={io}", prompt)
+    assert info["backend"] == "webgpu" and info["io"] == io, notices
+    assert res["stats"]["promptMode"] == "sequence"
+    assert (info["stateBytesOnGpu"] > 0) == (io == "gpu")
+    expected, _ = tiny_reference().greedy(list(prompt.encode()), GREEDY_TOKENS)
+    assert res["ids"] == expected
+    off = [n["message"] for n in notices if "run on the CPU, not on WebGPU" in n["message"]]
+    assert info["offGpu"] and off and "prefill.onnx" in off[0], notices
+    assert errors == []
+
+
+def test_io_choices_and_node_placement_parsing(page, tiny):
+    """The pure parts of session_io.js: what load() tries in order (WebGPU: capture, then the state on the GPU without
+    capture, then wasm; a backend that is not WebGPU: wasm only), and the node placement read from onnxruntime's
+    verbose session log (the format of its VerifyEachNodeIsAssignedToAnEp lines)."""
+    with served(tiny) as url:
+        open_demo(page, url)
+        got = page.evaluate("""async () => {
+          const io = await import('./session_io.js');
+          const log = [
+            '2026-12-01 [V:onnxruntime:, session_state.cc:1 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on [CPUExecutionProvider]. Number of nodes: 2',
+            '2026-12-01 [V:onnxruntime:, session_state.cc:1 VerifyEachNodeIsAssignedToAnEp]   DynamicQuantizeMatMul (mm_0)',
+            '2026-12-01 [V:onnxruntime:, session_state.cc:1 VerifyEachNodeIsAssignedToAnEp]   Shape (shape_1)',
+            '2026-12-01 [V:onnxruntime:, session_state.cc:1 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on [WebGpuExecutionProvider]. Number of nodes: 3',
+            '2026-12-01 [V:onnxruntime:, session_state.cc:1 VerifyEachNodeIsAssignedToAnEp]   MatMul (mm_1)',
+            '2026-12-01 [V:onnxruntime:, inference_session.cc:2 Initialize] Session successfully initialized.',
+          ];
+          let bad = null;
+          try { io.attempts('webgpu', 'fast'); } catch (e) { bad = e.message; }
+          return { webgpu: io.attempts('webgpu'), gpu: io.attempts('webgpu', 'gpu'), wasm: io.attempts('wasm', 'capture'),
+                   placement: io.nodePlacement(log), bad, opts: io.sessionOptions('capture', {
+                     logits: { name: 'logits' }, names: ['s'], stateOut: new Map([['s', { name: 's_out' }]]) }) };
+        }""")
+    assert [a["mode"] for a in got["webgpu"]] == ["capture", "gpu", "cpu"]
+    assert [a["backend"] for a in got["webgpu"]] == ["webgpu", "webgpu", "wasm"]
+    assert [(a["backend"], a["mode"]) for a in got["gpu"]] == [("webgpu", "gpu"), ("wasm", "cpu")]
+    assert [(a["backend"], a["mode"]) for a in got["wasm"]] == [("wasm", "cpu")]
+    assert "unknown io mode 'fast'" in got["bad"]
+    assert got["placement"]["counts"] == {"CPUExecutionProvider": 2, "WebGpuExecutionProvider": 3}
+    assert [(n["op"], n["name"]) for n in got["placement"]["offGpu"]] == [("DynamicQuantizeMatMul", "mm_0"), ("Shape", "shape_1")]
+    assert got["opts"] == {"enableGraphCapture": True,
+                           "preferredOutputLocation": {"logits": "gpu-buffer", "s_out": "gpu-buffer"}}
 
 
 # ---- errors shown on the page -------------------------------------------------------------------------------------
@@ -638,6 +700,85 @@ def test_quantized_variant_in_the_page_equals_onnxruntime_in_python(page, pydoc_
                             prompt)
     assert res["ids"] == python_ort_greedy(pydoc_quant, variant, list(prompt.encode()), GREEDY_TOKENS)
     assert page.page_errors == []
+
+
+def test_variant_follows_the_backend_from_the_manifest(page, pydoc_quant):
+    """The manifest records which onnxruntime-web backends each variant suits (quantize.web_backends): the page offers
+    the smallest suitable variant for the chosen backend (wasm: int8; WebGPU: int4, whose MatMulNBits runs on the
+    GPU), says so under the controls, keeps a variant the user picked, and warns when it does not suit the backend."""
+    m = read_manifest(pydoc_quant)
+    assert {g["variant"]: g["backends"] for g in m["graphs"] if g["kind"] == "step"} == {
+        "fp32": ["wasm", "webgpu"], "int8": ["wasm"], "int4": ["webgpu"]}
+    with served(pydoc_quant) as url:
+        open_demo(page, url)
+        state = lambda: (page.input_value("#variant"), page.inner_text("#variant-note"))  # noqa: E731
+        on_wasm = state()
+        page.select_option("#backend", "webgpu")
+        on_gpu = state()
+        page.select_option("#variant", "int8")
+        picked = state()
+        page.select_option("#backend", "wasm")
+        kept = state()
+        page.select_option("#backend", "webgpu")
+        info = page.evaluate("window.rwkvDemo.load({threads: 1}).then(() => window.rwkvDemo.loadInfo)")
+        notices = page.evaluate("window.rwkvDemo.notices")
+    assert on_wasm[0] == "int8" and "int8 suits wasm" in on_wasm[1], on_wasm
+    assert on_gpu[0] == "int4" and "int4 suits webgpu" in on_gpu[1], on_gpu
+    assert picked[0] == "int8" and "int8 does not suit webgpu" in picked[1] and "int4" in picked[1], picked
+    assert kept[0] == "int8" and "int8 suits wasm" in kept[1], kept
+    assert info["variant"] == "int8"
+    assert any(n["kind"] == "warn" and "int8 does not suit webgpu" in n["message"] for n in notices), notices
+
+
+BAD_FILE_NAMES = ["../model.onnx", "/etc/passwd", "https://example.com/m.onnx", "a/../../m.onnx", "C:/m.onnx",
+                  "sub\\m.onnx", "./model.onnx"]
+
+
+def test_manifest_file_names_must_stay_inside_the_folder(page, tiny):
+    """Like the Python side (every file a manifest names resolves inside its folder), the page refuses a manifest
+    naming a file by an absolute path, with '..' or with a scheme: validateManifest raises for each, and a served
+    manifest with such a name shows the error on the page instead of fetching it."""
+    good = json.loads((tiny / "manifest.json").read_text())
+    with served(tiny) as url:
+        open_demo(page, url)
+        got = page.evaluate("""async (names) => {
+          const mf = await import('./manifest.js');
+          const out = {};
+          for (const name of names) {
+            const m = structuredClone(window.rwkvDemo.manifest);
+            m.graphs[0].file = name;
+            try { mf.validateManifest(m); out[name] = 'accepted'; } catch (e) { out[name] = e.message; }
+          }
+          const ok = structuredClone(window.rwkvDemo.manifest);
+          ok.graphs[0].data_files = ['sub/model.onnx.data'];
+          mf.validateManifest(ok);
+          return out;
+        }""", BAD_FILE_NAMES)
+        bad = {**good, "graphs": [{**good["graphs"][0], "data_files": ["../../secret.data"]}, *good["graphs"][1:]]}
+        page.route("**/manifest.json", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                                  body=json.dumps(bad)))
+        page.goto(url)
+        banner = error_banner(page)
+    assert all("inside the model folder" in msg for msg in got.values()), got
+    assert "../../secret.data" in banner and "inside the model folder" in banner, banner
+
+
+def test_page_defaults_progress_and_output_follow_the_stream(page, tiny):
+    """Issue 18's demo items: no progress bar before anything loads (the CSS display rule no longer overrides
+    `hidden`); the default prompt fits the model's tokenizer (bytes: code-like text); the output box follows the
+    stream to its end."""
+    with served(tiny) as url:
+        open_demo(page, url)
+        hidden_before = page.is_hidden("#progress")
+        prompt = page.input_value("#prompt")
+        page.evaluate("window.rwkvDemo.load({threads: 1})")
+        page.evaluate("window.rwkvDemo.generate({temperature: 1, maxTokens: 3000, seed: 1})")
+        box = page.evaluate("(() => { const o = document.getElementById('output'); "
+                            "return [o.scrollHeight, o.scrollTop, o.clientHeight]; })()")
+    assert hidden_before
+    assert prompt == "def "
+    height, top, client = box
+    assert height > 2 * client and height - top - client < 24, box
 
 
 # ---- RWKV-7 -------------------------------------------------------------------------------------------------------

@@ -429,8 +429,12 @@ def test_resolve_rules(tmp_path):
     with pytest.raises(TokenizerError, match="rwkv-world") as e:
         resolve_tokenizer(12345)
     assert "\n" not in str(e.value)
-    # the bundled NeoX tokenizer (50277 ids) on a World model is allowed (fewer ids), a World one on NeoX not
-    assert resolve_tokenizer(65536, str(tk.NEOX_FILE)).kind == "hf-tokenizers"
+    # a tokenizer with far fewer ids than the vocab is another model's (issue 18): NeoX's 50277 on a World model, bytes
+    # on a NeoX one; a padded vocab (a few percent more ids than the tokenizer) is fine
+    for vocab, other in ((65536, str(tk.NEOX_FILE)), (50277, "bytes")):
+        with pytest.raises(TokenizerError, match="not this model's tokenizer"):
+            resolve_tokenizer(vocab, other)
+    assert resolve_tokenizer(50304, str(tk.NEOX_FILE)).kind == "hf-tokenizers"
 
     spec = TokenizerSpec("rwkv-world", WORLD_FILE)
     assert spec.folder_file == "rwkv_vocab_v20230424.txt"

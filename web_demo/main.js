@@ -8,7 +8,7 @@
 
 import { loadTokenizer } from './tokenizer.js';
 import {
-  fetchManifest, formatBytes, graphBytes, sequenceGraph, stepGraphs, variants,
+  fetchManifest, formatBytes, graphBytes, pickVariant, sequenceGraph, stepGraph, stepGraphs, suits, variants,
 } from './manifest.js';
 import { checkParams } from './sampling.js';
 
@@ -113,16 +113,18 @@ function describeModel(m) {
 async function probeWebGPUForLabel() {
   const opt = $('backend').querySelector('option[value="webgpu"]');
   let why = null;
+  let shaderF16 = false;
   if (!navigator.gpu) why = 'no navigator.gpu';
   else {
     try {
       const adapter = await Promise.race([navigator.gpu.requestAdapter(), new Promise((r) => setTimeout(() => r(null), 3000))]);
       if (!adapter) why = 'no GPU adapter';
+      else shaderF16 = adapter.features.has('shader-f16');
     } catch (e) {
       why = e.message;
     }
   }
-  demo.webgpu = why ? { available: false, why } : { available: true };
+  demo.webgpu = why ? { available: false, why } : { available: true, shaderF16 };
   opt.textContent = why ? 'WebGPU (unavailable → wasm)' : 'WebGPU';
   if (why) $('env-note').textContent += ` WebGPU: unavailable here (${why}); choosing it falls back to wasm.`;
 }
@@ -138,10 +140,9 @@ function fillSetup(m) {
     vsel.append(o);
   }
   const want = params.get('variant');
-  if (want) {
-    if (!variants(m).includes(want)) notice(`variant '${want}' is not in this folder; using ${variants(m)[0]}`, 'warn');
-    else vsel.value = want;
-  }
+  if (want && !variants(m).includes(want)) notice(`variant '${want}' is not in this folder; using the default`, 'warn');
+  variantChosen = Boolean(want && variants(m).includes(want));
+  if (variantChosen) vsel.value = want;
   const tsel = $('threads');
   tsel.replaceChildren();
   const maxThreads = crossOriginIsolated ? Math.max(2, Math.min(navigator.hardwareConcurrency || 2, 8)) : 1;
@@ -160,6 +161,8 @@ function fillSetup(m) {
   if (params.get('verify') === '0') $('verify').checked = false;
   const wantBackend = params.get('backend');
   if (wantBackend) $('backend').value = wantBackend;
+  if (params.get('prompt') != null) $('prompt').value = params.get('prompt');
+  else $('prompt').value = defaultPrompt(m);
   $('env-note').textContent = crossOriginIsolated
     ? `Cross-origin isolated: multi-threaded wasm available (${navigator.hardwareConcurrency} logical cores).`
     : 'Not cross-origin isolated: wasm runs on 1 thread (serve with `rwkv-export serve`, which sends COOP/COEP).';
@@ -168,6 +171,35 @@ function fillSetup(m) {
   if (g.top_p != null) $('top_p').value = g.top_p;
   if (g.min_p_ratio != null) $('min_p_ratio').value = g.min_p_ratio;
   if (g.min_p_power != null) $('min_p_power').value = g.min_p_power;
+}
+
+// The prompt the page starts with: the manifest's generation.prompt, else one in the style of the model's tokenizer.
+function defaultPrompt(m) {
+  if (typeof m.generation?.prompt === 'string' && m.generation.prompt) return m.generation.prompt;
+  if (m.tokenizer.kind === 'rwkv-world') return 'User: Tell me about the RWKV language model.\n\nAssistant:';
+  if (m.tokenizer.kind === 'bytes') return 'def ';
+  return 'The quick brown fox';
+}
+
+// Variant per backend: unless the user picked one, the variant list follows the backend (the smallest variant that
+// suits it, from the manifest's "backends"); the note under the controls says which and why.
+let variantChosen = false;
+function followBackend() {
+  const m = demo.manifest;
+  const backend = $('backend').value;
+  const features = { shaderF16: demo.webgpu?.shaderF16 === true };
+  if (!variantChosen) {
+    const pick = pickVariant(m, backend, features);
+    $('variant').value = pick.variant;
+  }
+  const g = stepGraph(m, $('variant').value);
+  const fit = suits(g, backend, features);
+  const others = stepGraphs(m).filter((x) => suits(x, backend, features)).map((x) => x.variant);
+  $('variant-note').textContent = fit === null ? '' : fit
+    ? `${g.variant} suits ${backend}${variantChosen ? '' : ' (the smallest variant here that does)'}.`
+    : `${g.variant} does not suit ${backend} (the manifest lists it for ${g.backends.join(', ') || 'no web backend'})` +
+      (others.length ? `; for ${backend}: ${others.join(', ')}.` : '.');
+  demo.variantFit = fit;
 }
 
 async function start() {
@@ -197,6 +229,7 @@ async function start() {
   fillSetup(m);
   updatePromptCount();
   await probeWebGPUForLabel();
+  followBackend();
   setStatus('setup');
   if (params.get('autoload') === '1') demo.load().catch(() => {});
 }
@@ -265,6 +298,8 @@ function failPending(message) {
   } else showError(message);
 }
 
+const IO_TEXT = { capture: 'graph capture, state on the GPU', gpu: 'state on the GPU', cpu: 'state through the CPU' };
+
 const HINTS = {
   download: 'Check that the export folder is complete and served.',
   verify: 'Re-export the folder, or copy it again.',
@@ -286,7 +321,8 @@ function onWorkerMessage(msg) {
       stopPhaseClock();
       const i = msg.info;
       demo.loadInfo = i;
-      showPhase(`Ready: ${i.variant} on ${i.backend}${i.backend === 'wasm' ? ` (${i.numThreads} thread${i.numThreads > 1 ? 's' : ''})` : ''}`,
+      const how = i.backend === 'wasm' ? ` (${i.numThreads} thread${i.numThreads > 1 ? 's' : ''})` : ` (${IO_TEXT[i.io]})`;
+      showPhase(`Ready: ${i.variant} on ${i.backend}${how}`,
         { loaded: 1, total: 1 });
       $('load-info').textContent = `Downloaded ${formatBytes(i.bytes)} in ${i.downloadSeconds.toFixed(1)} s · ` +
         (i.verifySeconds > 0 ? `sha256 ${i.verifySeconds.toFixed(1)} s · ` : '') + 'session ' +
@@ -336,6 +372,10 @@ demo.load = function load(opts = {}) {
   clearError();
   $('notices').replaceChildren();
   demo.notices = [];
+  const g = stepGraph(demo.manifest, variant);
+  if (suits(g, backend, { shaderF16: demo.webgpu?.shaderF16 === true }) === false) {
+    notice(`${variant} does not suit ${backend} (the manifest lists it for ${g.backends.join(', ') || 'no web backend'}): expect it to be slow.`, 'warn');
+  }
   demo.loadInfo = null;
   $('load-info').textContent = '';
   setStatus('loading');
@@ -344,6 +384,7 @@ demo.load = function load(opts = {}) {
     pendingLoad = { resolve, reject };
     worker.postMessage({
       type: 'load', manifest: demo.manifest, variant, backend, numThreads, verify, useSequence: opts.useSequence ?? params.get('sequence') !== '0',
+      io: opts.io ?? params.get('io') ?? 'auto',
       warmupSteps: opts.warmupSteps ?? (params.has('warmup') ? Number(params.get('warmup')) : undefined),
       modelBase: modelBase.href, ortBase,
     });
@@ -390,7 +431,11 @@ function render() {
   lastRender = performance.now();
   const r = pendingRun ?? demo.lastResult;
   if (!r) return;
+  // follow the stream unless the reader scrolled up
+  const out = $('output');
+  const atEnd = out.scrollHeight - out.scrollTop - out.clientHeight < 24;
   showText($('out-gen'), r.text);
+  if (atEnd) out.scrollTop = out.scrollHeight;
   const n = r.ids.length;
   const why = r.reason === 'stopped' ? ' (stopped)' : r.reason === 'eos' ? ' (end of text)' : '';
   $('stat-gen').textContent = `${n} token${n === 1 ? '' : 's'}${why}`;
@@ -502,6 +547,8 @@ $('prompt').addEventListener('input', () => {
   countTimer = setTimeout(updatePromptCount, 150);
 });
 $('load').addEventListener('click', () => demo.load().catch(() => {}));
+$('backend').addEventListener('change', () => followBackend());
+$('variant').addEventListener('change', () => { variantChosen = true; followBackend(); });
 $('generate').addEventListener('click', () => demo.generate().catch(() => {}));
 $('stop').addEventListener('click', () => demo.stop());
 $('ids-details').addEventListener('toggle', () => {

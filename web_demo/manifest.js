@@ -55,7 +55,22 @@ export function validateManifest(m, where = 'manifest.json') {
   }
   for (const g of steps) ioByRole(g, m);
   for (const g of sequenceGraphs(m)) ioByRole(g, m);
+  for (const g of m.graphs) for (const f of [g.file, ...(g.data_files || [])]) checkFileName(f, where);
+  for (const f of m.files || []) checkFileName(f.file, where);
+  if (m.tokenizer.file != null) checkFileName(m.tokenizer.file, where);
   return m;
+}
+
+// Every file a manifest names must resolve inside its folder (as rwkv_export/manifest.py requires): a relative path
+// without '..' segments, scheme, query or backslash. The page fetches these names relative to the folder's URL.
+export function checkFileName(name, where = 'manifest.json') {
+  const bad = (why) => fail(`${where} names the file ${JSON.stringify(name)}, which ${why}: every file must lie inside the model folder`);
+  if (typeof name !== 'string' || name === '') bad('is not a file name');
+  if (name.startsWith('/')) bad('is an absolute path');
+  if (/^[a-zA-Z][a-zA-Z0-9+.-]*:/.test(name)) bad('has a scheme or drive letter');
+  if (/[\\?#]/.test(name)) bad('contains a backslash, ? or #');
+  if (name.split('/').some((seg) => seg === '..' || seg === '.' || seg === '')) bad("has an empty, '.' or '..' segment");
+  return name;
 }
 
 export function stepGraphs(m) {
@@ -68,6 +83,24 @@ export function sequenceGraphs(m) {
 
 export function variants(m) {
   return stepGraphs(m).map((g) => g.variant);
+}
+
+// Whether a variant's step graph suits a backend, from its manifest entry's "backends" (rwkv_export/quantize.py
+// web_backends): true, false, or null when the manifest does not say (older exports). "webgpu-f16" is WebGPU on an
+// adapter with shader-f16.
+export function suits(graph, backend, { shaderF16 = false } = {}) {
+  if (!Array.isArray(graph.backends)) return null;
+  return graph.backends.includes(backend) || (backend === 'webgpu' && shaderF16 && graph.backends.includes('webgpu-f16'));
+}
+
+// The variant the page offers first for a backend: the smallest step graph that suits it (without "backends"
+// entries: the first one listed). {variant, why}.
+export function pickVariant(m, backend, features = {}) {
+  const graphs = stepGraphs(m);
+  const fit = graphs.filter((g) => suits(g, backend, features) === true);
+  if (!fit.length) return { variant: graphs[0].variant, why: null };
+  const best = fit.reduce((a, g) => (graphBytes(m, g) < graphBytes(m, a) ? g : a));
+  return { variant: best.variant, why: `the smallest variant here that suits ${backend}` };
 }
 
 export function stepGraph(m, variant) {

@@ -8,10 +8,11 @@
 // Messages out: {type:'progress', phase, ...}, {type:'notice', message}, {type:'loaded', info},
 //               {type:'prompt', tokens, ms}, {type:'token', id, n, ms}, {type:'done', ...}, {type:'error', phase, message}
 
-import {
-  float16BitsToFloat32, float32ToFloat16Bits, graphFiles, ioByRole, sequenceGraph, stepGraph,
-} from './manifest.js';
+import { graphFiles, ioByRole, sequenceGraph, stepGraph } from './manifest.js';
 import { argmax, checkParams, makeRng, sampleToken } from './sampling.js';
+import {
+  CpuState, GpuState, GraphRunner, attempts, nodePlacement, pinBuffers, sessionOptions,
+} from './session_io.js';
 
 const PROGRESS_INTERVAL_MS = 100; // at most ~10 progress messages a second
 const ADAPTER_TIMEOUT_MS = 5000; // requestAdapter() may never settle on some drivers
@@ -174,59 +175,31 @@ async function importOrt(ortBase, backend, numThreads) {
   ort.env.wasm.proxy = false; // already off the main thread
 }
 
-async function createSession(bytes, graph, files, backend) {
-  const opts = { executionProviders: [backend], graphOptimizationLevel: 'all' };
+// onnxruntime's own log (the wasm module binds console.log/error when it loads): worker.js forwards it unchanged,
+// except while a session is created on WebGPU, when it is collected to find the nodes placed off the GPU.
+let ortLog = null;
+for (const k of ['log', 'info', 'warn', 'error']) {
+  const orig = console[k].bind(console);
+  console[k] = (...args) => (ortLog ? ortLog.push(args.join(' ')) : orig(...args));
+}
+
+async function createSession(bytes, graph, files, backend, extra = {}) {
+  const opts = { executionProviders: [backend], graphOptimizationLevel: 'all', ...extra };
   const data = graph.data_files || [];
   if (data.length) {
     // External data paths are relative to the .onnx file's folder.
     const dir = graph.file.includes('/') ? graph.file.slice(0, graph.file.lastIndexOf('/') + 1) : '';
     opts.externalData = data.map((f) => ({ path: f.startsWith(dir) ? f.slice(dir.length) : f, data: files.get(f) }));
   }
-  return ort.InferenceSession.create(bytes, opts);
-}
-
-function tokenTensor(spec, ids) {
-  const shape = spec.shape.map((d) => (typeof d === 'number' ? d : ids.length));
-  const count = shape.reduce((a, b) => a * b, 1);
-  if (count !== ids.length) throw new Error(`input ${spec.name}: shape ${JSON.stringify(spec.shape)} cannot hold ${ids.length} tokens`);
-  const data = spec.dtype === 'int64' ? BigInt64Array.from(ids, (x) => BigInt(x)) : Int32Array.from(ids);
-  return new ort.Tensor(spec.dtype, data, shape);
-}
-
-function initialState(manifest, io) {
-  const state = {};
-  for (const t of manifest.state.tensors) {
-    const spec = io.stateIn.get(t.name);
-    const count = spec.shape.reduce((a, b) => a * b, 1);
-    const data = spec.dtype === 'float16'
-      ? new Uint16Array(count).fill(float32ToFloat16Bits(t.init))
-      : new Float32Array(count).fill(t.init);
-    state[t.name] = new ort.Tensor(spec.dtype, data, spec.shape);
+  if (backend !== 'webgpu') return { session: await ort.InferenceSession.create(bytes, opts), offGpu: [], nodes: null };
+  ortLog = [];
+  try {
+    const session = await ort.InferenceSession.create(bytes, { ...opts, logSeverityLevel: 0 });
+    const { counts, offGpu } = nodePlacement(ortLog);
+    return { session, offGpu, nodes: counts };
+  } finally {
+    ortLog = null;
   }
-  return state;
-}
-
-// The last vocab-sized row of the logits output as float32 (a sequence graph may return [T, V]).
-function lastLogits(tensor, vocab) {
-  const d = tensor.data;
-  const start = d.length - vocab;
-  if (tensor.type === 'float16') {
-    const out = new Float32Array(vocab);
-    if (typeof Float16Array !== 'undefined' && d instanceof Float16Array) out.set(d.subarray(start));
-    else for (let i = 0; i < vocab; i++) out[i] = float16BitsToFloat32(d[start + i]);
-    return out;
-  }
-  return d.subarray(start);
-}
-
-async function runGraph(part, ids, state) {
-  const { session, io } = part;
-  const feeds = { [io.token.name]: tokenTensor(io.token, ids) };
-  for (const n of io.names) feeds[io.stateIn.get(n).name] = state[n];
-  const out = await session.run(feeds);
-  const next = {};
-  for (const n of io.names) next[n] = out[io.stateOut.get(n).name];
-  return { logits: lastLogits(out[io.logits.name], model.vocab), state: next };
 }
 
 async function releaseModel() {
@@ -235,7 +208,15 @@ async function releaseModel() {
   for (const part of [m?.step, m?.seq]) {
     if (part) await part.session.release().catch(() => {});
   }
+  for (const r of [m?.runners?.step, m?.runners?.seq]) r?.destroy();
+  m?.state?.destroy?.();
 }
+
+const MODE_TEXT = {
+  capture: 'WebGPU with graph capture (state on the GPU)',
+  gpu: 'WebGPU, state on the GPU (no graph capture)',
+  cpu: 'the state through the CPU at every step',
+};
 
 async function load(msg) {
   const { manifest, variant, modelBase, ortBase, numThreads, verify } = msg;
@@ -249,121 +230,136 @@ async function load(msg) {
       backend = 'wasm';
     }
   }
+  const tries = attempts(backend, msg.io || 'auto');
   const step = stepGraph(manifest, variant);
   const seq = msg.useSequence ? sequenceGraph(manifest, variant) : null;
   const graphs = seq ? [step, seq] : [step];
   const stepIo = ioByRole(step, manifest);
   const seqIo = seq ? ioByRole(seq, manifest) : null;
+  const logitsShape = stepIo.logits.shape;
+  const vocab = typeof logitsShape[logitsShape.length - 1] === 'number' ? logitsShape[logitsShape.length - 1] : manifest.model.vocab_size;
 
   post({ type: 'progress', phase: 'runtime', backend, numThreads });
   await importOrt(ortBase, backend, numThreads);
 
   const dl = await fetchGraphFiles(manifest, modelBase, graphs, verify);
 
-  post({ type: 'progress', phase: 'session', backend, numThreads });
-  const tSession = performance.now();
-  const make = async (g) => {
+  // One attempt: sessions, state, runners, and one run of each graph from the fresh state (a WebGPU session can open
+  // and still fail on its first run: an adapter's limits, e.g. storage buffers per shader stage, are only checked when
+  // a kernel is first built; graph capture is set up on the first runs too).
+  const open = async ({ backend: be, mode }) => {
+    post({ type: 'progress', phase: 'session', backend: be, numThreads, mode });
+    const t = performance.now();
+    const parts = {};
     try {
-      return await createSession(dl.files.get(g.file), g, dl.files, backend);
+      const s = await createSession(dl.files.get(step.file), step, dl.files, be, sessionOptions(mode, stepIo));
+      parts.step = { session: s.session, io: stepIo, graph: step, offGpu: s.offGpu, nodes: s.nodes };
+      if (seq) {
+        const q = await createSession(dl.files.get(seq.file), seq, dl.files, be, sessionOptions(mode === 'capture' ? 'gpu' : mode, seqIo));
+        parts.seq = { session: q.session, io: seqIo, graph: seq, offGpu: q.offGpu, nodes: q.nodes };
+      }
     } catch (e) {
-      if (backend !== 'webgpu') throw e;
-      post({ type: 'notice', kind: 'fallback', message: `WebGPU session failed (${errorText(e).split('\n')[0]}); using wasm instead.` });
-      backend = 'wasm';
-      return createSession(dl.files.get(g.file), g, dl.files, backend);
-    }
-  };
-  const open = async () => {
-    try {
-      const stepSession = await make(step);
-      return { stepSession, seqSession: seq ? await make(seq) : null };
-    } catch (e) {
+      for (const p of Object.values(parts)) await p.session.release().catch(() => {});
       throw new PhaseError('session', `onnxruntime-web could not open ${step.file}: ${errorText(e)}`);
     }
-  };
-  const logitsShape = stepIo.logits.shape;
-  const vocab = typeof logitsShape[logitsShape.length - 1] === 'number' ? logitsShape[logitsShape.length - 1] : manifest.model.vocab_size;
-  const install = ({ stepSession, seqSession }) => {
-    model = {
-      manifest, backend, numThreads, vocab,
-      step: { session: stepSession, io: stepIo, graph: step },
-      seq: seqSession ? { session: seqSession, io: seqIo, graph: seq } : null,
+    const sessionSeconds = (performance.now() - t) / 1000;
+    const device = mode === 'cpu' ? null : ort.env.webgpu.device;
+    const state = device ? new GpuState(ort, device, manifest, stepIo, { fixed: mode === 'capture' }) : new CpuState(ort, manifest, stepIo);
+    const runners = {
+      step: new GraphRunner(ort, parts.step, state, vocab, { capture: mode === 'capture', device }),
+      seq: parts.seq ? new GraphRunner(ort, parts.seq, state, vocab, { device }) : null,
     };
-  };
-  // Warm-up: one call of each graph from the fresh state, so the first real token does not pay for lazy allocation.
-  const warm = async () => {
-    for (const part of [model.step, model.seq]) {
-      if (!part) continue;
+    model = { manifest, backend: be, mode, numThreads, vocab, step: parts.step, seq: parts.seq ?? null, state, runners };
+    if (mode === 'capture') await pinBuffers(ort, runners.step.boundBuffers());
+    post({ type: 'progress', phase: 'warmup' });
+    const tWarm = performance.now();
+    for (const [name, r] of Object.entries(runners)) {
+      if (!r) continue;
       try {
-        await runGraph(part, [0], initialState(manifest, part.io));
+        state.reset();
+        // a captured graph records on its first runs: run it twice so generation starts on the replay
+        for (let i = 0; i < (name === 'step' && mode === 'capture' ? 2 : 1); i++) await r.run([0]);
       } catch (e) {
-        throw new PhaseError('session', `the first run of ${part.graph.file} failed: ${errorText(e)}`);
+        await releaseModel();
+        throw new PhaseError('session', `the first run of ${r.part.graph.file} failed: ${errorText(e)}`);
       }
     }
+    return { sessionSeconds, warmupSeconds: (performance.now() - tWarm) / 1000 };
   };
-  // More steps for the JIT (DEFAULT_WARMUP_STEPS), with progress; the state runs on from step to step like in decoding.
-  const jitWarmup = async () => {
-    const steps = Number.isInteger(msg.warmupSteps) && msg.warmupSteps >= 0 ? msg.warmupSteps : DEFAULT_WARMUP_STEPS;
-    const tStart = performance.now();
-    const late = () => performance.now() - tStart > WARMUP_MAX_MS;
-    let state = initialState(manifest, stepIo);
-    let last = 0;
-    if (model.seq && steps > 0) {
-      // the prompt graph's kernels (matrix-matrix products) are other functions than a step's: make them hot too
-      const chunk = Math.min(16, Number.isInteger(model.seq.graph.max_chunk) ? model.seq.graph.max_chunk : 16);
-      const ids = Array.from({ length: chunk }, (_, i) => i % 2);
-      for (let i = 0; i < 4 && !late(); i++) await runGraph(model.seq, ids, initialState(manifest, model.seq.io));
-    }
-    let done = 0;
-    while (done < steps && !late()) {
-      ({ state } = await runGraph(model.step, [done % 2], state));
-      done++;
-      const now = performance.now();
-      if (now - last > PROGRESS_INTERVAL_MS || done === steps) {
-        post({ type: 'progress', phase: 'warmup', step: done, steps });
-        last = now;
-      }
-    }
-    return done;
-  };
-  install(await open());
-  let sessionSeconds = (performance.now() - tSession) / 1000;
-  // A WebGPU session can open and still fail here (an adapter's limits, e.g. storage buffers per shader stage, are only
-  // checked when a kernel is first built): then the page falls back to wasm like a failed session would.
-  post({ type: 'progress', phase: 'warmup' });
-  let tWarm = performance.now();
-  try {
-    await warm();
-  } catch (e) {
-    if (backend !== 'webgpu') {
-      model = null;
-      throw e;
-    }
-    post({ type: 'notice', kind: 'fallback', message: `WebGPU failed: ${errorText(e).split('\n')[0]}; using wasm instead.` });
-    await releaseModel();
-    backend = 'wasm';
-    post({ type: 'progress', phase: 'session', backend, numThreads });
-    const t = performance.now();
-    install(await open());
-    sessionSeconds += (performance.now() - t) / 1000;
-    tWarm = performance.now();
+
+  let opened = null;
+  let sessionSeconds = 0;
+  for (const [i, a] of tries.entries()) {
     try {
-      await warm();
-    } catch (e2) {
-      model = null;
-      throw e2;
+      opened = await open(a);
+      sessionSeconds += opened.sessionSeconds;
+      break;
+    } catch (e) {
+      if (i === tries.length - 1) throw e;
+      const next = tries[i + 1];
+      const what = a.backend === 'webgpu' ? MODE_TEXT[a.mode] : a.backend;
+      post({
+        type: 'notice', kind: 'fallback',
+        message: `${what} failed: ${errorText(e).split('\n')[0]}; using ${next.backend === 'webgpu' ? MODE_TEXT[next.mode] : 'wasm'} instead.`,
+      });
     }
   }
   dl.files.clear(); // the sessions hold their own copies
-  const warmupSteps = backend === 'wasm' ? await jitWarmup() : 0;
+  // No silent fallback: nodes that onnxruntime placed off the GPU are named on the page (per graph).
+  for (const part of [model.step, model.seq]) {
+    if (!part?.offGpu.length) continue;
+    const ops = [...new Set(part.offGpu.map((n) => n.op))];
+    const why = part === model.seq ? ' (a prompt graph\'s shape arithmetic over its dynamic length runs there by design)' : '';
+    post({
+      type: 'notice', kind: 'warn',
+      message: `${part.offGpu.length} node${part.offGpu.length === 1 ? '' : 's'} of ${part.graph.file} run on the CPU, not on WebGPU ` +
+        `(${ops.join(', ')})${why}.`,
+    });
+  }
+  const offGpu = [...model.step.offGpu, ...(model.seq?.offGpu ?? [])];
+  const warmupSteps = model.backend === 'wasm' ? await jitWarmup(msg) : 0;
   post({
     type: 'loaded',
     info: {
-      variant, backend, numThreads, file: step.file, sequence: seq ? seq.file : null,
+      variant, backend: model.backend, io: model.mode, numThreads, file: step.file, sequence: seq ? seq.file : null,
       bytes: dl.bytes, downloadSeconds: dl.seconds, verifySeconds: dl.verifySeconds, sessionSeconds,
-      warmupSeconds: (performance.now() - tWarm) / 1000, warmupSteps, totalSeconds: (performance.now() - t0) / 1000,
+      warmupSeconds: opened.warmupSeconds, warmupSteps, totalSeconds: (performance.now() - t0) / 1000,
       crossOriginIsolated: self.crossOriginIsolated === true,
+      offGpu: offGpu.map((n) => `${n.op} (${n.name})`), stateBytesOnGpu: model.state.bytes ?? 0,
+      nodes: { step: model.step.nodes, prompt: model.seq?.nodes ?? null },
     },
   });
+}
+
+// More steps for the JIT (DEFAULT_WARMUP_STEPS) after loading on wasm, with progress; the state runs on from step to
+// step like in decoding.
+async function jitWarmup(msg) {
+  const steps = Number.isInteger(msg.warmupSteps) && msg.warmupSteps >= 0 ? msg.warmupSteps : DEFAULT_WARMUP_STEPS;
+  const tStart = performance.now();
+  const late = () => performance.now() - tStart > WARMUP_MAX_MS;
+  const { runners, state } = model;
+  let last = 0;
+  if (runners.seq && steps > 0) {
+    // the prompt graph's kernels (matrix-matrix products) are other functions than a step's: make them hot too
+    const chunk = Math.min(16, Number.isInteger(model.seq.graph.max_chunk) ? model.seq.graph.max_chunk : 16);
+    const ids = Array.from({ length: chunk }, (_, i) => i % 2);
+    for (let i = 0; i < 4 && !late(); i++) {
+      state.reset();
+      await runners.seq.run(ids);
+    }
+  }
+  state.reset();
+  let done = 0;
+  while (done < steps && !late()) {
+    await runners.step.run([done % 2]);
+    done++;
+    const now = performance.now();
+    if (now - last > PROGRESS_INTERVAL_MS || done === steps) {
+      post({ type: 'progress', phase: 'warmup', step: done, steps });
+      last = now;
+    }
+  }
+  return done;
 }
 
 async function generate({ promptIds, params, eosId }) {
@@ -374,24 +370,26 @@ async function generate({ promptIds, params, eosId }) {
   if (bad !== undefined) throw new PhaseError('generate', `prompt token id ${bad} is outside the model's vocab [0, ${model.vocab})`);
   const rng = makeRng(params.seed);
   stopRequested = false;
-  let state = initialState(model.manifest, model.step.io);
+  const { runners, state } = model;
+  state.reset();
   let logits;
   const t0 = performance.now();
   let promptMode = 'step';
   let promptRuns = 0;
-  if (model.seq && promptIds.length > 1) {
+  // On the GPU only the last run's logits are read back (the others are not needed).
+  if (runners.seq && promptIds.length > 1) {
     // A sequence graph takes at most max_chunk tokens per call (manifest); longer prompts go in chunks.
     const chunk = Number.isInteger(model.seq.graph.max_chunk) && model.seq.graph.max_chunk > 0 ? model.seq.graph.max_chunk : promptIds.length;
     for (let i = 0; i < promptIds.length; i += chunk) {
-      ({ logits, state } = await runGraph(model.seq, promptIds.slice(i, i + chunk), state));
+      logits = await runners.seq.run(promptIds.slice(i, i + chunk), i + chunk >= promptIds.length);
       promptRuns++;
       await yieldToEvents();
       if (stopRequested) break;
     }
     promptMode = 'sequence';
   } else {
-    for (const id of promptIds) {
-      ({ logits, state } = await runGraph(model.step, [id], state));
+    for (const [i, id] of promptIds.entries()) {
+      logits = await runners.step.run([id], i === promptIds.length - 1);
       promptRuns++;
       await yieldToEvents();
       if (stopRequested) break;
@@ -410,7 +408,7 @@ async function generate({ promptIds, params, eosId }) {
     ids.push(id);
     post({ type: 'token', id, n: ids.length, ms: performance.now() - t1 });
     const tRun = performance.now();
-    ({ logits, state } = await runGraph(model.step, [id], state));
+    logits = await runners.step.run([id]);
     modelMs += performance.now() - tRun;
   }
   if (stopRequested && reason === 'max_tokens' && ids.length < params.maxTokens) reason = 'stopped';

@@ -10,6 +10,9 @@ from pathlib import Path
 NAME = "onnx"
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # LayerNormalization is 17; the dynamo exporter's own baseline is 18
+# the newest opset torch.onnx (2.13) writes as asked and onnxruntime (1.32) runs, measured 19..24; past it the
+# exporter silently wrote 18 (export_step also checks the opset it wrote, for other torch versions)
+MAX_OPSET = 24
 # protobuf cannot hold a message of 2 GiB or more: above this, weights go to an external data file
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 
@@ -27,9 +30,11 @@ def state_output_name(state: str) -> str:
 
 def io_names(module, token_input: str = TOKEN_INPUT) -> tuple[list[str], list[str]]:
     """Graph input and output names of a step or sequence module, from its state spec (the architecture's)."""
+    from ..embed import output_names
+
     states = [t.name for t in module.state_spec]
     return ([token_input, *(state_input_name(s) for s in states)],
-            [LOGITS_OUTPUT, *(state_output_name(s) for s in states)])
+            [LOGITS_OUTPUT, *(state_output_name(s) for s in states), *output_names(module)])
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 16: "bfloat16"}
 
@@ -71,6 +76,12 @@ def export_step(module, path: Path, opset: int = DEFAULT_OPSET, external_data: b
             verbose=False,
         )
         program.save(str(path), external_data=external_data)
+    written = program.model.opset_imports.get("")
+    if written != opset:
+        from ..errors import RwkvExportError
+
+        raise RwkvExportError(f"torch.onnx wrote opset {written}, not the requested {opset}; choose an opset in "
+                              f"[{MIN_OPSET}, {MAX_OPSET}]")
     files = [path.name]
     data = path.with_name(path.name + ".data")
     if external_data and data.exists():
@@ -98,6 +109,8 @@ def io_spec(path: Path) -> tuple[list[dict], list[dict], int | None]:
     the logits, and as state every input `NAME` that has an output `NAME_out` (the naming export_step writes)."""
     import onnx
 
+    from ..embed import OUTPUT_ROLES
+
     model = onnx.load(str(path), load_external_data=False)
     out_names = {v.name for v in model.graph.output}
     states = [v.name for v in model.graph.input if state_output_name(v.name) in out_names]
@@ -112,7 +125,7 @@ def io_spec(path: Path) -> tuple[list[dict], list[dict], int | None]:
         elif v.name in state_of:
             entry["role"], entry["state"] = "state", state_of[v.name]
         else:
-            entry["role"] = "other"
+            entry["role"] = OUTPUT_ROLES.get(v.name, "other")
         return entry
 
     ins = {state_input_name(s): s for s in states}

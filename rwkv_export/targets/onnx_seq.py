@@ -50,20 +50,20 @@ def export_sequence(step_module, path: Path, opset: int = onnx_target.DEFAULT_OP
     input_names, output_names = onnx_target.io_names(module, TOKENS_INPUT)
     oblivious = torch.fx.experimental._config.patch(backed_size_oblivious=True)
     with onnx_target._quiet_exporter(), torch.no_grad(), oblivious:
-        # torch.export first, on its own: it raises if any op pins T, where torch.onnx.export would quietly fall
-        # back to a looser trace. The same spec again below names the ONNX dimension "T".
-        torch.export.export(module, module.example_inputs(EXAMPLE_TOKENS), dynamic_shapes=dynamic_shapes)
+        # torch.export first, on its own: it raises if any op pins T, where torch.onnx.export given the module would
+        # quietly fall back to a looser trace. The program is then translated as it is (one trace, not two).
+        exported = torch.export.export(module, module.example_inputs(EXAMPLE_TOKENS), dynamic_shapes=dynamic_shapes)
         program = torch.onnx.export(
-            module,
-            module.example_inputs(EXAMPLE_TOKENS),
+            exported,
             dynamo=True,
             opset_version=opset,
             input_names=input_names,
             output_names=output_names,
-            dynamic_shapes=dynamic_shapes,
+            dynamic_shapes=({0: SEQ_DIM}, *({} for _ in module.state_spec)),  # used only to name the ONNX dimension
             optimize=True,
             verbose=False,
         )
+        del exported
         # the graph's contract beyond its I/O, in the file itself (graph_entry reads it back for the manifest)
         program.model.metadata_props[META_MAX_CHUNK] = str(module.max_chunk)
         program.model.metadata_props[META_ALL_LOGITS] = str(int(all_logits))

@@ -399,8 +399,12 @@ def export_tfjs(module, out_dir: Path, variants=("fp32",), *, onnx_path: Path | 
 
 
 def _check_signature(signature: dict, states: list[str]) -> None:
+    from ..embed import HIDDEN
+
     want_in = {TOKEN_INPUT, *states}
     want_out = {LOGITS_OUTPUT, *(state_output_name(s) for s in states)}
+    if HIDDEN in signature["outputs"]:  # a step module made with embedding
+        want_out.add(HIDDEN)
     if set(signature["inputs"]) != want_in or set(signature["outputs"]) != want_out:
         raise RwkvExportError(f"step graph I/O {sorted(signature['inputs'])} -> {sorted(signature['outputs'])} "
                               f"is not the step contract")
@@ -429,4 +433,7 @@ def io_spec(model_json: Path, states: list[str] | None = None) -> tuple[list[dic
         describe(s, ins[s], "state", s) for s in states]
     outputs = [describe(LOGITS_OUTPUT, outs[LOGITS_OUTPUT], "logits")] + [
         describe(state_output_name(s), outs[state_output_name(s)], "state", s) for s in states]
+    from ..embed import OUTPUT_ROLES
+
+    outputs += [describe(name, outs[name], role) for name, role in OUTPUT_ROLES.items() if name in outs]
     return inputs, outputs

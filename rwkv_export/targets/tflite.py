@@ -104,10 +104,14 @@ def _named_outputs(logits, names, states) -> dict:
 
 def _signature(inner, token_input: str):
     """Named I/O for the converter around a step or sequence module: keyword inputs (the token input and one per
-    state tensor, by the state spec's names), a dict of outputs (names become the signature's names)."""
+    state tensor, by the state spec's names), a dict of outputs (names become the signature's names; a module made
+    with embedding adds its `hidden` outputs after the states)."""
     import torch
 
+    from ..embed import output_names
+
     names = [t.name for t in inner.state_spec]
+    extra = output_names(inner)
 
     class Signature(torch.nn.Module):
         def __init__(self):
@@ -115,8 +119,9 @@ def _signature(inner, token_input: str):
             self.inner = inner
 
         def forward(self, **inputs):
-            logits, *states = self.inner(inputs[token_input], *(inputs[n] for n in names))
-            return _named_outputs(logits, names, states)
+            logits, *rest = self.inner(inputs[token_input], *(inputs[n] for n in names))
+            states, hidden = rest[:len(names)], rest[len(names):]
+            return {**_named_outputs(logits, names, states), **dict(zip(extra, hidden))}
 
     return Signature().eval()
 
@@ -316,4 +321,7 @@ def io_spec(path: Path, signature: str = SIGNATURE, states: list[str] | None = N
         states = [n for n in ins if state_output_name(n) in outs]
     inputs = [take(ins, *token)] + [take(ins, s, "state", s) for s in states]
     outputs = [take(outs, LOGITS_OUTPUT, "logits")] + [take(outs, state_output_name(s), "state", s) for s in states]
+    from ..embed import OUTPUT_ROLES
+
+    outputs += [take(outs, name, role) for name, role in OUTPUT_ROLES.items() if name in outs]  # --embedding
     return inputs, outputs

@@ -46,7 +46,9 @@ T*T*C numbers per layer; at C = 768, T = 64 onnxruntime took 33 ms per layer for
 scan (measured on the 2-core box, one thread).
 
 With all_logits=False (the default) only the last token's logits are computed: the head is one row instead of T, and
-the last layer runs its FFN on the last row only (~6% fewer FLOPs at 169M shapes).
+the last layer runs its FFN on the last row only (~6% fewer FLOPs at 169M shapes). With `embedding` (the step
+module's flag, rwkv_export/embed.py) every row goes through it and ln_out: the graph also outputs the last token's
+final hidden state (`hidden`) and the sum over the chunk's tokens (`hidden_sum`).
 """
 
 from __future__ import annotations
@@ -193,6 +195,7 @@ class RWKV4Sequence(nn.Module):
         self.arch, self.dims, self.state_spec = step.arch, step.dims, step.state_spec
         self.options = step.options
         self.all_logits = all_logits
+        self.embedding = step.embedding  # also output `hidden` (last token) and `hidden_sum` (the chunk's tokens)
         self.max_chunk = max_chunk
         self.block_steps = min(BLOCK_STEPS, steps)
         self.group_steps = steps - self.block_steps
@@ -223,7 +226,7 @@ class RWKV4Sequence(nn.Module):
             x = x + (r * _to(wkv, cdt)) @ layer.att_output
             xx2 = F.layer_norm(x, x.shape[-1:], layer.ln2_w, layer.ln2_b)
             prev2 = _token_shift(xx2, _to(ffn_x[i], cdt))
-            if i == last_layer and not self.all_logits:
+            if i == last_layer and not (self.all_logits or self.embedding):
                 # only the last token's logits are wanted: the last layer's FFN (~70% of its FLOPs) runs on that row
                 x, xx2, prev2 = x[-1:], xx2[-1:], prev2[-1:]
             x = x + _ffn(layer, xx2, prev2)
@@ -231,14 +234,19 @@ class RWKV4Sequence(nn.Module):
                 x = x / 2
             for name, value in zip(STATE_NAMES, (_to(xx[-1:], acc), aa, bb, pp, _to(xx2[-1:], acc))):
                 new[name].append(value)  # [1, C] rows
-        if not self.all_logits:
+        if not (self.all_logits or self.embedding):
             x = x[-1:]
         x = F.layer_norm(x, x.shape[-1:], self.ln_out_w, self.ln_out_b)
+        if self.embedding:  # the final hidden states of every token: the last one's, and their sum (for a mean)
+            hidden, hidden_sum = _to(x[-1:], att_pp.dtype), _to(x, att_pp.dtype).sum(0, keepdim=True)
+            x = x if self.all_logits else x[-1:]
         logits = _to(x @ self.head, att_pp.dtype)
         # chunk guard: more than max_chunk tokens exceed the scan's reach; answer NaN rather than wrong numbers
         too_long = (torch.arange(tokens.shape[0]) >= self.max_chunk).any()
-        logits = logits + torch.where(too_long, float("nan"), 0.0).to(logits.dtype)
-        return (logits, *(torch.cat(new[name]) for name in STATE_NAMES))
+        nan = torch.where(too_long, float("nan"), 0.0).to(logits.dtype)
+        logits = logits + nan
+        out = (logits, *(torch.cat(new[name]) for name in STATE_NAMES))
+        return (*out, hidden + nan, hidden_sum + nan) if self.embedding else out
 
     def new_state(self) -> dict:
         return self._new_state()

@@ -112,6 +112,9 @@ class RWKV4Step(nn.Module):
     """forward(token[1] int64, att_x, att_aa, att_bb, att_pp, ffn_x each [L, C] fp32)
     -> (logits [1, V], att_x, att_aa, att_bb, att_pp, ffn_x)"""
 
+    # True (embed.with_embedding): the graph also outputs `hidden`, the final hidden state after ln_out [1, C] fp32
+    embedding = False
+
     def __init__(self, ckpt: Checkpoint, options: StepOptions = StepOptions()):
         super().__init__()
         sd, d = ckpt.tensors, ckpt.dims
@@ -151,7 +154,8 @@ class RWKV4Step(nn.Module):
         logits = x @ self.head
         if logits.dtype != torch.float32:
             logits = logits.float()
-        return (logits, *(torch.cat(new[name]) for name in STATE_NAMES))
+        out = (logits, *(torch.cat(new[name]) for name in STATE_NAMES))
+        return (*out, x.float()) if self.embedding else out
 
     def new_state(self) -> dict:
         L, C = self.dims.n_layer, self.dims.n_embd

@@ -172,6 +172,7 @@ class RWKV5Sequence(nn.Module):
         self.arch, self.dims, self.state_spec = step.arch, step.dims, step.state_spec
         self.options = step.options
         self.all_logits = all_logits
+        self.embedding = step.embedding  # also output `hidden` (last token) and `hidden_sum` (the chunk's tokens)
         self.max_chunk = max_chunk
         self.block = min(block, max_chunk)
         self.n_blocks = -(-max_chunk // self.block)
@@ -198,20 +199,26 @@ class RWKV5Sequence(nn.Module):
             x = x + layer.head_out(y, g)
             xx2 = F.layer_norm(x, x.shape[-1:], layer.ln2_w, layer.ln2_b)
             prev2 = _token_shift(xx2, _to(ffn_x[i], cdt))
-            if i == last and not self.all_logits:
+            if i == last and not (self.all_logits or self.embedding):
                 x, xx2, prev2 = x[-1:], xx2[-1:], prev2[-1:]
             x = self._step_rescaled(i, x + layer.ffn(xx2, prev2, one_token=False))
             new_x.append(_to(xx[-1:], att_x[i].dtype))
             new_kv.append(S)
             new_f.append(_to(xx2[-1:], ffn_x[i].dtype))
-        if not self.all_logits:
+        if not (self.all_logits or self.embedding):
             x = x[-1:]
         x = F.layer_norm(x, x.shape[-1:], self.ln_out_w, self.ln_out_b)
-        logits = _to(x @ self.head, att_kv[0].dtype)
+        acc = att_kv[0].dtype
+        # the final hidden states of every token (embedding): the last one's, and their sum (for a mean)
+        hidden = (_to(x[-1:], acc), _to(x, acc).sum(0, keepdim=True)) if self.embedding else ()
+        if self.embedding and not self.all_logits:
+            x = x[-1:]
+        logits = _to(x @ self.head, acc)
         # chunk guard: more than max_chunk tokens exceed the unrolled block steps; answer NaN, in the logits and the
         # state (a caller keeping only the state must not go on from a wrong one), rather than wrong numbers
         nan = torch.where((torch.arange(tokens.shape[0]) >= self.max_chunk).any(), float("nan"), 0.0)
-        return tuple(t + nan.to(t.dtype) for t in (logits, torch.cat(new_x), torch.cat(new_kv), torch.cat(new_f)))
+        return tuple(t + nan.to(t.dtype)
+                     for t in (logits, torch.cat(new_x), torch.cat(new_kv), torch.cat(new_f), *hidden))
 
     def new_state(self) -> dict:
         return self._new_state()

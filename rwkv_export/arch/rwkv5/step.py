@@ -210,6 +210,8 @@ class RWKV5Step(nn.Module):
     -> (logits [1, V], att_x, att_kv, ffn_x). State and logits fp32 (fp64 in an fp64 build or a .double() copy)."""
 
     layer_class = Layer5
+    # True (embed.with_embedding): the graph also outputs `hidden`, the final hidden state after ln_out [1, C] fp32
+    embedding = False
 
     def __init__(self, ckpt: Checkpoint, options: StepOptions = StepOptions()):
         super().__init__()
@@ -251,7 +253,8 @@ class RWKV5Step(nn.Module):
             new_f.append(_to(xx2, ffn_x[i].dtype))
         x = F.layer_norm(x, x.shape[-1:], self.ln_out_w, self.ln_out_b)
         logits = _to(x @ self.head, att_kv[0].dtype)
-        return logits, torch.cat(new_x), torch.cat(new_kv), torch.cat(new_f)
+        out = (logits, torch.cat(new_x), torch.cat(new_kv), torch.cat(new_f))
+        return (*out, _to(x, logits.dtype)) if self.embedding else out
 
     def new_state(self) -> dict:
         return {s.name: torch.full(s.shape, s.init, dtype=torch.float32) for s in self.state_spec}

@@ -174,6 +174,9 @@ class RWKV7Step(nn.Module):
     """forward(token [1] int64, att_x [L, C], att_kv [L, H, N, N], ffn_x [L, C])
     -> (logits [1, V], att_x, att_kv, ffn_x). State and logits fp32 (fp64 in a .double() copy)."""
 
+    # True (embed.with_embedding): the graph also outputs `hidden`, the final hidden state after ln_out [1, C] fp32
+    embedding = False
+
     def __init__(self, ckpt: Checkpoint, options: StepOptions = StepOptions()):
         super().__init__()
         sd, d = ckpt.tensors, ckpt.dims
@@ -214,7 +217,8 @@ class RWKV7Step(nn.Module):
             new_f.append(_to(xx2, ffn_x[i].dtype))
         x = F.layer_norm(x, x.shape[-1:], self.ln_out_w, self.ln_out_b)
         logits = _to(x @ self.head, att_kv[0].dtype)
-        return logits, torch.cat(new_x), torch.cat(new_kv), torch.cat(new_f)
+        out = (logits, torch.cat(new_x), torch.cat(new_kv), torch.cat(new_f))
+        return (*out, _to(x, logits.dtype)) if self.embedding else out
 
     def new_state(self) -> dict:
         return {s.name: torch.full(s.shape, s.init, dtype=torch.float32) for s in self.state_spec}

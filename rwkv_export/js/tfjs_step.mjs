@@ -1,7 +1,9 @@
 // Step server for a TF.js graph model, driven by rwkv_export.tf_runners.TFJSStepRunner (one Node process per runner).
 //
-//   node tfjs_step.mjs path/to/model.json
+//   node tfjs_step.mjs path/to/model.json [PACKAGES_DIR]
 //
+// PACKAGES_DIR holds the node_modules installed from this folder's package-lock.json (default: this folder; an
+// installed wheel keeps them in the user cache, see rwkv_export/node.py).
 // Loads the model with @tensorflow/tfjs (pure-JS CPU backend), then answers one JSON line per request line on stdin:
 //   {"op": "step", "token": 5, "state": {"att_x": "<base64 float32>", ...}}
 //     -> {"logits": "<base64 float32>", "state": {"att_x": "<base64 float32>", ...}}
@@ -11,8 +13,10 @@
 // signature's input keys, the logits are the output whose key is "logits" and each state `s` comes back from the
 // output `${s}_out`. The first line written is {"ready": true, ...} or {"error": "..."}; stdout carries nothing else.
 import { readFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { createRequire } from 'node:module';
+import { dirname, join, resolve } from 'node:path';
 import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
 
 // TF.js greets Node users on the console; keep stdout for the protocol.
 for (const k of ['log', 'info', 'warn', 'debug']) console[k] = (...a) => process.stderr.write(a.join(' ') + '\n');
@@ -30,9 +34,12 @@ function b64ToF32(s) {
 const f32ToB64 = (f) => Buffer.from(f.buffer, f.byteOffset, f.byteLength).toString('base64');
 
 async function load(modelPath) {
-  const tf = await import('@tensorflow/tfjs-core');
-  await import('@tensorflow/tfjs-backend-cpu');
-  const tfconv = await import('@tensorflow/tfjs-converter');
+  // the packages' CommonJS entries, resolved from PACKAGES_DIR (one tfjs-core instance for all three)
+  const packages = resolve(process.argv[3] || dirname(fileURLToPath(import.meta.url)));
+  const require = createRequire(join(packages, 'package.json'));
+  const tf = require('@tensorflow/tfjs-core');
+  require('@tensorflow/tfjs-backend-cpu');
+  const tfconv = require('@tensorflow/tfjs-converter');
   await tf.setBackend('cpu');
   await tf.ready();
   const json = JSON.parse(readFileSync(modelPath, 'utf8'));
