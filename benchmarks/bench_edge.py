@@ -4,7 +4,7 @@ pure-JS CPU backend), beside ONNX fp32 in onnxruntime, on the exact RWKV-4-Pile-
 Prints tables: export time and peak RSS per target; per variant the file size, decode tokens/s (greedy, the previous
 argmax fed back, timed after warm-up) and quality against runtime_ref in fp64 (max|Δ|/std of the logits, top-1
 agreement and mean KL(ref || variant) over teacher-forced tokens). Each phase runs in its own Python process so that
-peak RSS belongs to it alone. Needs the [tflite] extra and `npm ci --prefix tests/js`.
+peak RSS belongs to it alone. Needs the [tflite] extra and `npm ci --prefix rwkv_export/js`.
 
     python benchmarks/bench_edge.py [--workdir bench_out] [--tokens 32] [--quality-tokens 32] [--threads 2]
 """

@@ -4,7 +4,7 @@
                                      [--reuse]
 
 The trained fixtures (`builtin:tiny-pydoc`, RWKV-4, and `builtin:v7-tiny-pydoc`, RWKV-7: 4 layers, C = 128, bytes)
-are exported with `--embedding` (export_onnx, parity-checked) and embed through their ONNX prompt graphs
+are exported with `--embedding` (export_onnx; the embedding parity gate runs on three passages) and embed through their ONNX prompt graphs
 (rwkv_export.embed.Embedder). The texts: the stdlib modules the trainers held out (corpus.build_corpus: every
 EVAL_EVERY-th file, never trained on), each cut at paragraph breaks into passages of min..max bytes, the first
 --passages of each module with at least two; a passage found verbatim in the training text is dropped (counted).
@@ -86,8 +86,25 @@ def exported(name: str, work: Path, reuse: bool):
 
     folder = work / name
     if not (reuse and (folder / "manifest.json").is_file()):
-        export_onnx(f"builtin:{name}", folder, force=True, embedding=True, quant=[])
+        # the logits gate is `rwkv-export check`'s business; the embeddings used here are gated below
+        export_onnx(f"builtin:{name}", folder, force=True, embedding=True, check=False)
     return Embedder(folder, kind="sequence")
+
+
+def parity(emb, name: str, texts: list[str]) -> str:
+    """The embedding parity gate (embed.compare_embedding, fp64 reference) on the first passages: the vectors the
+    table is made of are the model's, not an export artifact."""
+    import torch
+
+    from rwkv_export.embed import compare_embedding
+    from rwkv_export.sources import Source
+
+    ckpt = Source(f"builtin:{name}").load()
+    r = compare_embedding(emb, ckpt.arch.reference(ckpt.tensors, torch.float64), texts)
+    if not r["passed"]:
+        raise SystemExit(f"embedding parity failed for {name}: {r}")
+    return (f"{name}: prompt-graph embeddings vs runtime_ref fp64 on {len(texts)} passages: max|Δ|/scale "
+            + ", ".join(f"{k} {v:.2g}" for k, v in r["max_rel"].items()) + f" (gate {r['tolerance']:g})")
 
 
 def reference_vectors(name: str, texts: list[str]) -> dict:
@@ -118,7 +135,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     a.work.mkdir(parents=True, exist_ok=True)
     texts, labels, names, dropped = passages(a.passages, a.min_bytes, a.max_bytes)
-    rows = []
+    rows, checks = [], []
 
     def row(what, vectors):
         r = retrieval(vectors, labels)
@@ -128,6 +145,7 @@ def main(argv=None) -> None:
 
     for name in TRAINED:
         emb = exported(name, a.work, a.reuse)
+        checks.append(parity(emb, name, texts[:3]))
         version = emb.manifest["model"]["rwkv_version"]
         vecs = [emb.embed(t) for t in texts]
         for pool in POOLS:
@@ -146,6 +164,7 @@ def main(argv=None) -> None:
         "|---|---|---|---|---|",
         *rows,
         "",
+        *checks,
         f"machine: {machine()}",
         stamp("run"),
     ]

@@ -177,7 +177,8 @@ def gpu_main(args, folder: Path) -> None:
         g = graphs[variant]
         mb = sum(sizes.get(f, 0) for f in [g["file"], *g.get("data_files", [])]) / 1e6
         t = max(int(x) for x in args.threads.split(","))
-        web = cdp_runs(url, variant, t, args.tokens, backend, io, "noseq" not in rest, args.repeats)
+        web = cdp_runs(url, variant, t, args.tokens, backend, io, "noseq" not in rest, args.repeats,
+                       long_prompt="short" not in rest)
         print(json.dumps({"cell": cell, **{k: v for k, v in web.items() if k != "ids"}}), flush=True)
         rows.append((cell, variant, mb, web))
     ref = None
@@ -250,7 +251,8 @@ def main() -> None:
                     help="drive the Chromium at $CDP (the GPU machine's recipe) instead of Playwright; see --cells")
     ap.add_argument("--cells", default="int4:webgpu:capture,int4:webgpu:gpu,int4:webgpu:cpu,fp32:webgpu:capture,"
                     "fp32:webgpu:gpu,fp32:webgpu:cpu,int4:webgpu:capture:noseq,int8:wasm:cpu,fp32:wasm:cpu",
-                    help="--cdp: variant:backend:io[:noseq] cells (io: capture, gpu, cpu; noseq: prompt by steps)")
+                    help="--cdp: variant:backend:io[:noseq][:short] cells (io: capture, gpu, cpu; noseq: prompt by steps; "
+                         "short: no prompt-speed run)")
     ap.add_argument("--probe", action="store_true", help="--cdp: first time raw WebGPU dispatches (no onnxruntime)")
     ap.add_argument("--no-reference", dest="reference", action="store_false",
                     help="--cdp: skip the fp32 greedy ids from onnxruntime in Python")

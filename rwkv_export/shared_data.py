@@ -47,44 +47,71 @@ def data_file_name(step_file: str) -> str:
 
 def share_weights(root: Path, files: list[str], data_file: str) -> list[str]:
     """Rewrite the ONNX files `files` (in `root`) so that their large initializers live in `root / data_file`,
-    each distinct tensor stored once. Loads one graph at a time. Any external data files the graphs had before are
-    removed. Returns the external-data file list of each graph ([data_file])."""
+    each distinct tensor stored once. Streams: a graph is loaded without its external data, and each tensor's bytes
+    are read from wherever they are, hashed and written out one at a time, so memory holds one tensor, not a graph.
+    Any external data files the graphs had before are removed. Returns the external-data file list of each graph
+    ([data_file])."""
     import onnx
-    from onnx import external_data_helper
 
     root = Path(root)
     partial = root / (data_file + ".partial")
     stored: dict[tuple, tuple[int, int]] = {}  # (dtype, dims, sha256) -> (offset, length)
     old_data: set[str] = set()
+    sources: dict[str, object] = {}  # external data file name -> open file
     try:
         with open(partial, "wb") as out:
             for f in files:
                 path = root / f
-                model = onnx.load(str(path))  # external data (if any) read into memory
+                model = onnx.load(str(path), load_external_data=False)
                 for t in model.graph.initializer:
-                    if t.data_location == onnx.TensorProto.EXTERNAL:
-                        old_data.update(e.value for e in t.external_data if e.key == "location")
-                    if not t.HasField("raw_data") or len(t.raw_data) < SHARED_MIN_BYTES:
+                    raw = _tensor_bytes(t, root, sources, old_data)
+                    if raw is None or len(raw) < SHARED_MIN_BYTES:
+                        if raw is not None and t.data_location == onnx.TensorProto.EXTERNAL:  # small: back inside
+                            t.data_location = onnx.TensorProto.DEFAULT
+                            del t.external_data[:]
+                            t.raw_data = raw
                         continue
-                    raw = t.raw_data
                     key = (t.data_type, tuple(t.dims), hashlib.sha256(raw).digest())
                     if key not in stored:
                         out.write(b"\0" * (-out.tell() % ALIGN))
                         stored[key] = (out.tell(), len(raw))
                         out.write(raw)
                     offset, length = stored[key]
-                    external_data_helper.set_external_data(t, location=data_file, offset=offset, length=length)
-                    t.data_location = onnx.TensorProto.EXTERNAL
                     t.ClearField("raw_data")
+                    del t.external_data[:]
+                    for k, v in (("location", data_file), ("offset", offset), ("length", length)):
+                        entry = t.external_data.add()
+                        entry.key, entry.value = k, str(v)
+                    t.data_location = onnx.TensorProto.EXTERNAL
                 # the graph is now small: written to a temporary name, renamed once the data file is complete
                 onnx.save_model(model, str(root / (f + ".partial")))
                 del model
+        for src in sources.values():
+            src.close()
         os.replace(partial, root / data_file)
         for f in files:
             os.replace(root / (f + ".partial"), root / f)
     finally:
+        for src in sources.values():
+            src.close()
         for p in [partial, *(root / (f + ".partial") for f in files)]:
             p.unlink(missing_ok=True)
     for name in old_data - {data_file}:
         (root / name).unlink(missing_ok=True)
     return [data_file]
+
+
+def _tensor_bytes(t, root: Path, sources: dict, old_data: set) -> bytes | None:
+    """An initializer's raw bytes, read from its external data file if it has one (noted in old_data); None for a
+    tensor stored in typed fields rather than raw_data (left as it is)."""
+    import onnx
+
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return t.raw_data if t.HasField("raw_data") else None
+    ext = {e.key: e.value for e in t.external_data}
+    old_data.add(ext["location"])
+    if ext["location"] not in sources:
+        sources[ext["location"]] = open(root / ext["location"], "rb")
+    src = sources[ext["location"]]
+    src.seek(int(ext.get("offset", 0)))
+    return src.read(int(ext["length"])) if "length" in ext else src.read()

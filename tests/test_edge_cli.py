@@ -1,6 +1,6 @@
 """`rwkv-export tflite` and `rwkv-export tfjs` end to end, on the trained tiny-pydoc: the fp32 parity gate, a quantized
 variant through the same quality gate as ONNX's (perplexity on the eval text), the manifest, then `rwkv-export check`
-on the folder. Needs the [tflite] extra and `npm ci --prefix tests/js` (CI installs both; missing ones fail here)."""
+on the folder. Needs the [tflite] extra and `npm ci --prefix rwkv_export/js` (CI installs both; missing ones fail here)."""
 
 from __future__ import annotations
 

@@ -288,3 +288,18 @@ def test_eval_tokens_with_the_byte_tokenizer():
     assert eval_tokens(ByteTokenizer().encode, 300) == list(EVAL_TEXT.read_bytes()[:300])
     with pytest.raises(EvalTextError):
         evaluate_variant(FixedRunner([0.5, 0.5]), FixedRunner([0.5, 0.5]), [1])
+
+
+def test_web_backends_follow_what_runs_where():
+    """The manifest's per-variant `backends` (the web demo picks a variant per backend from it), as measured in
+    onnxruntime-web 1.30 (quantize.py says where): DynamicQuantizeMatMul has no WebGPU kernel, MatMulNBits has no fast
+    wasm kernel, fp16 needs shader-f16 on WebGPU; an unmeasured formulation claims no backend."""
+    from rwkv_export.quantize import web_backends
+
+    assert web_backends("fp32") == ["wasm", "webgpu"]
+    assert web_backends("fp16", {"rescale_every": 6}) == ["wasm", "webgpu-f16"]
+    assert web_backends("int8", {"method": "dynamic-int7"}) == ["wasm"]
+    assert web_backends("int8", {"method": "dynamic-uint8"}) == ["wasm"]
+    assert web_backends("int8", {"method": "matmul-nbits"}) == ["webgpu"]
+    assert web_backends("int4", {"method": "matmul-nbits"}) == ["webgpu"]
+    assert web_backends("int8", {"method": "qdq"}) == []

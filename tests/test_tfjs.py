@@ -1,7 +1,7 @@
 """TF.js target: our ONNX step graph written as a TF.js graph model, run in Node with @tensorflow/tfjs (pure-JS CPU
-backend) through tests/js/tfjs_step.mjs, against runtime_ref in fp64. Tiny synthetic models only.
+backend) through rwkv_export/js/tfjs_step.mjs, against runtime_ref in fp64. Tiny synthetic models only.
 
-Needs Node >= 20 and `npm ci --prefix tests/js`; without them these tests fail with that instruction (never skip).
+Needs Node >= 20 and `npm ci --prefix rwkv_export/js`; without them these tests fail with that instruction (never skip).
 """
 
 from __future__ import annotations

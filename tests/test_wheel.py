@@ -178,14 +178,16 @@ def test_installed_wheel_is_what_runs(installed):
     assert res.returncode == 0 and "builtin:tiny-pydoc" in res.stdout, res.stderr
 
 
-def test_installed_wheel_exports_checks_generates_and_serves(installed):
+def test_installed_wheel_exports_checks_quantizes_generates_and_serves(installed):
     run, cwd = installed
     # relative paths throughout; the gates run once, in `check` (the export's own gate is the same code)
     res = run("onnx", "builtin:tiny", "-o", "out", "--no-prefill", "--no-check")
     assert res.returncode == 0, res.stderr[-2000:]
     res = run("check", "out")
     assert res.returncode == 0 and "PASS" in res.stdout + res.stderr, res.stderr[-2000:]
-    res = run("generate", "out", "-p", "ab", "-n", "8", "--seed", "1", "-q")
+    res = run("quantize", "out", "--quant", "int8")  # its quality gate reads held-out text from the package data
+    assert res.returncode == 0 and re.search(r"int8.*PASS", res.stdout + res.stderr), res.stderr[-2000:]
+    res = run("generate", "out", "-p", "ab", "-n", "8", "--seed", "1", "-q", "--variant", "int8")
     assert res.returncode == 0 and res.stdout.startswith("ab"), res.stderr[-2000:]
     proc = subprocess.Popen([str(Path(run.py).parent / "rwkv-export"), "serve", "out", "--port", "0"], cwd=cwd,
                             env=run.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -9,7 +9,7 @@
 # beside torch==2.13.0 on Python 3.11 (same as the [tflite] extra). litert-torch lowers pydantic to 2.11 and
 # typing_extensions to 4.12; the core suite passes with them.
 # TF.js: nothing in Python (our writer only needs onnx, a core dependency). The parity check runs the model in Node
-# with @tensorflow/tfjs, pinned in tests/js/package-lock.json.
+# with @tensorflow/tfjs, pinned in rwkv_export/js/package-lock.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -21,7 +21,7 @@ if ! command -v node >/dev/null || [ "$(node -p 'process.versions.node.split("."
   echo "error: Node >= 20 is needed for the TF.js parity check (apt-get install nodejs npm)" >&2
   exit 1
 fi
-npm ci --prefix tests/js --no-audit --no-fund
+npm ci --prefix rwkv_export/js --no-audit --no-fund
 
 # smoke check: every piece imports / loads
 "$PY" - <<'PY'
@@ -29,4 +29,4 @@ import ai_edge_litert.interpreter, ai_edge_quantizer, litert_torch  # noqa: F401
 from importlib.metadata import version
 print("python edge extras: ok (" + ", ".join(f"{p} {version(p)}" for p in ("litert-torch", "ai-edge-litert", "ai-edge-quantizer")) + ")")
 PY
-(cd tests/js && node --input-type=module -e "import('@tensorflow/tfjs-converter').then(m => console.log('node tfjs: ok (converter', m.version_converter + ')'))")
+(cd rwkv_export/js && node --input-type=module -e "import('@tensorflow/tfjs-converter').then(m => console.log('node tfjs: ok (converter', m.version_converter + ')'))")

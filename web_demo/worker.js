@@ -27,6 +27,10 @@ const DEFAULT_WARMUP_STEPS = 32;
 // ... and at most this long: a slow variant (int4 runs ~4 tok/s in wasm) would otherwise add many seconds to loading.
 const WARMUP_MAX_MS = 3000;
 
+// Measured on the GPU machine (README): RWKV-4 430M fp32 (1.72 GB of weights) fails to open on wasm and WebGPU alike
+// ("Failed to load external data file"), 169M fp32 (0.68 GB) and 430M int8 (0.43 GB) open.
+const WASM_WEIGHTS_LIMIT = 1.2e9;
+
 let ort = null;
 let model = null; // { manifest, step: {session, io, graph}, seq: {...}|null, backend }
 let stopRequested = false;
@@ -260,22 +264,33 @@ async function load(msg) {
       }
     } catch (e) {
       for (const p of Object.values(parts)) await p.session.release().catch(() => {});
-      throw new PhaseError('session', `onnxruntime-web could not open ${step.file}: ${errorText(e)}`);
+      // onnxruntime-web copies the weights into its 32-bit wasm memory (4 GB at most, the model's bytes included)
+      const big = dl.bytes > WASM_WEIGHTS_LIMIT ? ` The weights (${(dl.bytes / 1e9).toFixed(2)} GB) are probably too large: ` +
+        'onnxruntime-web copies them into its wasm memory (4 GB at most) on every backend; use a smaller variant (int8, int4).' : '';
+      throw new PhaseError('session', `onnxruntime-web could not open ${step.file}: ${errorText(e)}${big}`);
     }
     const sessionSeconds = (performance.now() - t) / 1000;
-    const device = mode === 'cpu' ? null : ort.env.webgpu.device;
-    const state = device ? new GpuState(ort, device, manifest, stepIo, { fixed: mode === 'capture' }) : new CpuState(ort, manifest, stepIo);
-    const runners = {
-      step: new GraphRunner(ort, parts.step, state, vocab, { capture: mode === 'capture', device }),
-      seq: parts.seq ? new GraphRunner(ort, parts.seq, state, vocab, { device }) : null,
-    };
+    let state = null;
+    let runners;
+    try {
+      const device = mode === 'cpu' ? null : ort.env.webgpu.device;
+      state = device ? new GpuState(ort, device, manifest, stepIo, { fixed: mode === 'capture' }) : new CpuState(ort, manifest, stepIo);
+      runners = {
+        step: new GraphRunner(ort, parts.step, state, vocab, { capture: mode === 'capture', device }),
+        seq: parts.seq ? new GraphRunner(ort, parts.seq, state, vocab, { device }) : null,
+      };
+    } catch (e) {
+      for (const p of Object.values(parts)) await p.session.release().catch(() => {});
+      state?.destroy?.();
+      throw new PhaseError('session', `cannot set up ${MODE_TEXT[mode] ?? mode}: ${errorText(e)}`);
+    }
     model = { manifest, backend: be, mode, numThreads, vocab, step: parts.step, seq: parts.seq ?? null, state, runners };
-    if (mode === 'capture') await pinBuffers(ort, runners.step.boundBuffers());
     post({ type: 'progress', phase: 'warmup' });
     const tWarm = performance.now();
     for (const [name, r] of Object.entries(runners)) {
       if (!r) continue;
       try {
+        if (name === 'step' && mode === 'capture') await pinBuffers(ort, r.boundBuffers());
         state.reset();
         // a captured graph records on its first runs: run it twice so generation starts on the replay
         for (let i = 0; i < (name === 'step' && mode === 'capture' ? 2 : 1); i++) await r.run([0]);
