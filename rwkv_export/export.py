@@ -106,12 +106,14 @@ def _make_variant(variant: str, root: Path, ckpt, options: QuantOptions, opset: 
         module = step_module(ckpt, "fp16", embedding)
         rescale = f", rescale every {info['rescale_every']} layers" if info.get("rescale_every") else ""
         with progress.stage(f"exporting {file} (fp16 weights and activations, fp32 state{rescale})"):
-            files = onnx_target.export_step(module, root / file, opset)
+            # with a prompt graph the weights go to one shared data file anyway: written out, never held as a proto
+            files = onnx_target.export_step(module, root / file, opset, True if prefill else None)
         if not prefill:
             return [_graph_entry(root, file, variant, files, info)]
         seq = PREFILL_FILES[variant]
         with progress.stage(f"exporting {seq} (fp16 prompt graph)"):
-            onnx_seq.export_sequence(module, root / seq, opset)
+            onnx_seq.export_sequence(module, root / seq, opset, external_data=True)
+        del module
         return _shared_pair(root, variant, file, seq, info, info, progress)
     from . import quantize
 
@@ -184,9 +186,12 @@ def export_onnx(
     with staged_output_dir(out, force, inputs=(source, tokenizer)) as tmp:
         with progress.stage(f"building the {ckpt.arch.title} step graph"):
             module = step_module(ckpt, "fp32", embedding)
+        # with the prompt graph, both graphs' weights end in one shared data file: written there as external data
+        # from the start (streamed tensor by tensor), not serialized into a >600 MB proto in memory first
+        external = True if prefill and external_data is None else external_data
         with progress.stage(f"exporting {STEP_FILE} (torch.onnx dynamo, opset {opset})"):
-            files = onnx_target.export_step(module, tmp / STEP_FILE, opset, external_data)
-        seq_entry = _export_prefill(module, tmp, opset, external_data, progress) if prefill else None
+            files = onnx_target.export_step(module, tmp / STEP_FILE, opset, external)
+        seq_entry = _export_prefill(module, tmp, opset, external, progress) if prefill else None
         del module
         if simplify:
             with progress.stage("simplifying with onnxslim"):
@@ -206,6 +211,7 @@ def export_onnx(
 
             reports = check_graphs(tmp, manifest, ckpt, progress=progress, raise_on_fail=True)
         write_manifest(tmp, manifest)
+    progress.summary(f"exported {out}")
     return ExportResult(out=out, manifest=manifest, reports=reports)
 
 
@@ -311,6 +317,7 @@ def export_target(target: str, source: str, out: str | Path, *, force: bool = Fa
         manifest, reports = build_target(target, tmp, src, ckpt, tok, quant=quant, check=check, prefill=prefill,
                                          progress=progress, embedding=embedding)
         write_manifest(tmp, manifest)
+    progress.summary(f"exported {out}")
     return ExportResult(out=out, manifest=manifest, reports=reports)
 
 

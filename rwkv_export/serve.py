@@ -2,7 +2,9 @@
 
 Layout of the site (nothing else is served; no directory listings):
   /                                    web_demo/'s own files: index.html and the top-level .js/.mjs/.css
-  /node_modules/onnxruntime-web/dist/  onnxruntime-web's runtime files (only that folder of the demo's npm packages)
+  /node_modules/onnxruntime-web/dist/  onnxruntime-web's runtime files; likewise the top level of the dist/ folders
+  /node_modules/@tensorflow/*/dist/    of the TF.js packages runtimes.html uses (NPM_DIRS; tfjs-tflite's wasm/ too),
+                                       where installed: nothing else of the demo's npm packages
   /model/                              the export folder: manifest.json and the files it names, each confined to
                                        the folder (manifest.confined_path: no '..', no hidden file, no link out)
 
@@ -37,6 +39,12 @@ _PKG = Path(__file__).resolve().parent
 WEB_DEMO_DIR = _PKG / "web_demo" if (_PKG / "web_demo" / "index.html").is_file() else _PKG.parent / "web_demo"
 ORT_DIST = "node_modules/onnxruntime-web/dist"
 ORT_ENTRY = f"{ORT_DIST}/ort.wasm.min.mjs"  # the file the demo's worker imports for the wasm backend
+# The npm folders served, top-level files only: onnxruntime-web, and the TF.js packages of runtimes.html (TF.js graph
+# models on its cpu/wasm/webgl/webgpu backends, tfjs-tflite; the TFLite runtime's wasm files lie in wasm/, not dist/)
+TFJS_PACKAGES = ("core", "converter", "backend-cpu", "backend-wasm", "backend-webgl", "backend-webgpu", "tflite")
+NPM_DIRS = (ORT_DIST, *(f"node_modules/@tensorflow/tfjs-{p}/dist" for p in TFJS_PACKAGES),
+            "node_modules/@tensorflow/tfjs-tflite/wasm")
+WEB_FORMATS = ("onnx", "tfjs", "tflite")  # step graph formats the pages run (index.html: onnx; runtimes.html: all)
 MODEL_PREFIX = "/model/"
 DEMO_SUFFIXES = (".html", ".js", ".mjs", ".css")  # the demo's own files: top level of web_demo/, these kinds only
 
@@ -54,6 +62,8 @@ MIME_TYPES = {
     ".json": "application/json",
     ".txt": "text/plain; charset=utf-8",  # the RWKV World vocab (rwkv_vocab_v20230424.txt): UTF-8, whatever the system says
     ".onnx": "application/octet-stream",
+    ".tflite": "application/octet-stream",
+    ".bin": "application/octet-stream",  # TF.js weight shards
     ".data": "application/octet-stream",
     ".map": "application/json",
     ".css": "text/css",
@@ -64,24 +74,25 @@ _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]/@]+)(?::(\d{1,5}))?")
 
 
 def check_web_demo(web_root: Path = WEB_DEMO_DIR) -> tuple[Path, Path]:
-    """(the demo's folder, onnxruntime-web's dist folder), installing onnxruntime-web on first use; one-line error
-    otherwise."""
+    """(the demo's folder, the folder holding its node_modules), installing the npm packages on first use; one-line
+    error otherwise."""
     from .node import npm_packages
 
     web_root = Path(web_root).resolve()
     if not (web_root / "index.html").is_file():
         raise RwkvExportError(f"web demo files not found at {web_root}: reinstall rwkv-export (they are package data)")
     packages = npm_packages(web_root, ORT_ENTRY.removeprefix("node_modules/"), "the web demo (onnxruntime-web)")
-    return web_root, (packages / ORT_DIST).resolve()
+    return web_root, packages.resolve()
 
 
 def check_model_folder(folder: Path) -> dict:
-    """read_manifest (files present, confined, sizes and sha256 as listed) and at least one ONNX step graph."""
+    """read_manifest (files present, confined, sizes and sha256 as listed) and at least one step graph the pages run
+    (ONNX for index.html; TF.js or TFLite folders open in runtimes.html)."""
     from .manifest import read_manifest
 
     manifest = read_manifest(Path(folder))
-    if not any(g.get("kind") == "step" and g.get("format") == "onnx" for g in manifest.get("graphs", [])):
-        raise ManifestError(f"{folder} has no ONNX step graph for the web demo")
+    if not any(g.get("kind") == "step" and g.get("format") in WEB_FORMATS for g in manifest.get("graphs", [])):
+        raise ManifestError(f"{folder} has no ONNX, TF.js or TFLite step graph for the web pages")
     return manifest
 
 
@@ -108,10 +119,11 @@ def _inside(root: Path, rel: str) -> Path | None:
 
 
 class Site:
-    """Which file a URL path names: the demo's own files, onnxruntime-web's dist files, the manifest's files."""
+    """Which file a URL path names: the demo's own files, the NPM_DIRS files, the manifest's files."""
 
-    def __init__(self, web_root: Path, ort_dist: Path, model_dir: Path):
-        self.web_root, self.ort_dist, self.model_dir = web_root, ort_dist, model_dir.resolve()
+    def __init__(self, web_root: Path, packages: Path, model_dir: Path):
+        self.web_root, self.model_dir = web_root, model_dir.resolve()
+        self.npm_dirs = [(d.split("/"), (packages / d).resolve()) for d in NPM_DIRS]
 
     def model_file(self, rel: str) -> Path | None:
         from .manifest import MANIFEST_NAME, confined_path, named_files, read_manifest
@@ -133,9 +145,9 @@ class Site:
             return _inside(self.web_root, "index.html")
         if parts[0] == MODEL_PREFIX.strip("/"):
             return self.model_file("/".join(parts[1:])) if len(parts) > 1 else None
-        dist = ORT_DIST.split("/")
-        if parts[: len(dist)] == dist and len(parts) == len(dist) + 1:
-            return _inside(self.ort_dist, parts[-1])
+        for prefix, root in self.npm_dirs:
+            if parts[: len(prefix)] == prefix and len(parts) == len(prefix) + 1:
+                return _inside(root, parts[-1])
         if len(parts) == 1 and parts[0].endswith(DEMO_SUFFIXES):
             return _inside(self.web_root, parts[0])
         return None
@@ -266,7 +278,7 @@ def make_server(folder, host: str = "127.0.0.1", port: int = 8000, *, web_root: 
     server.serve_forever() (in a thread if it likes) and server.shutdown() / server.server_close() to stop."""
     folder = Path(folder)
     check_model_folder(folder)
-    web, ort_dist = check_web_demo(WEB_DEMO_DIR if web_root is None else web_root)
+    web, packages = check_web_demo(WEB_DEMO_DIR if web_root is None else web_root)
     if not 0 <= port <= 65535:
         raise RwkvExportError(f"--port {port} is not a port number (0 to 65535; 0 = any free port)")
     server_class = DemoServer
@@ -276,7 +288,7 @@ def make_server(folder, host: str = "127.0.0.1", port: int = 8000, *, web_root: 
         server = server_class((host, port), DemoRequestHandler)
     except (OSError, OverflowError) as e:
         raise RwkvExportError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
-    server.site = Site(web, ort_dist, folder)
+    server.site = Site(web, packages, folder)
     server.bound_host = host
     return server, _url(host, server.server_address[1])
 

@@ -19,7 +19,8 @@ function fail(msg) {
 }
 
 // Fetch and parse BASE/manifest.json; every failure becomes one readable ManifestError.
-export async function fetchManifest(baseUrl) {
+// opts.format: the step graph format the page runs ('onnx', the demo; runtimes.html passes 'tfjs' or 'tflite' too).
+export async function fetchManifest(baseUrl, opts = {}) {
   const url = new URL('manifest.json', baseUrl).href;
   let res;
   try {
@@ -38,23 +39,23 @@ export async function fetchManifest(baseUrl) {
   } catch (e) {
     fail(`${url} is not valid JSON (${e.message}): damaged or not an rwkv-export manifest`);
   }
-  validateManifest(manifest, url);
+  validateManifest(manifest, url, opts);
   return manifest;
 }
 
-export function validateManifest(m, where = 'manifest.json') {
+export function validateManifest(m, where = 'manifest.json', { format = 'onnx' } = {}) {
   if (!m || typeof m !== 'object' || m.format !== MANIFEST_FORMAT) fail(`${where} is not an rwkv-export manifest`);
   if (m.format_version !== MANIFEST_FORMAT_VERSION) {
     fail(`${where} has manifest format version ${m.format_version}; this demo reads ${MANIFEST_FORMAT_VERSION}`);
   }
   for (const key of ['model', 'state', 'tokenizer', 'graphs']) if (!m[key]) fail(`${where} has no "${key}" section`);
   if (!Array.isArray(m.state.tensors) || m.state.tensors.length === 0) fail(`${where}: state.tensors is empty`);
-  const steps = stepGraphs(m);
+  const steps = stepGraphs(m, format);
   if (steps.length === 0) {
-    fail(`${where} lists no ONNX step graph (graphs: ${m.graphs.map((g) => `${g.kind}/${g.format}`).join(', ') || 'none'})`);
+    fail(`${where} lists no ${FORMAT_TITLES[format] ?? format} step graph (graphs: ${m.graphs.map((g) => `${g.kind}/${g.format}`).join(', ') || 'none'})`);
   }
   for (const g of steps) ioByRole(g, m);
-  for (const g of sequenceGraphs(m)) ioByRole(g, m);
+  for (const g of sequenceGraphs(m, format)) ioByRole(g, m);
   for (const g of m.graphs) for (const f of [g.file, ...(g.data_files || [])]) checkFileName(f, where);
   for (const f of m.files || []) checkFileName(f.file, where);
   if (m.tokenizer.file != null) checkFileName(m.tokenizer.file, where);
@@ -73,16 +74,18 @@ export function checkFileName(name, where = 'manifest.json') {
   return name;
 }
 
-export function stepGraphs(m) {
-  return m.graphs.filter((g) => g.kind === 'step' && g.format === 'onnx');
+export const FORMAT_TITLES = { onnx: 'ONNX', tfjs: 'TF.js', tflite: 'TFLite' };
+
+export function stepGraphs(m, format = 'onnx') {
+  return m.graphs.filter((g) => g.kind === 'step' && g.format === format);
 }
 
-export function sequenceGraphs(m) {
-  return m.graphs.filter((g) => g.kind === 'sequence' && g.format === 'onnx');
+export function sequenceGraphs(m, format = 'onnx') {
+  return m.graphs.filter((g) => g.kind === 'sequence' && g.format === format);
 }
 
-export function variants(m) {
-  return stepGraphs(m).map((g) => g.variant);
+export function variants(m, format = 'onnx') {
+  return stepGraphs(m, format).map((g) => g.variant);
 }
 
 // Whether a variant's step graph suits a backend, from its manifest entry's "backends" (rwkv_export/quantize.py
@@ -103,15 +106,15 @@ export function pickVariant(m, backend, features = {}) {
   return { variant: best.variant, why: `the smallest variant here that suits ${backend}` };
 }
 
-export function stepGraph(m, variant) {
-  const g = stepGraphs(m).find((x) => x.variant === variant);
-  if (!g) fail(`no ONNX step graph of variant '${variant}' (variants: ${variants(m).join(', ')})`);
+export function stepGraph(m, variant, format = 'onnx') {
+  const g = stepGraphs(m, format).find((x) => x.variant === variant);
+  if (!g) fail(`no ${FORMAT_TITLES[format] ?? format} step graph of variant '${variant}' (variants: ${variants(m, format).join(', ')})`);
   return g;
 }
 
 // The prompt graph for a variant, if the folder has one (kind "sequence", input role "tokens").
-export function sequenceGraph(m, variant) {
-  return sequenceGraphs(m).find((x) => x.variant === variant) ?? null;
+export function sequenceGraph(m, variant, format = 'onnx') {
+  return sequenceGraphs(m, format).find((x) => x.variant === variant) ?? null;
 }
 
 // Files a graph needs: the .onnx and its external data files, with sizes/sha256 from manifest.files when listed.

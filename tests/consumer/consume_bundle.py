@@ -20,15 +20,27 @@ from pathlib import Path
 
 import numpy as np
 
+# a manifest file name: relative, "/"-separated parts of these characters (no "..", no hidden names, no scheme)
+SAFE_PART = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.+-")
+
+
+def bundle_file(root: Path, name: str) -> Path:
+    """The file a manifest names, refused unless it resolves inside the bundle (docs/manifest.md, "Paths")."""
+    parts = name.split("/")
+    assert all(p and p[0] != "." and set(p) <= SAFE_PART for p in parts), f"unsafe file name in manifest: {name!r}"
+    path = (root / name).resolve()
+    assert path.is_relative_to(root.resolve()) and path.is_file(), f"{name!r} is not a file inside the bundle"
+    return path
+
 
 def read_model_bytes(root: Path, graph: dict) -> bytes:
     if "parts" not in graph:
-        data = (root / graph["file"]).read_bytes()
+        data = bundle_file(root, graph["file"]).read_bytes()
         entry = next(f for f in MANIFEST["files"] if f["file"] == graph["file"])
     else:
         chunks = []
         for p in graph["parts"]:
-            b = (root / p["file"]).read_bytes()
+            b = bundle_file(root, p["file"]).read_bytes()
             assert hashlib.sha256(b).hexdigest() == p["sha256"], f"part {p['file']} is damaged"
             chunks.append(b)
         data, entry = b"".join(chunks), graph
@@ -80,14 +92,14 @@ def encode(text: str) -> list:
     if tok["kind"] == "bytes":
         return list(text.encode("utf-8"))
     if tok["kind"] == "rwkv-world":
-        data = (ROOT / tok["file"]).read_bytes()
+        data = bundle_file(ROOT, tok["file"]).read_bytes()
         entry = next(f for f in MANIFEST["files"] if f["file"] == tok["file"])
         assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{tok['file']} is damaged"
         return WorldVocab(data).encode(text)
     assert tok["kind"] == "hf-tokenizers", f"unknown tokenizer kind {tok['kind']!r}"
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(ROOT / tok["file"])).encode(text).ids
+    return Tokenizer.from_file(str(bundle_file(ROOT, tok["file"]))).encode(text).ids
 
 
 class OrtModel:

@@ -1,0 +1,93 @@
+// What the runtime adapters of runtimes.html share (rt_ort.js, rt_tfjs.js, rt_tflite.js): downloading a graph's files
+// (size and sha256 checked against the manifest), the initial state from the manifest, loading a UMD script once.
+//
+// An adapter's open({manifest, modelBase, graph, seq, backend, threads, verify}) resolves to a runner:
+//   { backend, threads, notes: [..], promptInfo: {graph, chunk, fixed}|null, bytes,
+//     reset(), step(id) -> Float32Array logits, prompt(ids) -> Float32Array logits (null where promptInfo is),
+//     wasmBytes() -> bytes of the runtime's wasm memory or null, dispose() }
+// step/prompt may return promises. Anything a runtime cannot do is thrown as a RuntimeLimit naming the runtime's
+// limit and, where there is one, the exporter change that would lift it.
+
+import { graphFiles } from './manifest.js';
+
+export class RuntimeLimit extends Error {
+  constructor(message, fix = null) {
+    super(fix ? `${message} Fix: ${fix}` : message);
+    this.name = 'RuntimeLimit';
+    this.fix = fix;
+  }
+}
+
+export const NPM = '/node_modules/';
+
+export function errorText(e) {
+  if (e == null) return 'unknown error';
+  const msg = typeof e === 'string' ? e : (e.message || String(e));
+  return msg.trim() || (e.name ?? 'error');
+}
+
+async function sha256Hex(bytes) {
+  const digest = await crypto.subtle.digest('SHA-256', bytes);
+  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+// Every file of the graphs (each once), checked against the manifest's sizes and sha256: Map file -> Uint8Array.
+export async function fetchFiles(manifest, modelBase, graphs, verify = true) {
+  const out = new Map();
+  for (const g of graphs) {
+    for (const f of graphFiles(manifest, g)) {
+      if (out.has(f.file)) continue;
+      const url = new URL(f.file, modelBase).href;
+      const res = await fetch(url, { cache: 'no-cache' });
+      if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`);
+      const bytes = new Uint8Array(await res.arrayBuffer());
+      if (f.size != null && bytes.length !== f.size) {
+        throw new Error(`${f.file} has ${bytes.length} bytes but the manifest lists ${f.size}: damaged or replaced`);
+      }
+      if (verify && f.sha256 && self.crypto?.subtle && (await sha256Hex(bytes)) !== f.sha256) {
+        throw new Error(`${f.file} does not match the manifest's sha256: damaged or edited`);
+      }
+      out.set(f.file, bytes);
+    }
+  }
+  return out;
+}
+
+// name -> Float32Array of the manifest's init value (state tensors are fixed-shape float32 in every target's I/O)
+export function initialState(manifest, io) {
+  const init = new Map(manifest.state.tensors.map((t) => [t.name, t.init ?? 0]));
+  const out = {};
+  for (const [name, spec] of io.stateIn) {
+    if (spec.dtype !== 'float32') throw new RuntimeLimit(`state ${name} is ${spec.dtype}; runtimes.html feeds float32 states`);
+    out[name] = new Float32Array(spec.shape.reduce((a, b) => a * b, 1)).fill(init.get(name));
+  }
+  return out;
+}
+
+// The last row of a [.., V] logits array.
+export function lastRow(data, vocab) {
+  return data.length === vocab ? data : data.subarray(data.length - vocab);
+}
+
+// A classic (UMD) script, once per page: TF.js's packages set globals (tf, tflite) and are built for <script> tags.
+const scripts = new Map();
+export function loadScript(src) {
+  if (!scripts.has(src)) {
+    scripts.set(src, new Promise((resolve, reject) => {
+      const el = document.createElement('script');
+      el.src = src;
+      el.onload = resolve;
+      el.onerror = () => reject(new Error(`cannot load ${src} (run \`npm ci --prefix web_demo\`)`));
+      document.head.appendChild(el);
+    }));
+  }
+  return scripts.get(src);
+}
+
+export async function webgpuAdapter() {
+  if (!navigator.gpu) return { ok: false, why: 'this browser has no WebGPU (navigator.gpu is missing)' };
+  const adapter = await Promise.race([navigator.gpu.requestAdapter(), new Promise((r) => setTimeout(() => r('timeout'), 5000))]);
+  if (adapter === 'timeout') return { ok: false, why: 'requestAdapter() did not answer' };
+  if (!adapter) return { ok: false, why: 'navigator.gpu.requestAdapter() found no GPU adapter' };
+  return { ok: true, adapter };
+}
