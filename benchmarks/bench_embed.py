@@ -4,8 +4,8 @@
                                      [--reuse]
 
 The trained fixtures (`builtin:tiny-pydoc`, RWKV-4, and `builtin:v7-tiny-pydoc`, RWKV-7: 4 layers, C = 128, bytes)
-are exported with `--embedding` (export_onnx; the embedding parity gate runs on three passages) and embed through their ONNX prompt graphs
-(rwkv_export.embed.Embedder). The texts: the stdlib modules the trainers held out (corpus.build_corpus: every
+are exported with `--embedding` (export_onnx; the embedding parity gate runs on three passages) and embed through
+their ONNX prompt graphs (rwkv_export.embed.Embedder). The texts: the stdlib modules the trainers held out (corpus.build_corpus: every
 EVAL_EVERY-th file, never trained on), each cut at paragraph breaks into passages of min..max bytes, the first
 --passages of each module with at least two; a passage found verbatim in the training text is dropped (counted).
 

@@ -74,7 +74,7 @@ LONG_PROMPT_REPEAT = 24  # the prompt-speed run feeds PROMPT this many times (~4
 
 
 def cdp_runs(url: str, variant: str, threads: int, tokens: int, backend: str, io: str, sequence: bool,
-             repeats: int = 3, long_prompt: bool = True) -> dict:
+             repeats: int = 3, long_prompt: bool = True, ort: str = "webgpu") -> dict:
     """browser_runs' measurement over the DevTools protocol of an already running Chromium ($CDP; the GPU machine's
     recipe in ../shared/tools/webgpu-device starts one and has no Playwright): cdp.py evaluates each step."""
     import json
@@ -82,7 +82,8 @@ def cdp_runs(url: str, variant: str, threads: int, tokens: int, backend: str, io
     import subprocess
 
     cdp = os.environ.get("CDP_PY", str(ROOT / ".wgpu" / "B" / "cdp.py"))
-    load = {"variant": variant, "backend": backend, "threads": threads, "verify": False, "io": io, "useSequence": sequence}
+    load = {"variant": variant, "backend": backend, "threads": threads, "verify": False, "io": io, "useSequence": sequence,
+            "ort": ort}
     gen = "await window.rwkvDemo.generate(%s).then(r => ({ids: r.ids, stats: r.stats}))"
     opts = {"prompt": PROMPT, "temperature": 0, "maxTokens": tokens}
     exprs = [f"await window.rwkvDemo.load({json.dumps(load)})", "window.rwkvDemo.notices",
@@ -178,7 +179,8 @@ def gpu_main(args, folder: Path) -> None:
         mb = sum(sizes.get(f, 0) for f in [g["file"], *g.get("data_files", [])]) / 1e6
         t = max(int(x) for x in args.threads.split(","))
         web = cdp_runs(url, variant, t, args.tokens, backend, io, "noseq" not in rest, args.repeats,
-                       long_prompt="short" not in rest)
+                       long_prompt="short" not in rest,
+                       ort=next((r[4:] for r in rest if r.startswith("ort=")), "webgpu"))
         print(json.dumps({"cell": cell, **{k: v for k, v in web.items() if k != "ids"}}), flush=True)
         rows.append((cell, variant, mb, web))
     ref = None
@@ -252,7 +254,7 @@ def main() -> None:
     ap.add_argument("--cells", default="int4:webgpu:capture,int4:webgpu:gpu,int4:webgpu:cpu,fp32:webgpu:capture,"
                     "fp32:webgpu:gpu,fp32:webgpu:cpu,int4:webgpu:capture:noseq,int8:wasm:cpu,fp32:wasm:cpu",
                     help="--cdp: variant:backend:io[:noseq][:short] cells (io: capture, gpu, cpu; noseq: prompt by steps; "
-                         "short: no prompt-speed run)")
+                         "short: no prompt-speed run; ort=jspi|jsep: another onnxruntime-web build)")
     ap.add_argument("--probe", action="store_true", help="--cdp: first time raw WebGPU dispatches (no onnxruntime)")
     ap.add_argument("--no-reference", dest="reference", action="store_false",
                     help="--cdp: skip the fp32 greedy ids from onnxruntime in Python")

@@ -30,12 +30,18 @@ SEQUENCE_RUNNERS = {
     "ort": "rwkv_export.seq_runner:OnnxSequenceRunner",
     "tflite": "rwkv_export.tf_runners:TFLiteSequenceRunner",
 }
+# Threads of torch (the references) and of each graph's runtime during a check. The work is thousands of one-token
+# steps of small ops, which a second thread slows down rather than speeds up on two cores: tiny-pydoc's int8 step
+# in onnxruntime 2.8 vs 4.2-5.4 ms with 2 threads, the fp32 reference 14x slower with 2 (2-core EPYC, loaded).
+CHECK_THREADS = 1
 # variant name -> the quality gate it is judged by (quality.PPL_GATES); TF.js's uint8 is an 8-bit weight format
 QUALITY_KIND = {"fp16": "fp16", "int8": "int8", "uint8": "int8", "int4": "int4"}
 
 
-def make_runner(root: Path, manifest: dict, graph: dict):
+def make_runner(root: Path, manifest: dict, graph: dict, threads: int | None = None):
+    """The runner of one graph of the folder; `threads` (the runtime's intra-op threads) where the runner takes it."""
     import importlib
+    import inspect
 
     table = SEQUENCE_RUNNERS if graph["kind"] == "sequence" else RUNNERS
     spec = table.get(graph["format"])
@@ -45,7 +51,10 @@ def make_runner(root: Path, manifest: dict, graph: dict):
         raise ManifestError(f"graph {graph['file']} ({graph['kind']}) has format '{graph['format']}', "
                             f"which no runner handles")
     mod, cls = spec.split(":")
-    return getattr(importlib.import_module(mod), cls)(root, manifest, graph)
+    runner_cls = getattr(importlib.import_module(mod), cls)
+    if threads is not None and "threads" in inspect.signature(runner_cls).parameters:
+        return runner_cls(root, manifest, graph, threads=threads)
+    return runner_cls(root, manifest, graph)
 
 
 def _close(runner) -> None:
@@ -151,7 +160,7 @@ def check_graphs(root: Path, manifest: dict, ckpt, *, progress: Progress = QUIET
     and "quality" for variants other than fp32). Returns the reports (parity, then quality, per graph). The fp64
     reference steps are shared by every graph (SharedReference), and the quality gate reads the eval text once on
     the fp32 side for all variants (quality.evaluate_variants)."""
-    with _torch_threads(1):
+    with _torch_threads(CHECK_THREADS):
         reports = _check_graphs(root, manifest, ckpt, progress, variants, eval_tokens)
     if raise_on_fail:
         gate_all(reports)
@@ -167,7 +176,7 @@ def _check_graphs(root: Path, manifest: dict, ckpt, progress: Progress, variants
         for graph in manifest["graphs"]:
             if variants and graph["variant"] not in variants:
                 continue
-            runner = make_runner(root, manifest, graph)
+            runner = make_runner(root, manifest, graph, threads=CHECK_THREADS)
             kept = False
             try:
                 cmp = compare_sequence if graph["kind"] == "sequence" else compare

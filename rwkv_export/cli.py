@@ -47,7 +47,7 @@ def _check_int4_options(quant: Optional[str], block_size: Optional[int], embeddi
 
 
 def _check_range(name: str, value, low, high, *, open_low: bool = False) -> None:
-    if (value <= low if open_low else value < low) or value > high:
+    if not ((low < value if open_low else low <= value) and value <= high):  # NaN fails both comparisons too
         raise RwkvExportError(f"{name} must lie in {'(' if open_low else '['}{low}, {high}], got {value}")
 
 

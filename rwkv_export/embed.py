@@ -115,8 +115,8 @@ class Embedder:
         self.manifest = read_manifest(self.root)
         self.graph = embedding_graph(self.manifest, kind, variant)
         if self.graph["format"] not in ("onnx", "ort", "tflite"):
-            raise RwkvExportError(f"embedding from a {self.graph['format']} graph runs in its own runtime (the web "
-                                  "demo's embed page for TF.js/ONNX in the browser); here: onnx or tflite folders")
+            raise RwkvExportError(f"`embed` runs onnx and tflite folders, not {self.graph['format']} (a TF.js "
+                                  "graph's `hidden` output is read in the browser, by name, like its logits)")
         self.tokenizer = load_tokenizer(spec_from_manifest(self.root, self.manifest["tokenizer"]))
         self.runner = make_runner(self.root, self.manifest, self.graph)
         self.order = [t["name"] for t in self.manifest["state"]["tensors"]]

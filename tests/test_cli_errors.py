@@ -84,6 +84,7 @@ CASES = {
                                          "--int4-block-size applies to int4 quantization"),
     "generate top-p 0": (["generate", MISSING, "-p", "hi", "--top-p", "0"], "--top-p must lie in (0, 1], got 0.0"),
     "generate top-p above 1": (["generate", MISSING, "-p", "hi", "--top-p", "1.5"], "--top-p must lie in (0, 1]"),
+    "generate top-p nan": (["generate", MISSING, "-p", "hi", "--top-p", "nan"], "--top-p must lie in (0, 1], got nan"),
     "generate empty prompt": (["generate", MISSING, "-p", ""], "the prompt is empty"),
     "generate invalid utf-8 prompt": (["generate", MISSING, "-p", "ab\udcff\udcfecd"],
                                       "the prompt is not valid UTF-8 (byte 0xff at character 2)"),

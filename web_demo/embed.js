@@ -54,7 +54,9 @@ async function tokenizerFor(m) {
   const res = await fetch(url, { cache: 'no-cache' });
   if (!res.ok) throw new Error(`tokenizer ${url}: HTTP ${res.status}`);
   if (t.kind === 'hf-tokenizers') return loadTokenizer({ kind: t.kind, json: await res.json() });
-  if (t.kind === 'rwkv-world') return loadTokenizer({ kind: t.kind, vocab: await res.text(), vocab_size: t.vocab_size });
+  if (t.kind === 'rwkv-world') {
+    return loadTokenizer({ kind: t.kind, vocab: await res.text(), vocab_size: t.vocab_size });
+  }
   throw new Error(`the manifest's tokenizer kind '${t.kind}' is not supported by this page`);
 }
 
@@ -68,7 +70,9 @@ async function createSession(ort, m, graph) {
   const [main, ...data] = graphFiles(m, graph).map((f) => f.file);
   const bytes = await fetchBytes(main);
   const dir = graph.file.includes('/') ? graph.file.slice(0, graph.file.lastIndexOf('/') + 1) : '';
-  const externalData = await Promise.all(data.map(async (f) => ({ path: f.slice(dir.length), data: await fetchBytes(f) })));
+  const externalData = await Promise.all(data.map(async (f) => ({
+    path: f.slice(dir.length), data: await fetchBytes(f),
+  })));
   return ort.InferenceSession.create(bytes, { executionProviders: ['wasm'], ...(data.length ? { externalData } : {}) });
 }
 
@@ -88,7 +92,8 @@ function makeEmbedder(ort, m, graph, session) {
     io.token.dtype === 'int64' ? BigInt64Array.from(ids, BigInt) : Int32Array.from(ids), [ids.length]);
   const freshState = () => Object.fromEntries(m.state.tensors.map((t) => {
     const spec = io.stateIn.get(t.name);
-    return [t.name, new ort.Tensor('float32', new Float32Array(spec.shape.reduce((a, b) => a * b, 1)).fill(t.init), spec.shape)];
+    const n = spec.shape.reduce((a, b) => a * b, 1);
+    return [t.name, new ort.Tensor('float32', new Float32Array(n).fill(t.init), spec.shape)];
   }));
 
   // token ids -> {last, mean, state}, as rwkv_export.embed.Embedder.embed_tokens

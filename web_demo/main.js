@@ -384,7 +384,7 @@ demo.load = function load(opts = {}) {
     pendingLoad = { resolve, reject };
     worker.postMessage({
       type: 'load', manifest: demo.manifest, variant, backend, numThreads, verify, useSequence: opts.useSequence ?? params.get('sequence') !== '0',
-      io: opts.io ?? params.get('io') ?? 'auto',
+      io: opts.io ?? params.get('io') ?? 'auto', ortBuild: opts.ort ?? params.get('ort') ?? 'webgpu',
       warmupSteps: opts.warmupSteps ?? (params.has('warmup') ? Number(params.get('warmup')) : undefined),
       modelBase: modelBase.href, ortBase,
     });

@@ -70,12 +70,14 @@ export function lastRow(data, vocab) {
 }
 
 // A classic (UMD) script, once per page: TF.js's packages set globals (tf, tflite) and are built for <script> tags.
+// `claimSrc`: the src the script sees as its own (document.currentScript.getAttribute('src')), where it differs.
 const scripts = new Map();
-export function loadScript(src) {
+export function loadScript(src, claimSrc = null) {
   if (!scripts.has(src)) {
     scripts.set(src, new Promise((resolve, reject) => {
       const el = document.createElement('script');
       el.src = src;
+      if (claimSrc) el.getAttribute = (name) => (name === 'src' ? claimSrc : Element.prototype.getAttribute.call(el, name));
       el.onload = resolve;
       el.onerror = () => reject(new Error(`cannot load ${src} (run \`npm ci --prefix web_demo\`)`));
       document.head.appendChild(el);

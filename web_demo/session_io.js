@@ -58,6 +58,8 @@ export function attempts(backend, io = 'auto') {
 // Where onnxruntime placed the nodes (after its graph optimizations), from its verbose session log:
 // " Node(s) placed on [CPUExecutionProvider]. Number of nodes: 3" followed by "  OpType (node name)" lines.
 // Returns {counts: {provider: n}, offGpu: [{ep, op, name}]} (offGpu: every node not on WebGPU).
+const GPU_EPS = ['WebGpuExecutionProvider', 'JsExecutionProvider']; // the native WebGPU EP, the JS-kernel one
+
 export function nodePlacement(lines) {
   const counts = {};
   const offGpu = [];
@@ -71,7 +73,7 @@ export function nodePlacement(lines) {
       continue;
     }
     const node = /^\s+(\S+) \((.*)\)\s*$/.exec(line);
-    if (node && ep && ep !== 'WebGpuExecutionProvider') offGpu.push({ ep, op: node[1], name: node[2] });
+    if (node && ep && !GPU_EPS.includes(ep)) offGpu.push({ ep, op: node[1], name: node[2] });
     else if (!node) ep = null;
   }
   return { counts, offGpu };
@@ -166,8 +168,7 @@ async function metadataSymbol(ort) {
     const { y } = await s.run({ x: new ort.Tensor('float32', new Float32Array(4), [4]) });
     const k = Object.getOwnPropertySymbols(y.gpuBuffer).find((x) => x.description === 'gpuBufferMetadata');
     y.dispose();
-    if (!k) throw new Error('this onnxruntime-web does not mark its GPU buffers as 1.30 does: graph capture with external buffers is not supported here');
-    return k;
+    return k ?? null; // none: a build that keeps registrations itself (the JS-kernel EP registers per session)
   } finally {
     await s.release();
   }
@@ -175,6 +176,7 @@ async function metadataSymbol(ort) {
 
 export async function pinBuffers(ort, buffers) {
   const k = await metadataSymbol(ort);
+  if (!k) return;
   for (const buf of buffers) {
     let meta;
     Object.defineProperty(buf, k, {

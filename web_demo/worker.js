@@ -164,9 +164,14 @@ async function probeWebGPU() {
   }
 }
 
-async function importOrt(ortBase, backend, numThreads) {
+// onnxruntime-web's WebGPU builds (URL ort=): 'webgpu' its native WebGPU EP over asyncify (the default), 'jspi' the
+// same EP over JS promise integration, 'jsep' the older EP with JS kernels (ort.all).
+const ORT_BUILDS = { webgpu: 'ort.webgpu.min.mjs', jspi: 'ort.jspi.min.mjs', jsep: 'ort.all.min.mjs' };
+
+async function importOrt(ortBase, backend, numThreads, build = 'webgpu') {
   // The wasm-only build loads the smaller plain wasm binary; the WebGPU build also runs the wasm EP.
-  const file = backend === 'webgpu' ? 'ort.webgpu.min.mjs' : 'ort.wasm.min.mjs';
+  if (!ORT_BUILDS[build]) throw new PhaseError('runtime', `unknown onnxruntime-web build '${build}' (${Object.keys(ORT_BUILDS).join(', ')})`);
+  const file = backend === 'webgpu' ? ORT_BUILDS[build] : 'ort.wasm.min.mjs';
   try {
     ort = await import(new URL(file, ortBase).href);
   } catch (e) {
@@ -244,7 +249,7 @@ async function load(msg) {
   const vocab = typeof logitsShape[logitsShape.length - 1] === 'number' ? logitsShape[logitsShape.length - 1] : manifest.model.vocab_size;
 
   post({ type: 'progress', phase: 'runtime', backend, numThreads });
-  await importOrt(ortBase, backend, numThreads);
+  await importOrt(ortBase, backend, numThreads, msg.ortBuild || 'webgpu');
 
   const dl = await fetchGraphFiles(manifest, modelBase, graphs, verify);
 
@@ -336,7 +341,7 @@ async function load(msg) {
   post({
     type: 'loaded',
     info: {
-      variant, backend: model.backend, io: model.mode, numThreads, file: step.file, sequence: seq ? seq.file : null,
+      variant, backend: model.backend, io: model.mode, ortBuild: msg.ortBuild || 'webgpu', numThreads, file: step.file, sequence: seq ? seq.file : null,
       bytes: dl.bytes, downloadSeconds: dl.seconds, verifySeconds: dl.verifySeconds, sessionSeconds,
       warmupSeconds: opened.warmupSeconds, warmupSteps, totalSeconds: (performance.now() - t0) / 1000,
       crossOriginIsolated: self.crossOriginIsolated === true,

@@ -1,0 +1,118 @@
+"""How long a full export takes and how much memory it needs: wall time, peak RSS, output size, and where they go.
+
+    python benchmarks/bench_export.py [--shapes 169m,430m] [--quant fp16,int8,int4] [--target onnx]
+                                      [--work bench_out/export] [--no-stages]
+
+Each row is one `rwkv-export TARGET CKPT -o DIR --quant ...` with every default on (prompt graphs, parity and quality
+gates), run in a fresh subprocess on a bf16 checkpoint with the exact shapes of RWKV-4-Pile-169M (12 x 768) or
+-430M (24 x 1024), synthetic weights (rwkv_export.synthetic). Peak RSS is the child's own (os.wait4's ru_maxrss,
+which covers the process tree's largest member). The per-stage rows come from the export's own progress lines
+("STAGE: done in N s (peak RSS M)"); stages not listed (imports, reading the checkpoint's tensors, writing the
+manifest) are the difference to the total.
+
+The dev box is shared: the load average before and after each row is printed, and the CPU time (user + system) of
+the child beside its wall time: on a loaded machine the wall time can be several times the CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name -> RWKV-4 shapes (n_layer, n_embd, ffn_dim, vocab_size) of the released Pile models
+SHAPES = {"169m": (12, 768, 3072, 50277), "430m": (24, 1024, 4096, 50277)}
+STAGE_LINE = re.compile(r"^(?P<stage>.+): done in (?P<s>[0-9.]+) s \(peak RSS (?P<rss>[0-9.]+) (?P<unit>MB|GB)\)$")
+
+
+def machine() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def checkpoint(work: Path, shape: str) -> Path:
+    """The bf16 checkpoint of `shape`, made once and kept in `work`."""
+    path = work / f"rwkv4-{shape}-synthetic-bf16.pth"
+    if not path.exists():
+        from rwkv_export.synthetic import make_checkpoint
+
+        L, C, F, V = SHAPES[shape]
+        make_checkpoint(path, "169m", version="4", n_layer=L, n_embd=C, ffn_dim=F, vocab_size=V)
+    return path
+
+
+def run_export(target: str, ckpt: Path, out: Path, quant: str) -> dict:
+    """One export in a fresh process: wall, CPU and peak RSS of the child, its stage lines, the output's size."""
+    exe = Path(sys.executable).with_name("rwkv-export")
+    cmd = [str(exe) if exe.exists() else "rwkv-export", target, str(ckpt), "-o", str(out), "--force"]
+    if quant:
+        cmd += ["--quant", quant]
+    load0 = os.getloadavg()[0]
+    log = out.with_name(out.name + ".log")
+    t0 = time.perf_counter()
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (ru_maxrss: its peak RSS)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    stderr = log.read_text()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
+    stages = []
+    for line in stderr.replace("\r", "\n").splitlines():
+        m = STAGE_LINE.match(line.strip())
+        if m:
+            rss = float(m["rss"]) * (1024 if m["unit"] == "GB" else 1)
+            stages.append((m["stage"], float(m["s"]), rss))
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "peak_mb": usage.ru_maxrss / 1024,
+            "size": size, "stages": stages, "load": (load0, os.getloadavg()[0]), "summary": stderr.strip()[-200:]}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="169m,430m")
+    ap.add_argument("--quant", default="fp16,int8,int4")
+    ap.add_argument("--target", default="onnx", choices=["onnx", "tflite", "tfjs"])
+    ap.add_argument("--work", type=Path, default=ROOT / "bench_out" / "export")
+    ap.add_argument("--no-stages", action="store_true", help="only the total row per shape")
+    args = ap.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {machine()}; {args.target} --quant {args.quant or '(none)'}; each row a fresh process")
+    rows = []
+    for shape in args.shapes.split(","):
+        ckpt = checkpoint(args.work, shape)
+        out = args.work / f"out-{args.target}-{shape}"
+        res = run_export(args.target, ckpt, out, args.quant)
+        shutil.rmtree(out, ignore_errors=True)
+        rows.append((shape, ckpt, res))
+    print()
+    print("| model (bf16 checkpoint) | stage | wall s | peak RSS | output |")
+    print("|---|---|---:|---:|---:|")
+    for shape, ckpt, res in rows:
+        if not args.no_stages:
+            for stage, s, rss in res["stages"]:
+                print(f"| {shape} | {stage} | {s:.1f} | {rss:.0f} MB | |")
+        print(f"| **{shape}** ({ckpt.stat().st_size / 1e6:.0f} MB) | **total** (CPU {res['cpu']:.0f} s; load "
+              f"{res['load'][0]:.1f} -> {res['load'][1]:.1f}) | **{res['wall']:.1f}** | **{res['peak_mb']:.0f} MB** "
+              f"| {res['size'] / 1e6:.0f} MB |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""onnxruntime-web vs TF.js vs tfjs-tflite on one model in headless Chromium (web_demo/runtimes.html): per runtime ×
+backend × variant, load time, memory, decode tok/s (median and range over --repeats generations of --tokens greedy
+tokens) and prompt tok/s, on the 169M shapes by default.
+
+    python benchmarks/bench_web_runtimes.py [--cells ort:wasm:fp32,tfjs:wasm:fp32,...] [--threads 2]
+
+The exports (onnx fp32+int8 with the prompt graph, tfjs fp32+uint8, tflite fp32+int8) are made once into --cache
+(default ~/.cache/rwkv-export/bench_web_runtimes/<source>/; --no-check: the parity gates are tested elsewhere). Each
+cell loads its folder in a fresh page, runs one warm-up generation, then --repeats measured ones. The first cell is the
+baseline; it runs again at the end, and every row shows its decode ratio to the baseline's first run (so load from the
+other processes on the machine shows as a drift of the baseline between the two).
+
+Memory: performance.measureUserAgentSpecificMemory() (the page's JS heaps, ArrayBuffers and wasm memories; not GPU
+buffers), taken after load and after the generations, the larger shown; Chromium is started with
+--enable-blink-features=ForceEagerMeasureMemory so it answers at once. Where it does not answer, the JS heap
+(performance.memory.usedJSHeapSize, which leaves wasm memory out) is shown instead, marked "heap".
+
+GPU machine (no Playwright, no Node; ../shared/tools/webgpu-device): here `--pack .wgpu/tf.tar.xz` writes the npm
+files the page loads (~8 MB); there `--unpack .wgpu/tf.tar.xz` puts them into web_demo/node_modules, and
+`bash .wgpu/B/device-b.sh python3 benchmarks/bench_web_runtimes.py --cdp` drives the Chromium that device-b.sh
+started, over the DevTools protocol (.wgpu/B/cdp.py), making the onnx and tfjs exports there (no litert-torch: no tflite
+cells unless the folder is in --cache).
+
+Needs here: pip install playwright; /usr/bin/chromium; npm ci --prefix web_demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--enable-unsafe-webgpu",
+                 "--enable-blink-features=ForceEagerMeasureMemory"]
+PROMPT = "\n\nThe RWKV language model is an RNN with transformer-level performance."
+WARMUP_TOKENS = 8
+LOAD_TIMEOUT_MS = 900_000
+EXPORTS = {  # target -> (CLI arguments after the source)
+    "onnx": ["--quant", "int8", "--no-check"],
+    "tfjs": ["--quant", "uint8", "--no-check"],
+    "tflite": ["--quant", "int8", "--no-check"],
+}
+FORMAT = {"ort": "onnx", "tfjs": "tfjs", "tflite": "tflite"}
+CPU_CELLS = ("ort:wasm:fp32,ort:wasm:int8,tfjs:wasm:fp32,tfjs:wasm:uint8,tfjs:cpu:fp32,tflite:wasm:fp32,"
+             "tflite:wasm:int8,tfjs:webgl:fp32")
+GPU_CELLS = "ort:webgpu:fp32,ort:wasm:fp32,tfjs:webgpu:fp32,tfjs:webgl:fp32,tfjs:wasm:fp32,ort:wasm:int8"
+# What the page loads from node_modules (for --pack): runtimes.html's scripts and the wasm binaries they fetch.
+PACK = [
+    "node_modules/onnxruntime-web/dist/ort.wasm.min.mjs", "node_modules/onnxruntime-web/dist/ort.webgpu.min.mjs",
+    *[f"node_modules/@tensorflow/tfjs-{p}/dist/tf-{p}.min.js"
+      for p in ("core", "converter", "backend-cpu", "backend-wasm", "backend-webgl", "backend-webgpu", "tflite")],
+    *[f"node_modules/@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm{s}.wasm" for s in ("", "-simd", "-threaded-simd")],
+    "node_modules/@tensorflow/tfjs-tflite/wasm",
+]
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} logical cores"
+
+
+def ensure_export(cache: Path, source: str, target: str) -> Path:
+    out = cache / target
+    if (out / "manifest.json").is_file():
+        return out
+    cli = [sys.executable, "-c", "import sys; from rwkv_export.cli import main; sys.argv[0] = 'rwkv-export'; main()"]
+    cmd = cli + [target, source, "-o", str(out), "-q", *EXPORTS[target]]
+    print(f"exporting {source} -> {out} (once) ...", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    if res.returncode != 0:
+        raise RuntimeError(f"`rwkv-export {target}` failed (exit {res.returncode})")
+    print(f"  {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    return out
+
+
+# ---- one cell: page-side steps (the same JS for Playwright and for cdp.py) ----------------------------------------
+
+READY = "!!(window.rwkvRuntimes && ['setup','error'].includes(document.body.dataset.status))"
+
+
+def cell_exprs(runtime: str, backend: str, variant: str, threads: int, tokens: int, repeats: int) -> list[str]:
+    opts = json.dumps({"runtime": runtime, "backend": backend, "variant": variant, "threads": threads, "verify": False})
+    gen = "await window.rwkvRuntimes.generate({prompt: %s, maxTokens: %d}).then(r => JSON.stringify(r.stats))"
+    mem = "await window.rwkvRuntimes.memory({timeoutMs: 20000}).then(m => JSON.stringify(m))"
+    return ([f"await window.rwkvRuntimes.load({opts}).then(r => JSON.stringify(r))", mem,
+             gen % (json.dumps(PROMPT), WARMUP_TOKENS)] + [gen % (json.dumps(PROMPT), tokens)] * repeats + [mem])
+
+
+def summarize(values: list) -> dict:
+    """values: the JSON results of cell_exprs, in order."""
+    load = json.loads(values[0])
+    if "error" in load:
+        return {"error": load["error"]}
+    for v in values[1:]:
+        if not isinstance(v, str):
+            return {"error": f"page error: {v}"}
+    mems = [json.loads(values[1]), json.loads(values[-1])]
+    runs = [json.loads(v) for v in values[3:-1]]
+    tok = sorted(r["tokensPerSecond"] for r in runs)
+    ua = [m["uaBytes"] for m in mems if m["uaBytes"]]
+    heap = [m["jsHeapBytes"] for m in mems if m["jsHeapBytes"]]
+    return {
+        "load_s": load["loadSeconds"], "first_s": load["firstRunSeconds"], "bytes": load["bytes"],
+        "threads": load["threads"], "backend": load["backend"], "prompt_mode": runs[0]["promptMode"],
+        "mem": (max(ua), "ua") if ua else ((max(heap), "heap") if heap else (None, "")),
+        "tok_s": statistics.median(tok), "tok_range": (tok[0], tok[-1]),
+        "prompt_tok_s": statistics.median(r["promptTokensPerSecond"] for r in runs),
+        "prompt_tokens": runs[0]["promptTokens"], "notes": load["notes"],
+    }
+
+
+def playwright_cell(browser, url: str, exprs: list[str]) -> list:
+    page = browser.new_page()
+    page.set_default_timeout(LOAD_TIMEOUT_MS)
+    try:
+        page.goto(f"{url}runtimes.html")
+        page.wait_for_function(READY)
+        out = []
+        for e in exprs:
+            try:
+                out.append(page.evaluate(f"async () => ({e})"))
+            except Exception as ex:  # a crash of the page's runtime: the row says so
+                out.append({"exception": str(ex).splitlines()[0]})
+                break
+        return out
+    finally:
+        page.close()
+
+
+def cdp_cell(script: str, url: str, exprs: list[str]) -> list:
+    res = subprocess.run([sys.executable, script, f"{url}runtimes.html", READY, *exprs], capture_output=True, text=True,
+                         env={**os.environ, "CDP_TIMEOUT": str(LOAD_TIMEOUT_MS // 1000)})
+    vals = [json.loads(line)["value"] for line in res.stdout.splitlines() if line.startswith("{")]
+    if res.returncode != 0 or len(vals) < len(exprs):
+        vals.append({"exception": (res.stderr.strip().splitlines() or ["cdp.py failed"])[-1]})
+    return vals
+
+
+def row(cell: str, r: dict, base: float | None) -> str:
+    if "error" in r:
+        return f"| {cell} | cannot run: {r['error']} |"
+    mem, kind = r["mem"]
+    mem_s = f"{mem / 1e6:.0f} MB{' (heap)' if kind == 'heap' else ''}" if mem else "?"
+    th = f" ×{r['threads']}" if r["threads"] else ""
+    lo, hi = r["tok_range"]
+    ratio = f"{r['tok_s'] / base:.2f}" if base else "–"
+    prompt = f"{r['prompt_tok_s']:.1f} ({'prompt graph' if r['prompt_mode'] == 'sequence' else 'via steps'})"
+    return (f"| {cell}{th} | {r['bytes'] / 1e6:.0f} MB | {r['load_s']:.1f} s (+{r['first_s']:.1f}) | {mem_s} | "
+            f"{r['tok_s']:.1f} ({lo:.1f}–{hi:.1f}) | {ratio} | {prompt} |")
+
+
+def pack(dest: Path) -> None:
+    web = ROOT / "web_demo"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(dest, "w:xz") as tar:
+        for p in PACK:
+            if not (web / p).exists():
+                fail(f"web_demo/{p} is missing: npm ci --prefix web_demo")
+            tar.add(web / p, arcname=p)
+    print(f"wrote {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--source", default="builtin:169m-synthetic")
+    ap.add_argument("--cache", type=Path, default=None, help="folder of the exports (made once)")
+    ap.add_argument("--cells", default=None, help=f"runtime:backend:variant,... (default here: {CPU_CELLS}; "
+                    f"--cdp: {GPU_CELLS})")
+    ap.add_argument("--threads", type=int, default=2, help="wasm threads (onnxruntime-web, TF.js wasm, tfjs-tflite)")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cdp", action="store_true", help="drive the Chromium at $CDP with cdp.py (the GPU machine)")
+    ap.add_argument("--cdp-script", default=str(ROOT / ".wgpu" / "B" / "cdp.py"))
+    ap.add_argument("--pack", type=Path, help="write the npm files the page needs into this .tar.xz and exit")
+    ap.add_argument("--unpack", type=Path, help="extract a --pack file into web_demo/ and exit")
+    args = ap.parse_args()
+    if args.pack:
+        return pack(args.pack)
+    if args.unpack:
+        with tarfile.open(args.unpack) as tar:
+            tar.extractall(ROOT / "web_demo", filter="data")
+        return print(f"unpacked {args.unpack} into web_demo/")
+    from rwkv_export.node import cache_dir
+    from rwkv_export.serve import serve_in_thread
+
+    cache = args.cache or cache_dir() / "bench_web_runtimes" / args.source.replace("builtin:", "").replace("/", "_")
+    cells = [c.split(":") for c in (args.cells or (GPU_CELLS if args.cdp else CPU_CELLS)).split(",")]
+    cells.append(cells[0])  # the baseline again at the end
+    folders = {}
+    for rt, _, _ in cells:
+        fmt = FORMAT[rt]
+        if fmt not in folders:
+            try:
+                folders[fmt] = ensure_export(cache, args.source, fmt)
+            except RuntimeError as e:
+                folders[fmt] = e
+    print(f"machine: {machine()}; Chromium {'at $CDP' if args.cdp else CHROMIUM}; {args.source}; {args.tokens} greedy "
+          f"tokens × {args.repeats} (+{WARMUP_TOKENS} warm-up); prompt {len(PROMPT.encode())} bytes\n")
+    print("| runtime:backend:variant ×threads | download | load (+first run) | memory (max of 2 samples) | decode tok/s median "
+          "(range) | vs baseline | prompt tok/s |")
+    print("|---|---|---|---|---|---|---|")
+    browser = None
+    if not args.cdp:
+        from playwright.sync_api import sync_playwright
+
+        pw = sync_playwright().start()
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    base = None
+    try:
+        for rt, be, variant in cells:
+            folder = folders[FORMAT[rt]]
+            cell = f"{rt}:{be}:{variant}"
+            if isinstance(folder, Exception):
+                print(row(cell, {"error": str(folder)}, base), flush=True)
+                continue
+            server, url = serve_in_thread(folder)
+            try:
+                exprs = cell_exprs(rt, be, variant, args.threads, args.tokens, args.repeats)
+                vals = cdp_cell(args.cdp_script, url, exprs) if args.cdp else playwright_cell(browser, url, exprs)
+            finally:
+                server.shutdown()
+                server.server_close()
+            r = summarize(vals)
+            if base is None and "error" not in r:
+                base = r["tok_s"]
+            print(row(cell, r, base), flush=True)
+    finally:
+        if browser:
+            browser.close()
+            pw.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""runtimes.html: one export folder in onnxruntime-web, TF.js and tfjs-tflite, in headless Chromium (Playwright).
+
+On the trained fixture (builtin:tiny-pydoc, fp32), every runtime/backend that runs in CI's Chromium generates the same
+64 greedy ids as runtime_ref (fp64), and its logits after the last token are within the target's fp32 tolerance
+(rwkv_export.parity.TOLERANCES, max|Δ|/std(ref)). CPU backends: onnxruntime-web wasm, TF.js wasm and cpu, tfjs-tflite
+wasm. GPU backends on SwiftShader (Chromium's CPU implementation of WebGL and WebGPU, --enable-unsafe-webgpu):
+onnxruntime-web WebGPU and TF.js WebGL. What a runtime cannot do is said on the page: a folder without the runtime's
+graph, a backend a runtime lacks, the prompt running token by token where there is no prompt graph.
+
+Three exports of tiny-pydoc (one per format, step graphs only), made once for the module.
+Needs (a missing one is a failure, never a skip): playwright (the Python package), /usr/bin/chromium, and
+`npm ci --prefix web_demo` (onnxruntime-web and the TF.js packages).
+"""
+
+from __future__ import annotations
+
+import http.client
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rwkv_export.parity import TOLERANCES
+from rwkv_export.serve import WEB_DEMO_DIR, serve_in_thread
+
+CHROMIUM = Path("/usr/bin/chromium")
+BASE_ARGS = ["--headless", "--no-sandbox", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync"]
+CPU_ARGS = BASE_ARGS + ["--disable-gpu"]
+SWIFTSHADER_ARGS = BASE_ARGS + ["--enable-unsafe-webgpu"]
+TIMEOUT_MS = 240_000  # WebGPU on SwiftShader: ~25 s to build the kernels, then ~2 tok/s on this 2-core box
+TOKENS = 64
+PROMPT = 'def read(self, n=-1):\n    """Read'
+FORMAT = {"ort": "onnx", "tfjs": "tfjs", "tflite": "tflite"}
+# SwiftShader computes in fp32 like the CPU backends, but its exp/log and fused multiply-adds are its own and WebGL's
+# shaders reorder sums; the tiny model's logits have std ~2.5, so 1e-4 of std is ~2.5e-4 absolute: 10x the fp32 CPU
+# bound, still ~100x below a wrong equation (>1e-2, parity.py).
+GPU_MAX_REL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    from rwkv_export.export import export_onnx, export_target
+
+    root = tmp_path_factory.mktemp("runtimes")
+    # the exporters' parity gates are tested elsewhere; here the page is compared against runtime_ref directly
+    out = {"onnx": export_onnx("builtin:tiny-pydoc", root / "onnx", check=False, prefill=False).out}
+    for target in ("tfjs", "tflite"):
+        out[target] = export_target(target, "builtin:tiny-pydoc", root / target, check=False, prefill=False).out
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from runtime_ref import RWKV4
+    from rwkv_export.sources import Source
+
+    model = RWKV4(Source("builtin:tiny-pydoc").load().tensors, dtype=torch.float64)
+    prompt_ids = list(PROMPT.encode())
+    ids, _ = model.greedy(prompt_ids, TOKENS)
+    logits, _ = model.forward_seq(prompt_ids + ids, model.new_state())  # after the last generated token, as the page
+    return prompt_ids, ids, logits.numpy()
+
+
+@contextmanager
+def chromium(args):
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("Playwright is missing: pip install playwright (the Python package; do not run `playwright install`)")
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    for pkg in ("onnxruntime-web/dist", "@tensorflow/tfjs-converter/dist", "@tensorflow/tfjs-tflite/wasm"):
+        if not (WEB_DEMO_DIR / "node_modules" / pkg).is_dir():
+            pytest.fail(f"{pkg} is missing: npm ci --prefix web_demo")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="module")
+def cpu_browser():
+    with chromium(CPU_ARGS) as b:
+        yield b
+
+
+@contextmanager
+def runtimes_page(browser, folder: Path, query: str = ""):
+    server, url = serve_in_thread(folder)
+    page = browser.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.page_errors = []
+    page.on("pageerror", lambda e: page.page_errors.append(str(e)))
+    try:
+        page.goto(f"{url}runtimes.html{query}")
+        page.wait_for_function("['setup','error','ready','load-failed'].includes(document.body.dataset.status)")
+        yield page, url
+    finally:
+        page.close()
+        server.shutdown()
+        server.server_close()
+
+
+def run_greedy(page, runtime: str, backend: str, prompt_ids: list[int]) -> tuple[dict, dict]:
+    info = page.evaluate("o => window.rwkvRuntimes.load(o)",
+                         {"runtime": runtime, "backend": backend, "variant": "fp32", "threads": 1})
+    assert "error" not in info, info
+    res = page.evaluate("o => window.rwkvRuntimes.generate(o)", {"promptIds": prompt_ids, "maxTokens": TOKENS})
+    return info, res
+
+
+def max_rel(got, ref) -> float:
+    return float(np.max(np.abs(np.asarray(got, dtype=np.float64) - ref)) / np.std(ref))
+
+
+CPU_CASES = [("ort", "wasm"), ("tfjs", "wasm"), ("tfjs", "cpu"), ("tflite", "wasm")]
+
+
+@pytest.mark.parametrize("runtime,backend", CPU_CASES, ids=[f"{r}-{b}" for r, b in CPU_CASES])
+def test_cpu_backends_greedy_ids_equal_reference(cpu_browser, folders, reference, runtime, backend):
+    """64 greedy ids equal runtime_ref's (fp64) exactly; the last logits within the target's fp32 tolerance
+    (parity.TOLERANCES: same fp32 math, only rounding differs)."""
+    prompt_ids, want, ref_logits = reference
+    with runtimes_page(cpu_browser, folders[FORMAT[runtime]]) as (page, _):
+        info, res = run_greedy(page, runtime, backend, prompt_ids)
+        assert page.page_errors == []
+    assert info["backend"] == backend and info["crossOriginIsolated"]
+    assert res["ids"] == want
+    tol = TOLERANCES[(FORMAT[runtime], "fp32")].max_rel
+    assert max_rel(res["lastLogits"], ref_logits) <= tol
+
+
+GPU_CASES = [("ort", "webgpu"), ("tfjs", "webgl")]
+
+
+@pytest.mark.parametrize("runtime,backend", GPU_CASES, ids=[f"{r}-{b}" for r, b in GPU_CASES])
+def test_gpu_backends_on_swiftshader_equal_reference(folders, reference, runtime, backend):
+    """The GPU backends on SwiftShader: 64 greedy ids equal runtime_ref's; logits within GPU_MAX_REL (its reason above).
+    (TF.js's WebGPU backend opens on SwiftShader too, but its first 64 tokens take minutes there: measured by
+    benchmarks/bench_web_runtimes.py on a GPU, not tested here.)"""
+    prompt_ids, want, ref_logits = reference
+    with chromium(SWIFTSHADER_ARGS) as b, runtimes_page(b, folders[FORMAT[runtime]]) as (page, _):
+        info, res = run_greedy(page, runtime, backend, prompt_ids)
+        assert page.page_errors == []
+    assert info["backend"] == backend
+    assert res["ids"] == want
+    assert max_rel(res["lastLogits"], ref_logits) <= GPU_MAX_REL
+
+
+def test_what_cannot_run_is_said_on_the_page(cpu_browser, folders):
+    """A folder without the runtime's graph names the export command; a backend that is missing or that a runtime
+    lacks fails with a one-line reason; TF.js says its prompt runs token by token and what would change that."""
+    with runtimes_page(cpu_browser, folders["tfjs"], "?runtime=ort") as (page, _):
+        assert page.inner_text("#runtime-note").startswith("This folder has no ONNX step graph: make one with `rwkv-export onnx")
+        assert page.is_disabled("#load")
+        info = page.evaluate("window.rwkvRuntimes.load({runtime: 'tfjs', backend: 'wasm', variant: 'fp32'})")
+        assert info["prompt"] == "prompt via steps"
+        assert any("has only the step graph" in n for n in info["notes"]), info["notes"]
+    with runtimes_page(cpu_browser, folders["onnx"]) as (page, _):
+        res = page.evaluate("window.rwkvRuntimes.load({runtime: 'ort', backend: 'webgpu', variant: 'fp32'})")
+        assert res["limit"] and "WebGPU is not available" in res["error"], res  # --disable-gpu: no adapter
+        assert "WebGPU is not available" in page.inner_text("#error")
+    with runtimes_page(cpu_browser, folders["tflite"]) as (page, _):
+        res = page.evaluate("window.rwkvRuntimes.load({runtime: 'tflite', backend: 'webgl', variant: 'fp32'})")
+        assert res["limit"] and "runs on wasm only" in res["error"], res
+
+
+def test_url_parameters_choose_and_run(cpu_browser, folders):
+    """?runtime=&backend=&variant=&tokens=&autorun=1 loads and generates without a click; the controls show the choice."""
+    query = "?runtime=tflite&backend=wasm&variant=fp32&threads=1&tokens=8&autorun=1"
+    with runtimes_page(cpu_browser, folders["tflite"], query) as (page, _):
+        page.wait_for_function("window.rwkvRuntimes.lastResult !== null")
+        assert page.evaluate("window.rwkvRuntimes.info")["runtime"] == "tflite"
+        assert len(page.evaluate("window.rwkvRuntimes.lastResult.ids")) == 8
+        assert page.input_value("#runtime") == "tflite" and page.input_value("#backend") == "wasm"
+
+
+def _status(url: str, path: str) -> int:
+    host, port = url.split("//")[1].strip("/").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("HEAD", path)
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_serve_serves_the_runtime_packages_only(folders):
+    """`rwkv-export serve` serves the top level of the TF.js packages' dist/ (and tfjs-tflite's wasm/), nothing else
+    of node_modules; a TF.js or TFLite folder is served like an ONNX one."""
+    server, url = serve_in_thread(folders["tflite"])
+    try:
+        for path in ["/runtimes.html", "/rt_tflite.js", "/node_modules/@tensorflow/tfjs-core/dist/tf-core.min.js",
+                     "/node_modules/@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm-threaded-simd.wasm",
+                     "/node_modules/@tensorflow/tfjs-tflite/wasm/tflite_web_api_cc_simd_threaded.wasm",
+                     "/model/model.tflite"]:
+            assert _status(url, path) == 200, path
+        for path in ["/node_modules/@tensorflow/tfjs-core/package.json", "/node_modules/@tensorflow/tfjs-core/dist/",
+                     "/node_modules/@tensorflow/tfjs-core/dist/ops/add.js", "/node_modules/@tensorflow/tfjs-core/src/index.ts",
+                     "/node_modules/@tensorflow/tfjs-tflite/wasm/../package.json"]:
+            assert _status(url, path) == 404, path
+    finally:
+        server.shutdown()
+        server.server_close()
