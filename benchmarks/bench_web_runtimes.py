@@ -10,10 +10,13 @@ cell loads its folder in a fresh page, runs one warm-up generation, then --repea
 baseline; it runs again at the end, and every row shows its decode ratio to the baseline's first run (so load from the
 other processes on the machine shows as a drift of the baseline between the two).
 
-Memory: performance.measureUserAgentSpecificMemory() (the page's JS heaps, ArrayBuffers and wasm memories; not GPU
-buffers), taken after load and after the generations, the larger shown; Chromium is started with
---enable-blink-features=ForceEagerMeasureMemory so it answers at once. Where it does not answer, the JS heap
-(performance.memory.usedJSHeapSize, which leaves wasm memory out) is shown instead, marked "heap".
+Memory: the peak resident memory (VmHWM) of the page's renderer process, read from /proc after the cell (each cell
+runs in a fresh Chromium, so the peak is that cell's): JS heap, wasm memories and the runtime's threads, not the GPU
+process. With --cdp (a Chromium this script did not start) it is the page's own measure instead:
+performance.measureUserAgentSpecificMemory() (JS heaps, ArrayBuffers, wasm memories), the larger of two samples (after
+load, after the generations), or where that does not answer (it waits for every thread of the page, and a wasm
+thread pool parked in Atomics.wait never answers: onnxruntime-web with threads) the JS heap (usedJSHeapSize, which
+leaves wasm memory out), marked "heap".
 
 GPU machine (no Playwright, no Node; ../shared/tools/webgpu-device): here `--pack .wgpu/tf.tar.xz` writes the npm
 files the page loads (~8 MB); there `--unpack .wgpu/tf.tar.xz` puts them into web_demo/node_modules, and
@@ -53,8 +56,10 @@ EXPORTS = {  # target -> (CLI arguments after the source)
     "tflite": ["--quant", "int8", "--no-check"],
 }
 FORMAT = {"ort": "onnx", "tfjs": "tfjs", "tflite": "tflite"}
-CPU_CELLS = ("ort:wasm:fp32,ort:wasm:int8,tfjs:wasm:fp32,tfjs:wasm:uint8,tfjs:cpu:fp32,tflite:wasm:fp32,"
-             "tflite:wasm:int8,tfjs:webgl:fp32")
+# TF.js's pure-JS cpu backend (~1 tok/s at 169M) and WebGL/WebGPU on SwiftShader (a CPU rendering GPU calls) are
+# left out of the CPU default: they run (tests/test_web_runtimes.py, tiny model) but would take most of the run.
+CPU_CELLS = ("ort:wasm:fp32,ort:wasm:int8,tfjs:wasm:fp32,tfjs:wasm:uint8,tflite:wasm:fp32,tflite:wasm:int8,"
+             "tflite:wasm:fp32:1,tflite:wasm:int8:1")
 GPU_CELLS = "ort:webgpu:fp32,ort:wasm:fp32,tfjs:webgpu:fp32,tfjs:webgl:fp32,tfjs:wasm:fp32,ort:wasm:int8"
 # What the page loads from node_modules (for --pack): runtimes.html's scripts and the wasm binaries they fetch.
 PACK = [
@@ -116,6 +121,7 @@ def summarize(values: list) -> dict:
     for v in values[1:]:
         if not isinstance(v, str):
             return {"error": f"page error: {v}"}
+    rss = json.loads(values.pop())["rssPeakBytes"] if values[-1].startswith('{"rssPeakBytes"') else None
     mems = [json.loads(values[1]), json.loads(values[-1])]
     runs = [json.loads(v) for v in values[3:-1]]
     tok = sorted(r["tokensPerSecond"] for r in runs)
@@ -124,14 +130,38 @@ def summarize(values: list) -> dict:
     return {
         "load_s": load["loadSeconds"], "first_s": load["firstRunSeconds"], "bytes": load["bytes"],
         "threads": load["threads"], "backend": load["backend"], "prompt_mode": runs[0]["promptMode"],
-        "mem": (max(ua), "ua") if ua else ((max(heap), "heap") if heap else (None, "")),
+        "mem": (rss, "rss") if rss else (max(ua), "ua") if ua else ((max(heap), "heap") if heap else (None, "")),
         "tok_s": statistics.median(tok), "tok_range": (tok[0], tok[-1]),
         "prompt_tok_s": statistics.median(r["promptTokensPerSecond"] for r in runs),
         "prompt_tokens": runs[0]["promptTokens"], "notes": load["notes"],
     }
 
 
-def playwright_cell(browser, url: str, exprs: list[str]) -> list:
+def renderer_peak_bytes() -> int | None:
+    """The largest VmHWM (peak RSS) among the Chromium renderer processes descended from this process."""
+    procs = {}
+    for d in Path("/proc").iterdir():
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            procs[int(d.name)] = (ppid, (d / "cmdline").read_bytes())
+        except (ValueError, OSError, IndexError):
+            continue
+    mine, peak = {os.getpid()}, None
+    for _ in range(8):  # descendants, a few levels deep (python -> playwright driver -> chromium -> zygote -> renderer)
+        mine |= {pid for pid, (ppid, _) in procs.items() if ppid in mine}
+    for pid in mine:
+        if b"--type=renderer" in procs.get(pid, (0, b""))[1]:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+                peak = max(peak or 0, kb * 1024)
+            except (OSError, StopIteration, ValueError):
+                continue
+    return peak
+
+
+def playwright_cell(pw, url: str, exprs: list[str]) -> list:
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)  # fresh: the peak is this cell's
     page = browser.new_page()
     page.set_default_timeout(LOAD_TIMEOUT_MS)
     try:
@@ -144,9 +174,10 @@ def playwright_cell(browser, url: str, exprs: list[str]) -> list:
             except Exception as ex:  # a crash of the page's runtime: the row says so
                 out.append({"exception": str(ex).splitlines()[0]})
                 break
+        out.append(json.dumps({"rssPeakBytes": renderer_peak_bytes()}))
         return out
     finally:
-        page.close()
+        browser.close()
 
 
 def cdp_cell(script: str, url: str, exprs: list[str]) -> list:
@@ -186,7 +217,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", default="builtin:169m-synthetic")
     ap.add_argument("--cache", type=Path, default=None, help="folder of the exports (made once)")
-    ap.add_argument("--cells", default=None, help=f"runtime:backend:variant,... (default here: {CPU_CELLS}; "
+    ap.add_argument("--cells", default=None, help=f"runtime:backend:variant[:threads],... (default here: {CPU_CELLS}; "
                     f"--cdp: {GPU_CELLS})")
     ap.add_argument("--threads", type=int, default=2, help="wasm threads (onnxruntime-web, TF.js wasm, tfjs-tflite)")
     ap.add_argument("--tokens", type=int, default=64)
@@ -206,10 +237,10 @@ def main() -> None:
     from rwkv_export.serve import serve_in_thread
 
     cache = args.cache or cache_dir() / "bench_web_runtimes" / args.source.replace("builtin:", "").replace("/", "_")
-    cells = [c.split(":") for c in (args.cells or (GPU_CELLS if args.cdp else CPU_CELLS)).split(",")]
+    cells = [(c.split(":") + [None])[:4] for c in (args.cells or (GPU_CELLS if args.cdp else CPU_CELLS)).split(",")]
     cells.append(cells[0])  # the baseline again at the end
     folders = {}
-    for rt, _, _ in cells:
+    for rt, *_ in cells:
         fmt = FORMAT[rt]
         if fmt not in folders:
             try:
@@ -218,18 +249,18 @@ def main() -> None:
                 folders[fmt] = e
     print(f"machine: {machine()}; Chromium {'at $CDP' if args.cdp else CHROMIUM}; {args.source}; {args.tokens} greedy "
           f"tokens × {args.repeats} (+{WARMUP_TOKENS} warm-up); prompt {len(PROMPT.encode())} bytes\n")
-    print("| runtime:backend:variant ×threads | download | load (+first run) | memory (max of 2 samples) | decode tok/s median "
+    print(f"| runtime:backend:variant ×threads | download | load (+first run) | "
+          f"{'page memory' if args.cdp else 'renderer peak RSS'} | decode tok/s median "
           "(range) | vs baseline | prompt tok/s |")
     print("|---|---|---|---|---|---|---|")
-    browser = None
+    pw = None
     if not args.cdp:
         from playwright.sync_api import sync_playwright
 
         pw = sync_playwright().start()
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-    base = None
+    base, notes = None, {}
     try:
-        for rt, be, variant in cells:
+        for rt, be, variant, threads in cells:
             folder = folders[FORMAT[rt]]
             cell = f"{rt}:{be}:{variant}"
             if isinstance(folder, Exception):
@@ -237,8 +268,8 @@ def main() -> None:
                 continue
             server, url = serve_in_thread(folder)
             try:
-                exprs = cell_exprs(rt, be, variant, args.threads, args.tokens, args.repeats)
-                vals = cdp_cell(args.cdp_script, url, exprs) if args.cdp else playwright_cell(browser, url, exprs)
+                exprs = cell_exprs(rt, be, variant, int(threads or args.threads), args.tokens, args.repeats)
+                vals = cdp_cell(args.cdp_script, url, exprs) if args.cdp else playwright_cell(pw, url, exprs)
             finally:
                 server.shutdown()
                 server.server_close()
@@ -246,10 +277,12 @@ def main() -> None:
             if base is None and "error" not in r:
                 base = r["tok_s"]
             print(row(cell, r, base), flush=True)
+            notes.update({n: None for n in r.get("notes", [])})
     finally:
-        if browser:
-            browser.close()
+        if pw:
             pw.stop()
+    for n in notes:
+        print(f"- {n}")
 
 
 if __name__ == "__main__":

@@ -141,8 +141,8 @@ GPU_CASES = [("ort", "webgpu"), ("tfjs", "webgl")]
 @pytest.mark.parametrize("runtime,backend", GPU_CASES, ids=[f"{r}-{b}" for r, b in GPU_CASES])
 def test_gpu_backends_on_swiftshader_equal_reference(folders, reference, runtime, backend):
     """The GPU backends on SwiftShader: 64 greedy ids equal runtime_ref's; logits within GPU_MAX_REL (its reason above).
-    (TF.js's WebGPU backend opens on SwiftShader too, but its first 64 tokens take minutes there: measured by
-    benchmarks/bench_web_runtimes.py on a GPU, not tested here.)"""
+    (TF.js's WebGPU backend opens on SwiftShader too and builds its kernels in ~10 s, but 64 tokens did not finish
+    within 300 s on this 2-core machine: it is measured by benchmarks/bench_web_runtimes.py on a GPU, not here.)"""
     prompt_ids, want, ref_logits = reference
     with chromium(SWIFTSHADER_ARGS) as b, runtimes_page(b, folders[FORMAT[runtime]]) as (page, _):
         info, res = run_greedy(page, runtime, backend, prompt_ids)
@@ -160,7 +160,7 @@ def test_what_cannot_run_is_said_on_the_page(cpu_browser, folders):
         assert page.is_disabled("#load")
         info = page.evaluate("window.rwkvRuntimes.load({runtime: 'tfjs', backend: 'wasm', variant: 'fp32'})")
         assert info["prompt"] == "prompt via steps"
-        assert any("has only the step graph" in n for n in info["notes"]), info["notes"]
+        assert any("has only the step graph" in n and "Fix: translate the ONNX prompt graph" in n for n in info["notes"])
     with runtimes_page(cpu_browser, folders["onnx"]) as (page, _):
         res = page.evaluate("window.rwkvRuntimes.load({runtime: 'ort', backend: 'webgpu', variant: 'fp32'})")
         assert res["limit"] and "WebGPU is not available" in res["error"], res  # --disable-gpu: no adapter

@@ -105,7 +105,7 @@ export async function open({ manifest, modelBase, graph, backend, threads, verif
   };
   return {
     backend, threads: backend === 'wasm' ? tf.wasm.getThreadsCount() : null, bytes,
-    notes: [...backendNotes(tf, backend), NO_PROMPT_GRAPH], promptInfo: null, prompt: null,
+    notes: [...backendNotes(tf, backend), `${NO_PROMPT_GRAPH} Fix: ${PROMPT_FIX}`], promptInfo: null, prompt: null,
     reset, step,
     wasmBytes: () => (backend === 'wasm' ? tf.backend().wasm?.HEAPU8?.buffer.byteLength ?? null : null),
     async dispose() { if (state) for (const t of Object.values(state)) t.dispose(); state = null; model.dispose(); },

@@ -66,7 +66,7 @@ export async function open({ manifest, modelBase, graph, seq, backend, threads, 
     return lastRow(logitsT.data(), vocab).slice();
   };
   return {
-    backend: 'wasm', threads, bytes: bytes.length, notes: seq ? [NO_PREFILL] : [], promptInfo: null, prompt: null,
+    backend: 'wasm', threads, bytes: bytes.length, notes: seq ? [`${NO_PREFILL} Fix: ${PREFILL_FIX}`] : [], promptInfo: null, prompt: null,
     reset, step, wasmBytes: () => null,
     async dispose() { runner.cleanUp?.(); },
   };

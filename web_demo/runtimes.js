@@ -145,11 +145,12 @@ api.generate = async ({ prompt, promptIds, maxTokens = 64, temperature = 0, topP
 // --enable-blink-features=ForceEagerMeasureMemory), the JS heap (performance.memory) and the runtime's wasm memory.
 api.memory = async ({ timeoutMs = 30000 } = {}) => {
   let ua = null;
-  if (self.crossOriginIsolated && performance.measureUserAgentSpecificMemory) {
-    ua = await Promise.race([performance.measureUserAgentSpecificMemory().then((x) => x.bytes).catch(() => null),
-      new Promise((res) => setTimeout(() => res(null), timeoutMs))]);
+  let uaError = self.crossOriginIsolated ? null : 'not cross-origin isolated';
+  if (!uaError && performance.measureUserAgentSpecificMemory) {
+    ua = await Promise.race([performance.measureUserAgentSpecificMemory().then((x) => x.bytes).catch((e) => { uaError = errorText(e); return null; }),
+      new Promise((res) => setTimeout(() => { uaError = `no answer in ${timeoutMs} ms`; res(null); }, timeoutMs))]);
   }
-  return { uaBytes: ua, jsHeapBytes: performance.memory?.usedJSHeapSize ?? null, wasmBytes: api.runner?.wasmBytes() ?? null };
+  return { uaBytes: ua, uaError, jsHeapBytes: performance.memory?.usedJSHeapSize ?? null, wasmBytes: api.runner?.wasmBytes() ?? null };
 };
 
 function controlsOptions() {
