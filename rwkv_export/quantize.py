@@ -154,7 +154,8 @@ def quantize_int4(
 ) -> dict:
     """MatMulNBits 4-bit (block-wise along K, round to nearest) for every constant-weight MatMul, head included.
 
-    include_embedding: also store the embedding as 4-bit blocks (com.microsoft GatherBlockQuantized).
+    The embedding table is stored as int8 rows with a scale each (as int8's; INT4_EMBEDDING says why), or with
+    include_embedding=True as 4-bit blocks (com.microsoft GatherBlockQuantized, the smallest).
     accuracy_level: 0 computes in fp32 after dequantizing, 4 quantizes activations to int8 (see ACCURACY_LEVELS).
     """
     _check_nbits_options(block_size, accuracy_level)
@@ -165,8 +166,10 @@ def quantize_int4(
     with _quiet():
         model, kept = _nbits(model, bits=4, block_size=block_size, accuracy_level=accuracy_level,
                              embedding=include_embedding, symmetric=symmetric)
+        if not include_embedding:
+            _embedding_int8_rows(model)
     options = {"block_size": block_size, "accuracy_level": accuracy_level, "include_embedding": include_embedding,
-               "symmetric": symmetric}
+               "embedding_bits": 4 if include_embedding else 8, "symmetric": symmetric}
     return _finish(model, src, dst, bits=4, method="matmul-nbits", options=options, n_matmul=n_matmul, head=head,
                    kept_fp32=kept)
 

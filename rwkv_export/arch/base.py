@@ -194,3 +194,30 @@ def shape_of(sd: dict, key: str, rank: int, what: str) -> tuple[int, ...]:
     if t.dim() != rank:
         raise CheckpointError(f"tensor '{key}' has shape {list(t.shape)}, expected {what}")
     return tuple(int(s) for s in t.shape)
+
+
+# -- graph limits ------------------------------------------------------------------------------------------------------
+
+# onnxruntime-web's WebGPU EP binds each input and output of a node as a storage buffer, at most 16 per shader (one
+# of them its uniforms), so no node may have more than MAX_NODE_IO inputs + outputs ("Too many storage buffers in
+# shader" at the first run otherwise). The per-layer state is split and concatenated in groups of GROUP.
+MAX_NODE_IO = 15
+GROUP = 8
+
+
+def cat_grouped(ts, dim: int = 0):
+    """torch.cat(ts, dim) as a concat of concats of at most GROUP tensors each (one Concat when len(ts) <= GROUP)."""
+    import torch
+
+    ts = list(ts)
+    while len(ts) > GROUP:
+        ts = [torch.cat(ts[i:i + GROUP], dim) if len(ts) - i > 1 else ts[i] for i in range(0, len(ts), GROUP)]
+    return torch.cat(ts, dim)
+
+
+def split_grouped(x, dim: int = 0) -> tuple:
+    """x.split(1, dim) as a split into at most GROUP parts, each split further (one Split when x has <= GROUP rows)."""
+    n = x.shape[dim]
+    if n <= GROUP:
+        return x.split(1, dim)
+    return tuple(row for part in x.split(-(-n // GROUP), dim) for row in split_grouped(part, dim))

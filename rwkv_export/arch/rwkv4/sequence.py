@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import RwkvExportError
+from ..base import cat_grouped
 from .step import STATE_NAMES, RWKV4Step, _Layer
 
 # Tokens per call: 2**m - 1 (the scan would now take 2**m; 2**m - 1 was its reach when the carried state was one of
@@ -245,7 +246,7 @@ class RWKV4Sequence(nn.Module):
         too_long = (torch.arange(tokens.shape[0]) >= self.max_chunk).any()
         nan = torch.where(too_long, float("nan"), 0.0).to(logits.dtype)
         logits = logits + nan
-        out = (logits, *(torch.cat(new[name]) for name in STATE_NAMES))
+        out = (logits, *(cat_grouped(new[name]) for name in STATE_NAMES))
         return (*out, hidden + nan, hidden_sum + nan) if self.embedding else out
 
     def new_state(self) -> dict:

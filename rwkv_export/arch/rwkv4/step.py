@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import Checkpoint, ModelDims
+from ..base import Checkpoint, ModelDims, cat_grouped, split_grouped
 from .spec import STATE_DOCS, STATE_INIT, STATE_NAMES, state  # noqa: F401  (re-exported)
 
 
@@ -139,7 +139,7 @@ class RWKV4Step(nn.Module):
         x = F.embedding(token, self.emb)  # [1, C]: a Gather of one row
         # each [L, C] state in as L rows of [1, C] (one Split node per state), out as one Concat: the graph never
         # indexes or re-stacks single rows (that was 180 Gather/Unsqueeze nodes at 12 layers)
-        att_x, att_aa, att_bb, att_pp, ffn_x = (s.split(1) for s in (att_x, att_aa, att_bb, att_pp, ffn_x))
+        att_x, att_aa, att_bb, att_pp, ffn_x = (split_grouped(s) for s in (att_x, att_aa, att_bb, att_pp, ffn_x))
         new = {name: [] for name in STATE_NAMES}
         for i, layer in enumerate(self.layers):
             dx, (sx, aa, bb, pp) = layer.time_mix(x, att_x[i], att_aa[i], att_bb[i], att_pp[i])
@@ -154,7 +154,7 @@ class RWKV4Step(nn.Module):
         logits = x @ self.head
         if logits.dtype != torch.float32:
             logits = logits.float()
-        out = (logits, *(torch.cat(new[name]) for name in STATE_NAMES))
+        out = (logits, *(cat_grouped(new[name]) for name in STATE_NAMES))
         return (*out, x.float()) if self.embedding else out
 
     def new_state(self) -> dict:

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import RwkvExportError
+from ..base import cat_grouped, split_grouped
 from .mapping import STATE_NAMES
 from .step import RWKV5Step, _to
 
@@ -137,10 +138,10 @@ def wkv_chunk(r, k, v, lw, u, S0, consts: BlockConstants, n_blocks: int, per_tok
     a = torch.cat([a, torch.ones_like(a[:1])]).index_select(0, gi)
     U = torch.cat([U, torch.zeros_like(U[:1])]).index_select(0, gi)
     S, states = S0, []
-    for a_g, U_g in zip(a.split(1), U.split(1)):
+    for a_g, U_g in zip(split_grouped(a), split_grouped(U)):
         states.append(S)
         S = a_g * S + U_g
-    S_before = torch.cat(states).index_select(0, torch.arange(G).clamp(max=n_blocks - 1))  # [G, H, N, N]
+    S_before = cat_grouped(states).index_select(0, torch.arange(G).clamp(max=n_blocks - 1))  # [G, H, N, N]
     y = y + heads(r * _exp(before)) @ S_before  # [G, H, b, N]
     y = y.transpose(1, 2).reshape(P, H, 1, N).index_select(0, torch.arange(T))
     return y, S
@@ -188,7 +189,7 @@ class RWKV5Sequence(nn.Module):
     def forward(self, tokens, att_x, att_kv, ffn_x):
         last = len(self.layers) - 1
         x = F.embedding(tokens, self.emb)  # [T, C]
-        att_x, att_kv, ffn_x = att_x.split(1), att_kv.split(1), ffn_x.split(1)
+        att_x, att_kv, ffn_x = split_grouped(att_x), split_grouped(att_kv), split_grouped(ffn_x)
         new_x, new_kv, new_f = [], [], []
         for i, layer in enumerate(self.layers):
             cdt = layer.cdt
@@ -218,7 +219,7 @@ class RWKV5Sequence(nn.Module):
         # state (a caller keeping only the state must not go on from a wrong one), rather than wrong numbers
         nan = torch.where((torch.arange(tokens.shape[0]) >= self.max_chunk).any(), float("nan"), 0.0)
         return tuple(t + nan.to(t.dtype)
-                     for t in (logits, torch.cat(new_x), torch.cat(new_kv), torch.cat(new_f), *hidden))
+                     for t in (logits, cat_grouped(new_x), cat_grouped(new_kv), cat_grouped(new_f), *hidden))
 
     def new_state(self) -> dict:
         return self._new_state()

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import Checkpoint, ModelDims
+from ..base import Checkpoint, ModelDims, cat_grouped, split_grouped
 from .mapping import STATE_NAMES, state
 
 GROUPNORM_EPS = 64e-5  # ln_x's eps (rwkv 0.8.32's att_one_v5_1 / att_one_v6_0; 1e-5 * head_size_divisor**2)
@@ -238,7 +238,7 @@ class RWKV5Step(nn.Module):
 
     def forward(self, token, att_x, att_kv, ffn_x):
         x = F.embedding(token, self.emb)  # [1, C]
-        att_x, att_kv, ffn_x = att_x.split(1), att_kv.split(1), ffn_x.split(1)
+        att_x, att_kv, ffn_x = split_grouped(att_x), split_grouped(att_kv), split_grouped(ffn_x)
         new_x, new_kv, new_f = [], [], []
         for i, layer in enumerate(self.layers):
             cdt = layer.cdt
@@ -253,7 +253,7 @@ class RWKV5Step(nn.Module):
             new_f.append(_to(xx2, ffn_x[i].dtype))
         x = F.layer_norm(x, x.shape[-1:], self.ln_out_w, self.ln_out_b)
         logits = _to(x @ self.head, att_kv[0].dtype)
-        out = (logits, torch.cat(new_x), torch.cat(new_kv), torch.cat(new_f))
+        out = (logits, cat_grouped(new_x), cat_grouped(new_kv), cat_grouped(new_f))
         return (*out, _to(x, logits.dtype)) if self.embedding else out
 
     def new_state(self) -> dict:

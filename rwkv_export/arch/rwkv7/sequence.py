@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import RwkvExportError
+from ..base import cat_grouped, split_grouped
 from .mapping import STATE_NAMES
 from .step import RWKV7Step, _to
 
@@ -153,7 +154,8 @@ class RWKV7Sequence(nn.Module):
         T = tokens.shape[0]
         last = len(self.layers) - 1
         x = F.embedding(tokens, self.emb)  # [T, C]
-        att_x, att_kv, ffn_x = att_x.split(1), att_kv.unbind(0), ffn_x.split(1)  # att_kv: L x [H, N, N]
+        att_x, ffn_x = split_grouped(att_x), split_grouped(ffn_x)
+        att_kv = [s.squeeze(0) for s in split_grouped(att_kv)]  # L x [H, N, N]
         new_x, new_kv, new_f = [], [], []
         v_first = None
 
@@ -191,7 +193,7 @@ class RWKV7Sequence(nn.Module):
         # that a caller keeping only the state cannot go on from a wrong one) rather than wrong numbers
         too_long = (torch.arange(T) >= self.max_chunk).any()
         nan = torch.where(too_long, float("nan"), 0.0)
-        rest = (torch.cat(new_x), torch.stack(new_kv), torch.cat(new_f), *hidden)  # the states, then any hidden
+        rest = (cat_grouped(new_x), cat_grouped([s.unsqueeze(0) for s in new_kv]), cat_grouped(new_f), *hidden)  # the states, then any hidden
         return (logits + nan.to(logits.dtype), *(t + nan.to(t.dtype) for t in rest))
 
     def new_state(self) -> dict:

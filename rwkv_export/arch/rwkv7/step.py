@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import Checkpoint, ModelDims
+from ..base import Checkpoint, ModelDims, cat_grouped, split_grouped
 from .mapping import STATE_NAMES, state
 
 # w = exp(DECAY_SCALE * sigmoid(w0 + lora)) lies in (0.545, 1). RWKV-LM trains with exp(-0.5) exactly (and
@@ -196,7 +196,7 @@ class RWKV7Step(nn.Module):
     def forward(self, token, att_x, att_kv, ffn_x):
         H, N = self.dims.n_head, self.dims.head_size
         x = F.embedding(token, self.emb)  # [1, C]
-        att_x, att_kv, ffn_x = att_x.split(1), att_kv.split(1), ffn_x.split(1)
+        att_x, att_kv, ffn_x = split_grouped(att_x), split_grouped(att_kv), split_grouped(ffn_x)
         new_x, new_kv, new_f = [], [], []
         v_first = None
         for i, layer in enumerate(self.layers):
@@ -217,7 +217,7 @@ class RWKV7Step(nn.Module):
             new_f.append(_to(xx2, ffn_x[i].dtype))
         x = F.layer_norm(x, x.shape[-1:], self.ln_out_w, self.ln_out_b)
         logits = _to(x @ self.head, att_kv[0].dtype)
-        out = (logits, torch.cat(new_x), torch.cat(new_kv), torch.cat(new_f))
+        out = (logits, cat_grouped(new_x), cat_grouped(new_kv), cat_grouped(new_f))
         return (*out, _to(x, logits.dtype)) if self.embedding else out
 
     def new_state(self) -> dict:
