@@ -81,7 +81,9 @@ def split_into_parts(root: Path, manifest: dict, part_bytes: int) -> None:
 
 def make_bundle(source: str, out: str | Path, *, runtime: str = "ort-mobile", quant: list[str] = (),
                 part_bytes: int | None = None, force: bool = False, tokenizer: str | None = None,
-                check: bool = True, progress: Progress = QUIET):
+                check: bool = True, progress: Progress = QUIET, embedding: bool = False):
+    """`embedding`: the graphs also output `hidden` (and the prompt graph `hidden_sum`), as `rwkv-export onnx
+    --embedding` (rwkv_export/embed.py)."""
     from .export import QuantOptions, export_onnx
 
     if runtime not in RUNTIMES:
@@ -94,13 +96,15 @@ def make_bundle(source: str, out: str | Path, *, runtime: str = "ort-mobile", qu
         if runtime == "ort-mobile":
             onnx_dir = Path(tempfile.mkdtemp(prefix=".onnx-", dir=tmp))
             res = export_onnx(source, onnx_dir / "onnx", quant=quant, quant_options=QuantOptions(),
-                              tokenizer=tokenizer, check=check, progress=progress)
+                              tokenizer=tokenizer, check=check, progress=progress, embedding=embedding)
             manifest = res.manifest
             src_dir = onnx_dir / "onnx"
             _convert_to_ort([src_dir / g["file"] for g in manifest["graphs"]], tmp, progress,
                             [src_dir / f for g in manifest["graphs"] for f in g["data_files"]])
             for g in manifest["graphs"]:
                 g["onnx_parity"] = g.pop("parity")
+                if "embedding" in g:  # the ONNX file's embedding report; the .ort's own comes from the check below
+                    g["onnx_embedding"] = g.pop("embedding")
                 g["format"], g["file"], g["data_files"] = "ort", Path(g["file"]).stem + ".ort", []
             if manifest["tokenizer"].get("file"):
                 shutil.copyfile(src_dir / manifest["tokenizer"]["file"], tmp / manifest["tokenizer"]["file"])
@@ -116,7 +120,8 @@ def make_bundle(source: str, out: str | Path, *, runtime: str = "ort-mobile", qu
 
             _check_target_installed("tflite")
             src, ckpt, tok = load_source(source, tokenizer, progress)
-            manifest, _ = build_target("tflite", tmp, src, ckpt, tok, quant=quant, check=check, progress=progress)
+            manifest, _ = build_target("tflite", tmp, src, ckpt, tok, quant=quant, check=check, progress=progress,
+                                       embedding=embedding)
         manifest["bundle"] = {"runtime": runtime, "ops_config": OPS_CONFIG if runtime == "ort-mobile" else None,
                               "integration": INTEGRATION}
         (tmp / INTEGRATION).write_text(integration_doc(manifest))
@@ -153,6 +158,10 @@ def integration_doc(m: dict) -> str:
                      for t, i, o in state_io)
     variants = "\n".join(f"| {x['variant']} | {x['kind']} | `{x['file']}` | "
                          f"{', '.join(p['file'] for p in x.get('parts', [])) or '-'} |" for x in m["graphs"])
+    hidden = [o for o in g["outputs"] if o["role"] == "hidden"]  # an export made with --embedding
+    hidden_note = (f"- embedding output `{hidden[0]['name']}`: shape {hidden[0]['shape']}, {hidden[0]['dtype']}: the "
+                   "final hidden state of the last token (sentence embeddings, classification features; the prompt "
+                   "graph adds `hidden_sum`; see the manifest spec's \"Embedding outputs\")\n") if hidden else ""
     prompt_note = ""
     if seqs:
         q = seqs[0]
@@ -218,7 +227,7 @@ Tokenizer: {tok_text}{eos}
 
 - token input `{tok_in['name']}`: shape {tok_in['shape']}, {tok_in['dtype']}
 - logits output `{logits['name']}`: shape {logits['shape']}, {logits['dtype']}
-- state: {n_state} tensors in, the same {n_state} out, each of the shape in the table, whatever its rank (feed each
+{hidden_note}- state: {n_state} tensors in, the same {n_state} out, each of the shape in the table, whatever its rank (feed each
   output back as the matching input next step; a buffer of the product of its dimensions, row-major):
 
 | state | input | output | shape | dtype | initial value | meaning |

@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 
+from .embed import check_embedding, format_embedding, gate_embedding, has_embedding
 from .manifest import read_manifest, write_manifest
 from .parity import compare, compare_sequence, format_report, gate
 from .progress import QUIET, Progress
@@ -187,6 +188,9 @@ def _check_graphs(root: Path, manifest: dict, ckpt, progress: Progress, variants
                     reports.append(graph["quality"])
                     pending.append((graph, runner))
                     kept = True
+                if has_embedding(graph):  # --embedding: its vectors vs runtime_ref's hidden_seq (embed.py's gate)
+                    graph["embedding"] = check_embedding(root, manifest, graph, runner, ref.model)
+                    reports.append(graph["embedding"])
             finally:
                 if not kept:
                     _close(runner)
@@ -222,6 +226,8 @@ def gate_all(reports: list[dict]) -> None:
     for r in reports:
         if r.get("kind") == "quality":
             raise_if_failed(r, f"{r['target']}/{r['variant']}")
+        elif r.get("kind") == "embedding":
+            gate_embedding(r)
         else:
             gate(r)
 
@@ -231,6 +237,8 @@ def format_any(report: dict) -> str:
         from .quality import format_quality
 
         return format_quality(report).replace("quality ", f"quality {report['target']}/", 1)
+    if report.get("kind") == "embedding":
+        return format_embedding(report)
     return format_report(report)
 
 

@@ -267,6 +267,7 @@ def bundle(
     force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
     check: bool = typer.Option(True, "--check/--no-check"),
     quiet: bool = typer.Option(False, "-q", "--quiet"),
+    embedding: bool = typer.Option(False, "--embedding", help=EMBEDDING_HELP),
 ):
     """Everything a phone app needs in one folder: model, tokenizer, manifest and a generated INTEGRATION.md."""
     try:
@@ -275,7 +276,7 @@ def bundle(
 
         m = make_bundle(checkpoint, out, runtime=runtime, quant=parse_quant(quant), force=force,
                         part_bytes=part_mb * 1024 * 1024 if part_mb is not None else None,
-                        tokenizer=tokenizer, check=check, progress=_progress(quiet))
+                        tokenizer=tokenizer, check=check, progress=_progress(quiet), embedding=embedding)
         typer.echo(f"wrote {out}/ ({', '.join(f['file'] for f in m['files'])}, manifest.json)")
     except RwkvExportError as e:
         _fail(e)

@@ -143,12 +143,18 @@ class TFJSStepRunner:
             raise ManifestError(f"{graph['file']} is listed in the manifest but missing from {root}")
         self._shapes = {o["state"]: o["shape"] for o in graph["outputs"] if o["role"] == "state"}
         self._logits_shape = self.io["logits"]["shape"]
+        hidden = [o for o in graph["outputs"] if o["role"] == "hidden"]  # an export made with --embedding
+        self._hidden_shape = hidden[0]["shape"] if hidden else None
         # stderr to a file, not a pipe: nobody drains it while stepping, and a full pipe would block Node
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([node, str(JS_DIR / NODE_SCRIPT), str(model), str(packages)], cwd=packages,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         hello = self._read()
         self.backend = hello.get("backend")
+        if bool(hello.get("hidden")) != bool(hidden):
+            self.close()
+            raise ManifestError(f"{graph['file']}: model.json's signature {'has' if hello.get('hidden') else 'lacks'} "
+                                f"a `hidden` output, the manifest {'lists' if hidden else 'does not list'} one")
         if set(hello.get("states", [])) != set(self.io["state_in"]):
             self.close()
             raise ManifestError(f"{graph['file']}: model.json's signature states {hello.get('states')} differ from "
@@ -185,8 +191,14 @@ class TFJSStepRunner:
         return new_state_from_manifest(self.manifest, self.graph)
 
     def step(self, token: int, state: dict):
+        logits, state, _ = self.step_hidden(token, state)
+        return logits, state
+
+    def step_hidden(self, token: int, state: dict):
+        """step(), plus the `hidden` output [1, C] of a graph exported with --embedding (None without)."""
         r = self._ask({"op": "step", "token": int(token), "state": self._state_req(state)})
-        return _unb64(r["logits"], self._logits_shape), self._state_resp(r["state"])
+        hidden = _unb64(r["hidden"], self._hidden_shape) if self._hidden_shape else None
+        return _unb64(r["logits"], self._logits_shape), self._state_resp(r["state"]), hidden
 
     def greedy(self, token: int, n: int, state: dict) -> tuple[list[int], float, dict]:
         """n greedy steps inside Node (no per-step IPC): (tokens, seconds spent in Node, final state).

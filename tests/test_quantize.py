@@ -115,11 +115,12 @@ def test_int4_is_matmulnbits_with_head(exported, int4):
         attrs = {a.name: a.i for a in n.attribute}
         assert attrs["bits"] == 4 and attrs["block_size"] == int4["options"]["block_size"] == DEFAULT_INT4_BLOCK_SIZE
     assert weight_summary(path)["head"] == "int4 MatMulNBits" and int4["head_quantized"]
-    assert int4["embedding"] == "fp32"  # not asked for
-    # per 32-weight block: 16 bytes of nibbles, an fp32 scale, a 4-bit zero point
+    assert int4["embedding"] == "int8 DequantizeLinear" and int4["options"]["embedding_bits"] == 8  # the default
+    # per block: block/2 bytes of nibbles, an fp32 scale, a 4-bit zero point; the embedding int8 + a scale per row
     fp32_size = onnx_bytes(root / "model.onnx")
     weights = sum(k * n for k, n in mm)
-    expected = fp32_size - 4 * weights + weights * (0.5 + 4.5 / DEFAULT_INT4_BLOCK_SIZE)
+    expected = (fp32_size - 4 * (weights + V * C) + weights * (0.5 + 4.5 / DEFAULT_INT4_BLOCK_SIZE)
+                + V * C + 4 * V)
     assert abs(int4["size"] - expected) <= SIZE_RTOL * expected, (int4["size"], expected)
 
 
@@ -128,8 +129,9 @@ def test_int4_embedding_option(exported, int4):
     info = quantize_int4(root / "model.onnx", root / "model_q4e.onnx", include_embedding=True)
     assert info["embedding"] == "int4 GatherBlockQuantized"
     _, (V, C) = weight_shapes(root / "model.onnx")
-    saved = int4["size"] - info["size"]  # the table went from 4 bytes to ~0.64 bytes per value
-    expected = V * C * (4 - (0.5 + 4.5 / DEFAULT_INT4_BLOCK_SIZE))
+    assert info["options"]["embedding_bits"] == 4
+    saved = int4["size"] - info["size"]  # the table went from 1 byte (+ a row scale) to ~0.54 bytes per value
+    expected = V * C * (1 - (0.5 + 4.5 / DEFAULT_INT4_BLOCK_SIZE)) + 4 * V
     assert abs(saved - expected) <= SIZE_RTOL * int4["size"], (saved, expected)
 
 
@@ -303,3 +305,46 @@ def test_web_backends_follow_what_runs_where():
     assert web_backends("int8", {"method": "matmul-nbits"}) == ["webgpu"]
     assert web_backends("int4", {"method": "matmul-nbits"}) == ["webgpu"]
     assert web_backends("int8", {"method": "qdq"}) == []
+
+
+# A tiny RWKV-7 with a large vocab: like the 0.1B model (65536 x 768), most of the fp32 bytes are the embedding and
+# the head, which is what decided int4's embedding (an fp32 table made int4 larger than int8: 283 vs 194 MB)
+BIG_VOCAB_V7 = dict(n_layer=1, n_embd=128, head_size=64, ffn_dim=256, vocab_size=8192,
+                    d_decay=16, d_aaa=16, d_mv=8, d_gate=16)
+
+
+def test_int4_is_the_smallest_variant_at_a_large_vocab(tmp_path):
+    from rwkv_export.checkpoint import from_state_dict
+    from rwkv_export.synthetic import make_state_dict
+    from rwkv_export.targets import onnx as onnx_target
+
+    ckpt = from_state_dict(make_state_dict("7", "tiny", **BIG_VOCAB_V7))
+    out = tmp_path  # the step graph alone (an 8192-token vocab has no bundled tokenizer for a folder's manifest)
+    onnx_target.export_step(ckpt.arch.step_module(ckpt, "fp32"), out / "model.onnx")
+    int8 = quantize_int8(out / "model.onnx", out / "model_int8.onnx")
+    int4 = quantize_int4(out / "model.onnx", out / "model_q4.onnx")
+    int4e = quantize_int4(out / "model.onnx", out / "model_q4e.onnx", include_embedding=True)
+    assert int4e["size"] < int4["size"] < int8["size"] < onnx_bytes(out / "model.onnx"), (int4e, int4, int8)
+
+
+@pytest.fixture(scope="module")
+def v7_exported(tmp_path_factory):
+    from rwkv_export.arch.rwkv7.train import MODEL_FILE as V7_MODEL_FILE
+
+    out = tmp_path_factory.mktemp("quant_v7") / "fp32"
+    export_onnx(str(V7_MODEL_FILE), out, check=False, prefill=False)
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("kind, options", [("int4", {}), ("int4", {"include_embedding": True}), ("int8", {})])
+def test_v7_quality_gates_pass(v7_exported, tokens, kind, options):
+    """The trained RWKV-7 fixture: int4 with its default int8 embedding rows (and with a 4-bit one) and int8 pass."""
+    root, manifest = v7_exported
+    file = f"model_{kind}_{len(options)}.onnx"
+    quantize = quantize_int4 if kind == "int4" else quantize_int8
+    info = quantize(root / "model.onnx", root / file, **options)
+    assert info["embedding"] == ("int4 GatherBlockQuantized" if options else "int8 DequantizeLinear")
+    rep = check_quality(evaluate_variant(runner(root, manifest, file), runner(root, manifest, "model.onnx"), tokens),
+                        kind)
+    assert rep["passed"] and rep["top1_agreement"] >= MIN_TOP1 and rep["kl"] <= MAX_KL
+    assert rep["ppl_fp32"] < MAX_FP32_PPL

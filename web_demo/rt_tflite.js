@@ -24,6 +24,17 @@ function byName(list, signature, name, out) {
   throw new RuntimeLimit(`the .tflite's first subgraph has no tensor for '${name}' (has ${list.map((x) => x.name).join(', ')})`);
 }
 
+// The TFLite runtime says why a run failed only on the console ("ERROR: ..."): keep its last error lines.
+const tfliteErrors = [];
+for (const k of ['log', 'warn', 'error']) {
+  const orig = console[k].bind(console);
+  console[k] = (...args) => {
+    const line = args.join(' ');
+    if (line.startsWith('ERROR:') && tfliteErrors.push(line) > 3) tfliteErrors.shift();
+    orig(...args);
+  };
+}
+
 export async function open({ manifest, modelBase, graph, seq, backend, threads, verify }) {
   if (!BACKENDS.includes(backend)) throw new RuntimeLimit(`tfjs-tflite runs on wasm only (XNNPACK on the CPU), not '${backend}'`);
   await loadScript(`${NPM}@tensorflow/tfjs-core/dist/tf-core.min.js`);
@@ -61,7 +72,11 @@ export async function open({ manifest, modelBase, graph, seq, backend, threads, 
   reset();
   const step = (id) => {
     tokenT.data()[0] = id;
-    if (!runner.infer()) throw new RuntimeLimit(`the TFLite web runtime failed to run ${graph.file}`);
+    tfliteErrors.length = 0;
+    if (!runner.infer()) {
+      throw new RuntimeLimit(`the TFLite web runtime failed to run ${graph.file}` +
+        (tfliteErrors.length ? ` (${tfliteErrors.join('; ')})` : ''));
+    }
     for (const [inT, outT] of pairs) inT.data().set(outT.data());
     return lastRow(logitsT.data(), vocab).slice();
   };

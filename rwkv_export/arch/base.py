@@ -200,24 +200,26 @@ def shape_of(sd: dict, key: str, rank: int, what: str) -> tuple[int, ...]:
 
 # onnxruntime-web's WebGPU EP binds each input and output of a node as a storage buffer, at most 16 per shader (one
 # of them its uniforms), so no node may have more than MAX_NODE_IO inputs + outputs ("Too many storage buffers in
-# shader" at the first run otherwise). The per-layer state is split and concatenated in groups of GROUP.
+# shader" at the first run otherwise). The per-layer state is split and concatenated in one node where that fits
+# (up to 13 layers: the graphs are what they were before this limit), else in groups of GROUP.
 MAX_NODE_IO = 15
 GROUP = 8
 
 
 def cat_grouped(ts, dim: int = 0):
-    """torch.cat(ts, dim) as a concat of concats of at most GROUP tensors each (one Concat when len(ts) <= GROUP)."""
+    """torch.cat(ts, dim) in one Concat if it fits MAX_NODE_IO, else as a concat of concats of GROUP tensors each."""
     import torch
 
     ts = list(ts)
-    while len(ts) > GROUP:
+    while len(ts) + 1 > MAX_NODE_IO:
         ts = [torch.cat(ts[i:i + GROUP], dim) if len(ts) - i > 1 else ts[i] for i in range(0, len(ts), GROUP)]
     return torch.cat(ts, dim)
 
 
 def split_grouped(x, dim: int = 0) -> tuple:
-    """x.split(1, dim) as a split into at most GROUP parts, each split further (one Split when x has <= GROUP rows)."""
+    """x.split(1, dim) in one Split if it fits MAX_NODE_IO (the data and the split sizes in, a row out each), else
+    as a split into at most GROUP parts, each split further."""
     n = x.shape[dim]
-    if n <= GROUP:
+    if n + 2 <= MAX_NODE_IO:
         return x.split(1, dim)
     return tuple(row for part in x.split(-(-n // GROUP), dim) for row in split_grouped(part, dim))

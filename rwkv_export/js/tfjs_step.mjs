@@ -7,6 +7,7 @@
 // Loads the model with @tensorflow/tfjs (pure-JS CPU backend), then answers one JSON line per request line on stdin:
 //   {"op": "step", "token": 5, "state": {"att_x": "<base64 float32>", ...}}
 //     -> {"logits": "<base64 float32>", "state": {"att_x": "<base64 float32>", ...}}
+//        (+ "hidden": "<base64 float32>" when the signature has a `hidden` output: an export made with --embedding)
 //   {"op": "greedy", "token": 5, "n": 32, "state": {...}}   (n steps in Node, each feeding back its argmax; timed)
 //     -> {"tokens": [...], "seconds": 1.23, "state": {...}, "rss_mb": 1234.5}
 // Every name is resolved through model.json's `signature` (logical name -> tensor), never by position: inputs are the
@@ -23,6 +24,7 @@ for (const k of ['log', 'info', 'warn', 'debug']) console[k] = (...a) => process
 
 const reply = (obj) => process.stdout.write(JSON.stringify(obj) + '\n');
 const LOGITS = 'logits';
+const HIDDEN = 'hidden';  // the --embedding output (rwkv_export/embed.py), when the signature has it
 const stateOut = (s) => `${s}_out`;
 
 function b64ToF32(s) {
@@ -63,6 +65,8 @@ async function load(modelPath) {
   for (const s of states) if (!sig.outputs[stateOut(s)]) throw new Error(`signature lacks output ${stateOut(s)}`);
   const shape = (spec) => (spec.tensorShape.dim || []).map((d) => Number(d.size));
   const outNames = [sig.outputs[LOGITS].name, ...states.map((s) => sig.outputs[stateOut(s)].name)];
+  const hasHidden = Boolean(sig.outputs[HIDDEN]);
+  if (hasHidden) outNames.push(sig.outputs[HIDDEN].name);
   const tokenDtype = sig.inputs.token.dtype === 'DT_INT32' ? 'int32' : 'float32';
 
   // one step: token (int) + state (name -> Float32Array) -> {logits, state}
@@ -74,9 +78,9 @@ async function load(modelPath) {
     for (const t of [...Object.values(feeds), ...outs]) t.dispose();
     const next = {};
     states.forEach((s, i) => { next[s] = vals[i + 1]; });
-    return { logits: vals[0], state: next };
+    return { logits: vals[0], state: next, hidden: hasHidden ? vals[states.length + 1] : undefined };
   }
-  return { step, states, backend: tf.getBackend(), version: tf.version_core };
+  return { step, states, hasHidden, backend: tf.getBackend(), version: tf.version_core };
 }
 
 function argmax(a) {
@@ -93,7 +97,7 @@ try {
   reply({ error: `cannot load ${modelPath}: ${e.message.split('\n')[0]}` });
   process.exit(1);
 }
-reply({ ready: true, backend: m.backend, tfjs: m.version, states: m.states });
+reply({ ready: true, backend: m.backend, tfjs: m.version, states: m.states, hidden: m.hasHidden });
 
 const decodeState = (st) => Object.fromEntries(m.states.map((s) => {
   if (!(s in st)) throw new Error(`request lacks state ${s}`);
@@ -108,7 +112,9 @@ for await (const line of rl) {
     const req = JSON.parse(line);
     if (req.op === 'step') {
       const r = m.step(req.token, decodeState(req.state));
-      reply({ logits: f32ToB64(r.logits), state: encodeState(r.state) });
+      const out = { logits: f32ToB64(r.logits), state: encodeState(r.state) };
+      if (r.hidden) out.hidden = f32ToB64(r.hidden);
+      reply(out);
     } else if (req.op === 'greedy') {
       let state = decodeState(req.state);
       let tok = req.token;

@@ -68,6 +68,8 @@ def export_sequence(step_module, path: Path, opset: int = onnx_target.DEFAULT_OP
         program.model.metadata_props[META_MAX_CHUNK] = str(module.max_chunk)
         program.model.metadata_props[META_ALL_LOGITS] = str(int(all_logits))
         program.save(str(path), external_data=external_data)
+    del program
+    onnx_target._collect()
     files = [path.name]
     data = path.with_name(path.name + ".data")
     if external_data and data.exists():
