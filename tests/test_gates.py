@@ -68,10 +68,18 @@ FIXTURES = {
 }
 
 
+_BUILT: dict = {}  # name -> the fixture's tuple: each export made once, however pytest orders the params
+
+
 @pytest.fixture(scope="module", params=list(FIXTURES))
 def fixture(request, tmp_path_factory):
     """(name, checkpoint path, original checkpoint, rescaled checkpoint, export folder with fp32 and fp16 graphs)."""
-    name = request.param
+    if request.param not in _BUILT:
+        _BUILT[request.param] = _build(request.param, tmp_path_factory)
+    return _BUILT[request.param]
+
+
+def _build(name, tmp_path_factory):
     builtin, exponents, _ = FIXTURES[name]
     orig = Source(f"builtin:{builtin}").load()
     sd = rescale_ffn(orig.tensors, orig.dims.n_layer, exponents)

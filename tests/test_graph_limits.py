@@ -29,7 +29,7 @@ N_TOKENS = 12  # parity tokens: the state fed back 12 times through each of the 
 N_GREEDY = 4
 
 
-@pytest.mark.parametrize("n", [1, 3, GROUP, GROUP + 1, 24, 65, 200])
+@pytest.mark.parametrize("n", [1, 3, GROUP, GROUP + 1, MAX_NODE_IO - 2, MAX_NODE_IO - 1, 24, 65, 200])
 def test_grouped_split_and_concat_are_the_plain_ones(n):
     x = torch.randn(n, 3)
     rows = split_grouped(x)
