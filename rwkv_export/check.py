@@ -251,10 +251,10 @@ def check_folder(root: str | Path, checkpoint: str | None = None, *, progress: P
     dims = ckpt.dims.as_dict()
     exported = {k: manifest["model"].get(k) for k in dims}
     if str(manifest["model"].get("rwkv_version")) != ckpt.arch.version or dims != exported:
-        from .errors import ParityShapeError
+        from .errors import CheckpointError
 
-        raise ParityShapeError(f"the checkpoint ({ckpt.arch.title}, {dims}) is not the exported model "
-                               f"(RWKV-{manifest['model'].get('rwkv_version')}, {exported})")
+        raise CheckpointError(f"the checkpoint ({ckpt.arch.title}, {dims}) is not the exported model "
+                              f"(RWKV-{manifest['model'].get('rwkv_version')}, {exported})")
     reports = check_graphs(root, manifest, ckpt, progress=progress, raise_on_fail=False)
     if update_manifest:
         write_manifest(root, manifest)

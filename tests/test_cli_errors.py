@@ -93,6 +93,7 @@ CASES = {
     "generate damaged graph": (["generate", "{damaged}", "-p", "hi", "-n", "2"], "does not load in onnxruntime"),
     "check damaged graph": (["check", "{damaged}", "-q"], "model.onnx does not load in onnxruntime"),
     "check damaged weights": (["check", "{damaged_data}", "-q"], "does not load in onnxruntime"),
+    "check another checkpoint": (["check", "{folder}", "--checkpoint", "{ckpt}", "-q"], "is not the exported model"),
     "serve port above": (["serve", "{folder}", "--port", "99999"], "--port must lie in [0, 65535], got 99999"),
     "serve port below": (["serve", "{folder}", "--port", "-1"], "--port must lie in [0, 65535], got -1"),
     "bundle part size": (["bundle", MISSING, "-o", "{out}", "--part-mb", "0"], "--part-mb must be positive"),
