@@ -64,8 +64,10 @@ def reference():
     return prompt_ids, ids, logits.numpy()
 
 
-@contextmanager
-def chromium(args):
+@pytest.fixture(scope="module")
+def pw():
+    """One Playwright for the module: its sync API cannot be entered twice at once (the CPU browser stays open while
+    the SwiftShader tests launch theirs)."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -76,16 +78,21 @@ def chromium(args):
         if not (WEB_DEMO_DIR / "node_modules" / pkg).is_dir():
             pytest.fail(f"{pkg} is missing: npm ci --prefix web_demo")
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=args)
-        try:
-            yield b
-        finally:
-            b.close()
+        yield p
+
+
+@contextmanager
+def chromium(pw, args):
+    b = pw.chromium.launch(executable_path=str(CHROMIUM), args=args)
+    try:
+        yield b
+    finally:
+        b.close()
 
 
 @pytest.fixture(scope="module")
-def cpu_browser():
-    with chromium(CPU_ARGS) as b:
+def cpu_browser(pw):
+    with chromium(pw, CPU_ARGS) as b:
         yield b
 
 
@@ -139,12 +146,12 @@ GPU_CASES = [("ort", "webgpu"), ("tfjs", "webgl")]
 
 
 @pytest.mark.parametrize("runtime,backend", GPU_CASES, ids=[f"{r}-{b}" for r, b in GPU_CASES])
-def test_gpu_backends_on_swiftshader_equal_reference(folders, reference, runtime, backend):
+def test_gpu_backends_on_swiftshader_equal_reference(pw, folders, reference, runtime, backend):
     """The GPU backends on SwiftShader: 64 greedy ids equal runtime_ref's; logits within GPU_MAX_REL (its reason above).
     (TF.js's WebGPU backend opens on SwiftShader too and builds its kernels in ~10 s, but 64 tokens did not finish
     within 300 s on this 2-core machine: it is measured by benchmarks/bench_web_runtimes.py on a GPU, not here.)"""
     prompt_ids, want, ref_logits = reference
-    with chromium(SWIFTSHADER_ARGS) as b, runtimes_page(b, folders[FORMAT[runtime]]) as (page, _):
+    with chromium(pw, SWIFTSHADER_ARGS) as b, runtimes_page(b, folders[FORMAT[runtime]]) as (page, _):
         info, res = run_greedy(page, runtime, backend, prompt_ids)
         assert page.page_errors == []
     assert info["backend"] == backend
