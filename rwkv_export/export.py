@@ -105,15 +105,16 @@ def _make_variant(variant: str, root: Path, ckpt, options: QuantOptions, opset: 
         info = ckpt.arch.fp16_info()
         module = step_module(ckpt, "fp16", embedding)
         rescale = f", rescale every {info['rescale_every']} layers" if info.get("rescale_every") else ""
-        with progress.stage(f"exporting {file} (fp16 weights and activations, fp32 state{rescale})"):
-            # with a prompt graph the weights go to one shared data file anyway: written out, never held as a proto
-            files = onnx_target.export_step(module, root / file, opset, True if prefill else None)
-        if not prefill:
-            return [_graph_entry(root, file, variant, files, info)]
-        seq = PREFILL_FILES[variant]
-        with progress.stage(f"exporting {seq} (fp16 prompt graph)"):
-            onnx_seq.export_sequence(module, root / seq, opset, external_data=True)
+        seq = PREFILL_FILES[variant] if prefill else None
+        step_label = f"writing {file} (fp16 weights and activations, fp32 state{rescale})"
+        files, seq_files = _write_graphs(module, root, file, seq, opset, None, progress, step_label,
+                                         f"writing {seq} (fp16 prompt graph)")
         del module
+        if seq_files is None:
+            return [_graph_entry(root, file, variant, files, info)]
+        if len(files) > 1 and seq_files[1:] == files[1:]:  # written into one data file from the start
+            return [_graph_entry(root, file, variant, files, info),
+                    onnx_seq.graph_entry(root / seq, files=seq_files, variant=variant) | {"quantization": info}]
         return _shared_pair(root, variant, file, seq, info, info, progress)
     from . import quantize
 
@@ -152,13 +153,32 @@ def _shared_pair(root: Path, variant: str, file: str, seq: str, info: dict, seq_
             {**onnx_seq.graph_entry(root / seq, files=[seq, *data], variant=variant), "quantization": seq_info}]
 
 
-def _export_prefill(module, root: Path, opset: int, external_data, progress: Progress) -> dict:
+def _write_graphs(module, root: Path, file: str, seq: str | None, opset: int, external, progress: Progress,
+                  step_label: str, seq_label: str) -> tuple[list[str], list[str] | None]:
+    """Write a variant's step graph (and with `seq`, its prompt graph) from `module`. When the architecture writes
+    both graphs itself (onnx_graph.py), their weights go into one data file (shared_data.data_file_name) as they are
+    written: the step graph's, which the prompt graph reuses by name. Returns (step files, prompt files or None)."""
+    from .onnx_build import WeightStore
+    from .shared_data import data_file_name
+    from .targets import onnx as onnx_target
     from .targets import onnx_seq
 
-    file = PREFILL_FILES["fp32"]
-    with progress.stage(f"exporting {file} (prompt graph: T tokens per call, GPT mode)"):
-        files = onnx_seq.export_sequence(module, root / file, opset, external_data=external_data)
-    return onnx_seq.graph_entry(root / file, files=files)
+    builder = module.arch.onnx_graph()
+    direct = builder is not None and hasattr(builder, "build_sequence") and hasattr(builder, "build_step")
+    if seq is None or not direct or external is False:
+        with progress.stage(step_label):
+            files = onnx_target.export_step(module, root / file, opset, True if seq else external)
+        if seq is None:
+            return files, None
+        with progress.stage(seq_label):
+            seq_files = onnx_seq.export_sequence(module, root / seq, opset, external_data=True)
+        return files, seq_files
+    with WeightStore(root / data_file_name(file)) as store:
+        with progress.stage(step_label):
+            files = onnx_target.export_step(module, root / file, opset, store=store)
+        with progress.stage(seq_label):
+            seq_files = onnx_seq.export_sequence(module, root / seq, opset, store=store)
+    return files, seq_files
 
 
 def export_onnx(
@@ -189,16 +209,21 @@ def export_onnx(
         # with the prompt graph, both graphs' weights end in one shared data file: written there as external data
         # from the start (streamed tensor by tensor), not serialized into a >600 MB proto in memory first
         external = True if prefill and external_data is None else external_data
-        with progress.stage(f"exporting {STEP_FILE} (torch.onnx dynamo, opset {opset})"):
-            files = onnx_target.export_step(module, tmp / STEP_FILE, opset, external)
-        seq_entry = _export_prefill(module, tmp, opset, external, progress) if prefill else None
+        seq = PREFILL_FILES["fp32"] if prefill else None
+        files, seq_files = _write_graphs(module, tmp, STEP_FILE, seq, opset, external, progress,
+                                         f"writing {STEP_FILE} (step graph, opset {opset})",
+                                         f"writing {seq} (prompt graph: T tokens per call, GPT mode)")
         del module
         if simplify:
             with progress.stage("simplifying with onnxslim"):
                 onnx_target.simplify(tmp / STEP_FILE)
-        if seq_entry:
-            files = [STEP_FILE, *_share(tmp, STEP_FILE, seq_entry["file"], progress)]
-            seq_entry["data_files"] = files[1:]
+        seq_entry = None
+        if seq_files:
+            from .targets import onnx_seq
+
+            if simplify or not (len(files) > 1 and seq_files[1:] == files[1:]):
+                files = [STEP_FILE, *_share(tmp, STEP_FILE, seq, progress)]
+            seq_entry = onnx_seq.graph_entry(tmp / seq, files=[seq, *files[1:]])
         manifest = _new_folder_manifest(tmp, src, ckpt, tok)
         manifest["graphs"].append(_graph_entry(tmp, STEP_FILE, "fp32", files))
         if seq_entry:

@@ -6,8 +6,9 @@ declares, as data where it can:
 - `dims(sd)`: the dimensions read from the tensors, and `expected_shapes(dims)`: the strict tensor mapping (every
   tensor of the file is expected with its shape, or listed in `ignored`; anything else is an error naming it);
 - `state(dims)`: the typed state spec, one `StateTensor` per graph state input/output, in graph I/O order;
-- `step_module(ckpt, variant)` / `sequence_module(step, ...)`: the torch modules that are exported (torch only
-  imported when called); `reference(tensors, dtype)`: the independent runtime_ref runner (the parity oracle);
+- `step_module(ckpt, variant)` / `sequence_module(step, ...)`: the torch modules that hold the prepared weights and
+  define the graphs (torch only imported when called); `onnx_graph()`: the module that writes their ONNX graphs node
+  by node from those weights (TFLite converts the torch modules themselves); `reference(tensors, dtype)`: the independent runtime_ref runner (the parity oracle);
 - `presets` / `fake_state_dict(preset, seed)`: synthetic checkpoints with the real key layout, for tests and
   `builtin:` models.
 
@@ -157,6 +158,21 @@ class Architecture:
 
     def reference(self, tensors: dict, dtype=None):
         raise NotImplementedError
+
+    def onnx_graph(self):
+        """The module that writes this version's ONNX graphs node by node (arch/rwkvN/onnx_graph.py, onnx_build.py
+        says why): `build_step(step_module, graph)` and `build_sequence(sequence_module, graph)`, each mirroring its
+        torch module's forward and taking the weights from its parameters. None: not written (yet)."""
+        import importlib
+
+        pkg = type(self).__module__
+        pkg = f"{pkg.rsplit('.', 1)[0]}.{getattr(self, '_pkg', pkg.rsplit('.', 1)[1])}"
+        try:
+            return importlib.import_module(f"{pkg}.onnx_graph")
+        except ModuleNotFoundError as e:
+            if e.name != f"{pkg}.onnx_graph":
+                raise
+            return None
 
     def fake_state_dict(self, preset: str, seed: int = 0) -> dict:
         raise NotImplementedError

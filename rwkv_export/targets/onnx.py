@@ -1,4 +1,5 @@
-"""ONNX target: the step graph exported with torch.onnx (dynamo, opset >= 18), run in onnxruntime for parity."""
+"""ONNX target: the step graph written node by node (arch/rwkvN/onnx_graph.py, onnx_build.py; opset >= 18), run in
+onnxruntime for parity."""
 
 from __future__ import annotations
 
@@ -62,12 +63,57 @@ def _collect() -> None:
     gc.collect()
 
 
-def export_step(module, path: Path, opset: int = DEFAULT_OPSET, external_data: bool | None = None) -> list[str]:
-    """Export a step module (arch.base's contract) to `path`. Returns the files written (the .onnx and, if used, its external data)."""
-    import torch
-
+def export_step(module, path: Path, opset: int = DEFAULT_OPSET, external_data: bool | None = None,
+                store=None) -> list[str]:
+    """Write the ONNX graph of a step module (arch.base's contract) to `path`, node by node from its architecture's
+    onnx_graph.py (no tracing). Returns the files written (the .onnx and, if used, its external data). `store`: a
+    WeightStore (onnx_build.py) that the weights go to, shared with other graphs (the prompt graph); else they go
+    to `path`.data when `external_data` (default: only past protobuf's 2 GiB limit), or inside the file."""
+    builder = module.arch.onnx_graph()
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is below the minimum {MIN_OPSET}")
+    if opset > MAX_OPSET:
+        from ..errors import RwkvExportError
+
+        raise RwkvExportError(f"opset {opset} is past the newest this exporter writes; choose an opset in "
+                              f"[{MIN_OPSET}, {MAX_OPSET}]")
+    if builder is None or not hasattr(builder, "build_step"):
+        return _trace_step(module, path, opset, external_data)
+    return write_graph(lambda g: builder.build_step(module, g), module, path, opset, external_data, store,
+                       name=f"rwkv{module.arch.version.replace('.', '_')}_step")
+
+
+def write_graph(build, module, path: Path, opset: int, external_data: bool | None, store, name: str,
+                metadata: dict | None = None) -> list[str]:
+    """Run `build(graph)` on a new onnx_build.Graph and save it: the one place that decides where weights go."""
+    from ..onnx_build import Graph, WeightStore
+
+    path = Path(path)
+    if store is None and external_data is None:
+        n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+        external_data = n_bytes >= EXTERNAL_DATA_THRESHOLD
+    own = None
+    if store is None and external_data:
+        own = store = WeightStore(path.with_name(path.name + ".data"))
+    try:
+        g = Graph(name, opset, store)
+        build(g)
+        g.metadata.update(metadata or {})
+        if own is not None:
+            own.close()
+        files = g.save(path)
+    finally:
+        if own is not None:
+            own.close()
+    if own is not None and len(files) == 1:  # nothing was large enough to go outside
+        own.path.unlink(missing_ok=True)
+    return files
+
+
+def _trace_step(module, path: Path, opset: int, external_data: bool | None) -> list[str]:
+    """The step graph through torch.onnx's dynamo exporter: for an architecture without an onnx_graph.py."""
+    import torch
+
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     if external_data is None:
         external_data = n_bytes >= EXTERNAL_DATA_THRESHOLD

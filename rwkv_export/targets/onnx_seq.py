@@ -1,6 +1,6 @@
 """ONNX target, sequence graph: the architecture's sequence module (a prompt chunk of T tokens + state -> logits + state) with T dynamic.
 
-Mirrors targets/onnx.py's export_step: torch.onnx dynamo export at opset >= 18, the same state input/output names,
+Mirrors targets/onnx.py's export_step: written node by node at opset >= 18, the same state input/output names,
 "tokens" [T] int64 instead of "token" [1]. The token input's manifest role is "tokens"; a graph entry also carries
 "max_chunk" (the most tokens one call may take; runners feed longer prompts in chunks).
 """
@@ -29,17 +29,30 @@ MAX_TRACE_T = 1 << 20
 
 
 def export_sequence(step_module, path: Path, opset: int = onnx_target.DEFAULT_OPSET, all_logits: bool = False,
-                    external_data: bool | None = None, max_chunk: int | None = None) -> list[str]:
-    """Export the sequence graph of a step module (its architecture's sequence_module over the same parameters) to
-    `path`. Returns the files written (the .onnx and, if used, its external data). The graph takes 1 <= T <=
-    max_chunk tokens per call (default: the architecture's)."""
-    import torch
-    import torch.fx.experimental._config
-
+                    external_data: bool | None = None, max_chunk: int | None = None, store=None) -> list[str]:
+    """Write the sequence graph of a step module (its architecture's sequence_module over the same parameters) to
+    `path`, node by node (the architecture's onnx_graph.build_sequence). Returns the files written (the .onnx and,
+    if used, its external data). The graph takes 1 <= T <= max_chunk tokens per call (default: the
+    architecture's). `store`: a WeightStore shared with the step graph (targets/onnx.export_step)."""
     if opset < onnx_target.MIN_OPSET:
         raise ValueError(f"opset {opset} is below the minimum {onnx_target.MIN_OPSET}")
     path = Path(path)
     module = step_module.arch.sequence_module(step_module, all_logits=all_logits, max_chunk=max_chunk).eval()
+    builder = step_module.arch.onnx_graph()
+    if builder is None or not hasattr(builder, "build_sequence"):
+        return _trace_sequence(module, path, opset, all_logits, external_data)
+    # the graph's contract beyond its I/O, in the file itself (graph_entry reads it back for the manifest)
+    meta = {META_MAX_CHUNK: str(module.max_chunk), META_ALL_LOGITS: str(int(all_logits))}
+    return onnx_target.write_graph(lambda g: builder.build_sequence(module, g), module, path, opset, external_data,
+                                   store, name=f"rwkv{module.arch.version.replace('.', '_')}_sequence",
+                                   metadata=meta)
+
+
+def _trace_sequence(module, path: Path, opset: int, all_logits: bool, external_data: bool | None) -> list[str]:
+    """The sequence graph through torch.export and torch.onnx: for an architecture without build_sequence."""
+    import torch
+    import torch.fx.experimental._config
+
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     if external_data is None:
         external_data = n_bytes >= onnx_target.EXTERNAL_DATA_THRESHOLD
@@ -64,7 +77,6 @@ def export_sequence(step_module, path: Path, opset: int = onnx_target.DEFAULT_OP
             verbose=False,
         )
         del exported
-        # the graph's contract beyond its I/O, in the file itself (graph_entry reads it back for the manifest)
         program.model.metadata_props[META_MAX_CHUNK] = str(module.max_chunk)
         program.model.metadata_props[META_ALL_LOGITS] = str(int(all_logits))
         program.save(str(path), external_data=external_data)
