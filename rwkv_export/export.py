@@ -117,21 +117,21 @@ def _make_variant(variant: str, root: Path, ckpt, options: QuantOptions, opset: 
                     onnx_seq.graph_entry(root / seq, files=seq_files, variant=variant) | {"quantization": info}]
         return _shared_pair(root, variant, file, seq, info, info, progress)
     from . import quantize
+    from .targets import onnx_seq
 
-    def quantize_file(src: Path, dst: Path) -> dict:
-        if variant == "int8":
-            return quantize.quantize_int8(src, dst, **options.extra.get("int8", {}))
-        return quantize.quantize_int4(src, dst, block_size=options.int4_block_size,
-                                      include_embedding=options.int4_embedding)
-
-    with progress.stage(f"quantizing {file} ({variant})"):
-        info = quantize_file(root / VARIANT_FILES["fp32"], root / file)
-    if not (prefill and (root / PREFILL_FILES["fp32"]).exists()):
-        return [_graph_entry(root, file, variant, [file, *info.get("data_files", [])], info)]
+    opts = (options.extra.get("int8", {}) if variant == "int8"
+            else {"block_size": options.int4_block_size, "include_embedding": options.int4_embedding})
+    graphs = [(root / VARIANT_FILES["fp32"], root / file)]
     seq = PREFILL_FILES[variant]
-    with progress.stage(f"quantizing {seq} ({variant})"):
-        seq_info = quantize_file(root / PREFILL_FILES["fp32"], root / seq)
-    return _shared_pair(root, variant, file, seq, info, seq_info, progress)
+    if prefill and (root / PREFILL_FILES["fp32"]).exists():
+        graphs.append((root / PREFILL_FILES["fp32"], root / seq))  # into one data file, each weight once
+    with progress.stage(f"quantizing {' and '.join(dst.name for _, dst in graphs)} ({variant})"):
+        infos = quantize.quantize_graphs(variant, graphs, **opts)
+    entries = [_graph_entry(root, file, variant, [file, *infos[0]["data_files"]], infos[0])]
+    if len(graphs) > 1:
+        entries.append({**onnx_seq.graph_entry(root / seq, files=[seq, *infos[1]["data_files"]], variant=variant),
+                        "quantization": infos[1]})
+    return entries
 
 
 def _share(root: Path, step_file: str, seq_file: str, progress: Progress) -> list[str]:

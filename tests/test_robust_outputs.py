@@ -230,7 +230,7 @@ def test_sigterm_during_quantize_leaves_the_folder_as_it_was(exported, monkeypat
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
 
-    monkeypatch.setattr(quantize, "quantize_int8", killed)
+    monkeypatch.setattr(quantize, "quantize_graphs", killed)
     res = run("quantize", exported, "--quant", "int8", "--force", "-q")
     assert res.exit_code == 128 + signal.SIGTERM, res.output
     assert snapshot(exported) == before and beside(exported) == []
@@ -241,18 +241,17 @@ def test_quantize_int8_and_int4_stage_beside_the_folder(exported, monkeypatch):
 
     before = snapshot(exported)
     staged_in = []
-    for name in ("quantize_int8", "quantize_int4"):
-        real = getattr(quantize, name)
+    real = quantize.quantize_graphs
 
-        def spy(src, dst, *a, _real=real, **kw):
-            staged_in.append((Path(src).parent, Path(src).is_symlink()))
-            return _real(src, dst, *a, **kw)
+    def spy(variant, graphs, **kw):
+        staged_in.extend((Path(src).parent, Path(src).is_symlink()) for src, _ in graphs)
+        return real(variant, graphs, **kw)
 
-        monkeypatch.setattr(quantize, name, spy)
+    monkeypatch.setattr(quantize, "quantize_graphs", spy)
     res = run("quantize", exported, "--quant", "int8,int4", "-q")
     assert res.exit_code == 0, res.output
     # staged in a hidden folder beside the export (not inside, where `serve` would serve it), from real files
-    assert len(staged_in) == 4  # step and prompt graph of each variant
+    assert len(staged_in) == 4  # step and prompt graph of each variant, quantized together
     for parent, is_link in staged_in:
         assert parent.parent == exported.parent and parent.name.startswith(f".{exported.name}{STAGE_TAG}")
         assert not is_link

@@ -6,7 +6,8 @@ One readable module (nanoGPT style). Exporter-specific choices, each for a reaso
 - LN0 is folded into the embedding table at build time (one row gather per token instead of a LayerNorm);
 - `-exp(time_decay)` is computed once at build time, and a layer's token-shift mixes are stacked ([3, C] for time mix,
   [2, C] for channel mix) so one Sub/Mul/Add + Split produces every matmul input: `prev + (xx - prev) * mix`;
-- the state is split into rows once and concatenated once (no per-row Gather/Unsqueeze/stack): 809 -> 589 nodes at
+- the state is split into rows and concatenated back in one node each up to 13 layers, in groups of 8 past that
+  (arch.base.MAX_NODE_IO), never per row with Gather/Unsqueeze/stack: 809 -> 589 nodes at
   12 layers; one interleaved onnxruntime run at 169M shapes, 2 threads: fp32 +5%, int8 +4%, int4 +18% tok/s;
 - an fp16 variant (`StepOptions(dtype="float16")`): weights and activations in fp16 with ChatRWKV's rescaling
   (`rescale_every`) keeping activations inside fp16's range, while the WKV accumulators (aa, bb, pp) are computed in

@@ -18,7 +18,7 @@ Exporter-specific choices (as the RWKV-7 package's, rwkv7/step.py):
   1] / [1, C] in fp32; u as [H, N, 1] (it scales the key rows of a);
 - GroupNorm(H) as LayerNormalization over the last dim of the WKV output [1, H, 1, N] (no affine), then ln_x's
   affine stored [H, 1, N] (the layout the output already has: no Reshape before it);
-- the state split into rows once and concatenated once;
+- the state split into rows and concatenated back in one node each (grouped past 13 layers, arch.base.MAX_NODE_IO);
 - an fp16 variant: weights and activations fp16, r, k, v cast to fp32 for the WKV, the decay, the WKV state, its
   update and the GroupNorm in fp32 (as the pip package: `matmul(..., output_dtype=torch.float32)`, ln_x in fp32);
   graph I/O (state, logits) fp32 in every variant. With ChatRWKV's rescaling (FP16_RESCALE_EVERY), which never
