@@ -157,14 +157,16 @@ class Graph:
         self._add_init(name, a)
         return name
 
-    def _add_init(self, name: str, a: np.ndarray) -> None:
+    def _add_init(self, name: str, a: np.ndarray, external: bool = True) -> None:
+        """external=False keeps the bytes in the graph: constants are named per graph (const_N), and the store
+        shares by name, so a constant must never go to a store another graph reads."""
         from onnx import TensorProto
 
         t = TensorProto()
         t.name = name
         t.data_type = onnx_dtype(a.dtype)
         t.dims.extend(a.shape)
-        if self.store is not None and a.nbytes >= EXTERNAL_MIN_BYTES:
+        if external and self.store is not None and a.nbytes >= EXTERNAL_MIN_BYTES:
             off, length = self.store.place(name, a)
             t.data_location = TensorProto.EXTERNAL
             for k, v in (("location", self.store.path.name), ("offset", str(off)), ("length", str(length))):
@@ -181,7 +183,7 @@ class Graph:
         key = (a.dtype.str, a.shape, a.tobytes())
         if key not in self._consts:
             name = self.fresh("const")
-            self._add_init(name, a)
+            self._add_init(name, a, external=False)
             self._consts[key] = name
         return self._consts[key]
 

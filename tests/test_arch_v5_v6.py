@@ -370,7 +370,7 @@ def test_onnx_step_and_sequence_in_onnxruntime(version, tmp_path):
 
     t = Trajectories(version, "tiny")  # 2 layers: the exports are most of this test's time
     step = VERSIONS[version][0].step_module(_ckpt(version, t.sd))
-    max_chunk = 16  # two unrolled block steps instead of the default's eight: a faster export, the same graph otherwise
+    max_chunk = DEFAULT_MAX_CHUNK  # the shipped prompt graph (written node by node: no slow trace to shorten)
     onnx_target.export_step(step, tmp_path / "step.onnx")
     onnx_seq.export_sequence(step, tmp_path / "seq.onnx", max_chunk=max_chunk)
     for graph in ("step.onnx", "seq.onnx"):
