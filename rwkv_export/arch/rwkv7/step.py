@@ -17,9 +17,11 @@ Equations: ChatRWKV's `RWKV_x070_TMix_one` / `CMix_one` (shared/notes/rwkv5-7.md
   LayerNormalization is the op every ONNX consumer of the LN1/LN2 layers already needs;
 - kk's per-head normalisation (F.normalize) as x / max(vector_norm(x), eps): ReduceL2 + Clip + Div (sum of squares
   + Sqrt by hand: 2 nodes more);
-- the state is split into rows and concatenated back as RWKV4Step does (one node each, grouped past 13 layers). 914 ONNX nodes at the 0.1B shapes
-  (12 layers): 191 MatMul (16 per layer, 14 in layer 0, + head), 144 Reshape, 203 Mul, 142 Add, 37
-  LayerNormalization, 12 each of ReduceL2 / Clip / Div / Exp / Tanh / Relu / ReduceSum, no Gemm;
+- the state is split into rows and concatenated back as RWKV4Step does (one node each, grouped past 13 layers).
+  The ONNX graph (onnx_graph.py, written node by node; it stores w0, k_k, k_a, k_c, ln_x as [H, 1, N] and r_k as
+  [H, N, 1]) has 854 nodes at the 0.1B shapes (12 layers; the dynamo trace had 914): 203 MatMul (17 per layer, 15 in
+  layer 0, + head), 72 Reshape (144 traced), 191 Mul, 142 Add, 37 LayerNormalization, 12 each of ReduceL2 / Clip /
+  Div / Exp / Tanh / Relu, no Gemm;
 - an fp16 variant: weights and activations fp16, the decay (`w0` add, sigmoid, exp), the WKV state matrix, its
   update, `S @ r` and the GroupNorm in fp32; the graph's I/O (state, logits) fp32 in every variant. No rescaling:
   ChatRWKV runs x070 in fp16 without one, and the activations at the 0.1B shapes stay far inside fp16's range
