@@ -7,7 +7,6 @@ e^-20), so every test also runs the extreme decays that overflow a naive formula
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,7 +20,6 @@ from rwkv_export.parity import tolerance_for
 from rwkv_export.runners import OnnxStepRunner
 from rwkv_export.arch.rwkv4.sequence import DEFAULT_MAX_CHUNK, RWKV4Sequence, wkv_scan
 from rwkv_export.seq_runner import OnnxSequenceRunner, chunk_sizes
-from rwkv_export.arch.rwkv4.synthetic import PRESETS, make_state_dict
 from rwkv_export.targets import onnx as onnx_target
 from rwkv_export.targets import onnx_seq
 
@@ -327,10 +325,8 @@ def test_bad_max_chunk_is_refused(step):
             RWKV4Sequence(step, max_chunk=bad)
 
 
-def test_export_is_deterministic(tmp_path):
-    """Identical input, identical bytes (on a one-layer model: the export is the slow part of this file)."""
-    micro = make_state_dict(replace(PRESETS["tiny"], n_layer=1, n_embd=8, ffn_dim=16, vocab_size=16), SEED)
-    step = RWKV4Step(from_state_dict(micro))
+def test_export_is_deterministic(tmp_path, step):
+    """Identical input, identical bytes."""
     a = onnx_seq.export_sequence(step, tmp_path / "a.onnx", max_chunk=15)
     b = onnx_seq.export_sequence(step, tmp_path / "b.onnx", max_chunk=15)
     assert a == ["a.onnx"] and b == ["b.onnx"]
