@@ -9,6 +9,13 @@ while loading, as for a user), and report generated tokens per second (sampling 
 `rwkv-export generate` measures it), the median of --repeats generations. The page feeds the prompt through the prompt
 graph when the folder has one (as the demo does), Python token by token; prompt times are reported apart.
 
+--cdp (the GPU machine, ../shared/tools/webgpu-device) measures WebGPU cells side by side: onnxruntime-web's WebGPU EP
+(each state I/O mode), the demo's own WGSL runtime (backend webgpu-native, web_demo/rt_webgpu.js: io "native") and
+wasm, one cell per variant:backend:io; e.g. for 169M shapes with its fp16 variant:
+
+    rwkv-export onnx builtin:169m-synthetic -o /tmp/out169 --quant fp16,int4 --no-check
+    python3 benchmarks/bench_web.py /tmp/out169 --cdp --probe
+
 Needs: pip install playwright; apt-get install -y chromium; npm ci --prefix web_demo (no `playwright install`).
 """
 
@@ -195,7 +202,7 @@ def gpu_main(args, folder: Path) -> None:
     d = manifest["model"]
     print(f"\n{d['n_layer']} x {d['n_embd']}, vocab {d['vocab_size']}; {args.tokens} greedy tokens, median of "
           f"{args.repeats}; prompt tok/s from a {LONG_PROMPT_REPEAT}x prompt; same ids: vs onnxruntime (Python, CPU) fp32\n")
-    print("| variant | file | backend | io | decode tok/s | prompt tok/s (how) | load s | off-GPU nodes (step graph's nodes per provider) | same ids as fp32 ref |")
+    print("| variant | file | backend | io | decode tok/s | prompt tok/s (how) | load s | off-GPU nodes (step graph's nodes per provider; webgpu-native: its dispatches a token) | same ids as fp32 ref |")
     print("|---|---|---|---|---|---|---|---|---|")
     for cell, variant, mb, web in rows:
         _, backend, io, *rest = cell.split(":")
@@ -209,6 +216,8 @@ def gpu_main(args, folder: Path) -> None:
         step_nodes = (web["info"].get("nodes") or {}).get("step") or {}
         nodes = ", ".join(f"{k.replace('ExecutionProvider', '')} {v}" for k, v in step_nodes.items()) or "–"
         ran = web["info"]["backend"] + ("/" + web["info"]["io"] if web["info"]["backend"] == "webgpu" else "")
+        if web["info"]["backend"] == "webgpu-native":  # the page's own WGSL kernels: dispatches, not ONNX nodes
+            ran += f" ({web['info'].get('adapter') or 'adapter?'})"
         print(f"| {variant} | {mb:.0f} MB | {ran} | {io} | {web['tok_s']:.1f} ({spread}) | {prompt} | {web['load_s']:.1f} | "
               f"{len(web['info'].get('offGpu', []))} ({nodes}) | {same} |")
 
@@ -251,10 +260,12 @@ def main() -> None:
     ap.add_argument("--variants", default=None, help="comma-separated variants to run (default: every step graph)")
     ap.add_argument("--cdp", action="store_true",
                     help="drive the Chromium at $CDP (the GPU machine's recipe) instead of Playwright; see --cells")
-    ap.add_argument("--cells", default="int4:webgpu:capture,int4:webgpu:gpu,int4:webgpu:cpu,fp32:webgpu:capture,"
-                    "fp32:webgpu:gpu,fp32:webgpu:cpu,int4:webgpu:capture:noseq,int8:wasm:cpu,fp32:wasm:cpu",
-                    help="--cdp: variant:backend:io[:noseq][:short] cells (io: capture, gpu, cpu; noseq: prompt by steps; "
-                         "short: no prompt-speed run; ort=jspi|jsep: another onnxruntime-web build)")
+    ap.add_argument("--cells", default="fp32:webgpu:capture,fp32:webgpu-native:native,fp16:webgpu-native:native,"
+                    "int4:webgpu:capture,fp32:webgpu-native:native:noseq,fp32:webgpu:gpu,fp32:webgpu:cpu,"
+                    "int4:webgpu:capture:noseq,int8:wasm:cpu,fp32:wasm:cpu",
+                    help="--cdp: variant:backend:io[:noseq][:short] cells (backend: webgpu, webgpu-native (io native: "
+                         "web_demo/rt_webgpu.js) or wasm; io: capture, gpu, cpu; noseq: prompt by steps; short: no "
+                         "prompt-speed run; ort=jspi|jsep: another onnxruntime-web build)")
     ap.add_argument("--probe", action="store_true", help="--cdp: first time raw WebGPU dispatches (no onnxruntime)")
     ap.add_argument("--no-reference", dest="reference", action="store_false",
                     help="--cdp: skip the fp32 greedy ids from onnxruntime in Python")

@@ -155,17 +155,16 @@ def _shared_pair(root: Path, variant: str, file: str, seq: str, info: dict, seq_
 
 def _write_graphs(module, root: Path, file: str, seq: str | None, opset: int, external, progress: Progress,
                   step_label: str, seq_label: str) -> tuple[list[str], list[str] | None]:
-    """Write a variant's step graph (and with `seq`, its prompt graph) from `module`. When the architecture writes
-    both graphs itself (onnx_graph.py), their weights go into one data file (shared_data.data_file_name) as they are
-    written: the step graph's, which the prompt graph reuses by name. Returns (step files, prompt files or None)."""
+    """Write a variant's step graph (and with `seq`, its prompt graph) from `module`. Their weights go into one data
+    file (shared_data.data_file_name) as they are written: the step graph's, which the prompt graph reuses by name
+    (not with external=False: each graph is then written alone and shared afterwards). Returns (step files, prompt
+    files or None)."""
     from .onnx_build import WeightStore
     from .shared_data import data_file_name
     from .targets import onnx as onnx_target
     from .targets import onnx_seq
 
-    builder = module.arch.onnx_graph()
-    direct = builder is not None and hasattr(builder, "build_sequence") and hasattr(builder, "build_step")
-    if seq is None or not direct or external is False:
+    if seq is None or external is False:
         with progress.stage(step_label):
             files = onnx_target.export_step(module, root / file, opset, True if seq else external)
         if seq is None:

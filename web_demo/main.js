@@ -2,7 +2,8 @@
 // downloads and runs the model, and streams decoded tokens into the page.
 //
 // URL parameters (all optional): model=URL of the export folder (default: model/, where `rwkv-export serve` puts
-// it), variant=NAME, backend=wasm|webgpu, threads=N, verify=0 (skip the sha256 check), autoload=1, sequence=0 (prompt
+// it), variant=NAME, backend=wasm|webgpu|webgpu-native (rt_webgpu.js: hand-written WGSL kernels, no
+// onnxruntime), threads=N, verify=0 (skip the sha256 check), autoload=1, sequence=0 (prompt
 // through the step graph), warmup=N (JIT warm-up steps after load; worker.js says why).
 // window.rwkvDemo is a small API for tests and scripts: load(), generate(), stop(), encode(), decode(), status.
 
@@ -11,6 +12,7 @@ import {
   fetchManifest, formatBytes, graphBytes, pickVariant, sequenceGraph, stepGraph, stepGraphs, suits, variants,
 } from './manifest.js';
 import { checkParams } from './sampling.js';
+import { BACKEND as NATIVE, nativeWorker, unsupported as nativeUnsupported } from './rt_webgpu.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -126,6 +128,7 @@ async function probeWebGPUForLabel() {
   }
   demo.webgpu = why ? { available: false, why } : { available: true, shaderF16 };
   opt.textContent = why ? 'WebGPU (unavailable → wasm)' : 'WebGPU';
+  $('backend').querySelector(`option[value="${NATIVE}"]`).textContent = why ? 'WebGPU native (unavailable)' : 'WebGPU native (no onnxruntime)';
   if (why) $('env-note').textContent += ` WebGPU: unavailable here (${why}); choosing it falls back to wasm.`;
 }
 
@@ -188,6 +191,15 @@ function followBackend() {
   const m = demo.manifest;
   const backend = $('backend').value;
   const features = { shaderF16: demo.webgpu?.shaderF16 === true };
+  if (backend === NATIVE) {
+    // rt_webgpu.js runs fp32 and fp16 (f32 arithmetic either way): the smaller one unless the user picked
+    const runs = stepGraphs(m).filter((x) => !nativeUnsupported(m, x.variant));
+    if (!variantChosen && runs.length) $('variant').value = runs.reduce((a, x) => (graphBytes(m, x) < graphBytes(m, a) ? x : a)).variant;
+    const why = nativeUnsupported(m, $('variant').value);
+    $('variant-note').textContent = why ? `${why}.` : `${$('variant').value} runs on ${NATIVE}: hand-written WGSL kernels (rt_webgpu.js), no onnxruntime.`;
+    demo.variantFit = !why;
+    return;
+  }
   if (!variantChosen) {
     const pick = pickVariant(m, backend, features);
     $('variant').value = pick.variant;
@@ -266,6 +278,7 @@ function onProgress(p) {
   } else if (p.phase === 'verify') startPhaseClock(`Checking ${p.file} against the manifest's sha256`);
   else if (p.phase === 'probe') startPhaseClock('Looking for a WebGPU adapter');
   else if (p.phase === 'runtime') startPhaseClock(`Loading onnxruntime-web (${p.backend})`);
+  else if (p.phase === 'kernels') startPhaseClock('Uploading the weights and building the WGSL kernels (webgpu-native)');
   else if (p.phase === 'session') startPhaseClock(`Creating the inference session (${p.backend}, ${p.numThreads} thread${p.numThreads > 1 ? 's' : ''}): compiling and optimizing the graph`);
   else if (p.phase === 'warmup') {
     if (p.steps) {
@@ -275,9 +288,10 @@ function onProgress(p) {
   }
 }
 
-function newWorker() {
+// webgpu-native runs in the page (rt_webgpu.js's nativeWorker speaks worker.js's messages): its work is on the GPU.
+function newWorker(backend) {
   if (worker) worker.terminate();
-  worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+  worker = backend === NATIVE ? nativeWorker() : new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
   worker.onmessage = (e) => onWorkerMessage(e.data);
   worker.onerror = (e) => {
     e.preventDefault();
@@ -298,7 +312,10 @@ function failPending(message) {
   } else showError(message);
 }
 
-const IO_TEXT = { capture: 'graph capture, state on the GPU', gpu: 'state on the GPU', cpu: 'state through the CPU' };
+const IO_TEXT = {
+  capture: 'graph capture, state on the GPU', gpu: 'state on the GPU', cpu: 'state through the CPU',
+  native: 'rt_webgpu.js: hand-written WGSL kernels, no onnxruntime, state on the GPU',
+};
 
 const HINTS = {
   download: 'Check that the export folder is complete and served.',
@@ -321,7 +338,8 @@ function onWorkerMessage(msg) {
       stopPhaseClock();
       const i = msg.info;
       demo.loadInfo = i;
-      const how = i.backend === 'wasm' ? ` (${i.numThreads} thread${i.numThreads > 1 ? 's' : ''})` : ` (${IO_TEXT[i.io]})`;
+      const how = i.backend === 'wasm' ? ` (${i.numThreads} thread${i.numThreads > 1 ? 's' : ''})` : ` (${IO_TEXT[i.io]}` +
+        (i.backend === NATIVE ? `; ${i.nodes.step.dispatches} dispatches a token${i.adapter ? ` on ${i.adapter}` : ''})` : ')');
       showPhase(`Ready: ${i.variant} on ${i.backend}${how}`,
         { loaded: 1, total: 1 });
       $('load-info').textContent = `Downloaded ${formatBytes(i.bytes)} in ${i.downloadSeconds.toFixed(1)} s · ` +
@@ -373,13 +391,13 @@ demo.load = function load(opts = {}) {
   $('notices').replaceChildren();
   demo.notices = [];
   const g = stepGraph(demo.manifest, variant);
-  if (suits(g, backend, { shaderF16: demo.webgpu?.shaderF16 === true }) === false) {
+  if (backend !== NATIVE && suits(g, backend, { shaderF16: demo.webgpu?.shaderF16 === true }) === false) {
     notice(`${variant} does not suit ${backend} (the manifest lists it for ${g.backends.join(', ') || 'no web backend'}): expect it to be slow.`, 'warn');
   }
   demo.loadInfo = null;
   $('load-info').textContent = '';
   setStatus('loading');
-  newWorker();
+  newWorker(backend);
   return new Promise((resolve, reject) => {
     pendingLoad = { resolve, reject };
     worker.postMessage({

@@ -3,16 +3,12 @@ onnxruntime for parity."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import warnings
 from pathlib import Path
 
 NAME = "onnx"
 DEFAULT_OPSET = 18
-MIN_OPSET = 18  # LayerNormalization is 17; the dynamo exporter's own baseline is 18
-# the newest opset torch.onnx (2.13) writes as asked and onnxruntime (1.32) runs, measured 19..24; past it the
-# exporter silently wrote 18 (export_step also checks the opset it wrote, for other torch versions)
+MIN_OPSET = 18  # LayerNormalization is 17; from 18 the Reduce ops and Split take axes and sizes as inputs
+# the newest opset onnxruntime (1.32) runs the graphs at (measured 19..24; the graphs use no op changed since 18)
 MAX_OPSET = 24
 # protobuf cannot hold a message of 2 GiB or more: above this, weights go to an external data file
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
@@ -40,29 +36,6 @@ def io_names(module, token_input: str = TOKEN_INPUT) -> tuple[list[str], list[st
 _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 16: "bfloat16"}
 
 
-@contextlib.contextmanager
-def _quiet_exporter():
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
-
-
-def _collect() -> None:
-    """Free a traced program now: its graph modules hold reference cycles that keep tensors alive until the next
-    garbage collection, which a 169M export otherwise meets with the next trace's memory on top."""
-    import gc
-
-    gc.collect()
-
-
 def export_step(module, path: Path, opset: int = DEFAULT_OPSET, external_data: bool | None = None,
                 store=None) -> list[str]:
     """Write the ONNX graph of a step module (arch.base's contract) to `path`, node by node from its architecture's
@@ -77,8 +50,8 @@ def export_step(module, path: Path, opset: int = DEFAULT_OPSET, external_data: b
 
         raise RwkvExportError(f"opset {opset} is past the newest this exporter writes; choose an opset in "
                               f"[{MIN_OPSET}, {MAX_OPSET}]")
-    if builder is None or not hasattr(builder, "build_step"):
-        return _trace_step(module, path, opset, external_data)
+    if builder is None:
+        raise NotImplementedError(f"{module.arch.title} has no onnx_graph.py (arch/base.Architecture.onnx_graph)")
     return write_graph(lambda g: builder.build_step(module, g), module, path, opset, external_data, store,
                        name=f"rwkv{module.arch.version.replace('.', '_')}_step")
 
@@ -107,41 +80,6 @@ def write_graph(build, module, path: Path, opset: int, external_data: bool | Non
             own.close()
     if own is not None and len(files) == 1:  # nothing was large enough to go outside
         own.path.unlink(missing_ok=True)
-    return files
-
-
-def _trace_step(module, path: Path, opset: int, external_data: bool | None) -> list[str]:
-    """The step graph through torch.onnx's dynamo exporter: for an architecture without an onnx_graph.py."""
-    import torch
-
-    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    if external_data is None:
-        external_data = n_bytes >= EXTERNAL_DATA_THRESHOLD
-    input_names, output_names = io_names(module)
-    with _quiet_exporter(), torch.no_grad():
-        program = torch.onnx.export(
-            module.eval(),
-            module.example_inputs(),
-            dynamo=True,
-            opset_version=opset,
-            input_names=input_names,
-            output_names=output_names,
-            optimize=True,
-            verbose=False,
-        )
-        program.save(str(path), external_data=external_data)
-    written = program.model.opset_imports.get("")
-    del program
-    _collect()
-    if written != opset:
-        from ..errors import RwkvExportError
-
-        raise RwkvExportError(f"torch.onnx wrote opset {written}, not the requested {opset}; choose an opset in "
-                              f"[{MIN_OPSET}, {MAX_OPSET}]")
-    files = [path.name]
-    data = path.with_name(path.name + ".data")
-    if external_data and data.exists():
-        files.append(data.name)
     return files
 
 

@@ -17,17 +17,9 @@ LOGITS_OUTPUT = onnx_target.LOGITS_OUTPUT
 SEQ_DIM = "T"  # the name of the dynamic token dimension in the graph
 
 
-# The traced example's T (any T works, the dimension is dynamic). Chosen so that no size the trace sees is 0 or 1
-# (torch.export specialises those): T-1, T-2 and the WKV scan's block count (3 to 10 blocks) are all >= 2.
-EXAMPLE_TOKENS = 19
 # ONNX metadata_props keys written by export_sequence
 META_MAX_CHUNK = "rwkv_export.max_chunk"
 META_ALL_LOGITS = "rwkv_export.all_logits"
-# The range torch.export is told T may take. It is wider than any max_chunk on purpose: the graph must stay valid
-# (shape-wise) past max_chunk so that its chunk guard, not a shape error, answers an over-long call.
-MAX_TRACE_T = 1 << 20
-
-
 def export_sequence(step_module, path: Path, opset: int = onnx_target.DEFAULT_OPSET, all_logits: bool = False,
                     external_data: bool | None = None, max_chunk: int | None = None, store=None) -> list[str]:
     """Write the sequence graph of a step module (its architecture's sequence_module over the same parameters) to
@@ -39,54 +31,13 @@ def export_sequence(step_module, path: Path, opset: int = onnx_target.DEFAULT_OP
     path = Path(path)
     module = step_module.arch.sequence_module(step_module, all_logits=all_logits, max_chunk=max_chunk).eval()
     builder = step_module.arch.onnx_graph()
-    if builder is None or not hasattr(builder, "build_sequence"):
-        return _trace_sequence(module, path, opset, all_logits, external_data)
+    if builder is None:
+        raise NotImplementedError(f"{module.arch.title} has no onnx_graph.py (arch/base.Architecture.onnx_graph)")
     # the graph's contract beyond its I/O, in the file itself (graph_entry reads it back for the manifest)
     meta = {META_MAX_CHUNK: str(module.max_chunk), META_ALL_LOGITS: str(int(all_logits))}
     return onnx_target.write_graph(lambda g: builder.build_sequence(module, g), module, path, opset, external_data,
                                    store, name=f"rwkv{module.arch.version.replace('.', '_')}_sequence",
                                    metadata=meta)
-
-
-def _trace_sequence(module, path: Path, opset: int, all_logits: bool, external_data: bool | None) -> list[str]:
-    """The sequence graph through torch.export and torch.onnx: for an architecture without build_sequence."""
-    import torch
-    import torch.fx.experimental._config
-
-    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    if external_data is None:
-        external_data = n_bytes >= onnx_target.EXTERNAL_DATA_THRESHOLD
-    dynamic_shapes = ({0: torch.export.Dim(SEQ_DIM, min=1, max=MAX_TRACE_T)}, *({} for _ in module.state_spec))
-    # backed_size_oblivious: sizes derived from T (the WKV scan's block count (T+1)//B) may be 0 or 1 at run time;
-    # without it torch.export guards on them being >= 2 (a contiguity check) and refuses a dynamic T. ONNX ops
-    # broadcast and index the same way whatever those sizes are, and the tests run T = 1 .. 1000 (0 to 31 blocks).
-    input_names, output_names = onnx_target.io_names(module, TOKENS_INPUT)
-    oblivious = torch.fx.experimental._config.patch(backed_size_oblivious=True)
-    with onnx_target._quiet_exporter(), torch.no_grad(), oblivious:
-        # torch.export first, on its own: it raises if any op pins T, where torch.onnx.export given the module would
-        # quietly fall back to a looser trace. The program is then translated as it is (one trace, not two).
-        exported = torch.export.export(module, module.example_inputs(EXAMPLE_TOKENS), dynamic_shapes=dynamic_shapes)
-        program = torch.onnx.export(
-            exported,
-            dynamo=True,
-            opset_version=opset,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_shapes=({0: SEQ_DIM}, *({} for _ in module.state_spec)),  # used only to name the ONNX dimension
-            optimize=True,
-            verbose=False,
-        )
-        del exported
-        program.model.metadata_props[META_MAX_CHUNK] = str(module.max_chunk)
-        program.model.metadata_props[META_ALL_LOGITS] = str(int(all_logits))
-        program.save(str(path), external_data=external_data)
-    del program
-    onnx_target._collect()
-    files = [path.name]
-    data = path.with_name(path.name + ".data")
-    if external_data and data.exists():
-        files.append(data.name)
-    return files
 
 
 def io_spec(path: Path) -> tuple[list[dict], list[dict], int | None]:
