@@ -88,7 +88,7 @@ res = {'s': dt, 'entries': [{'name': 'step', 'kind': 'step', 'format': 'onnx', '
        'data_files': files[1:], 'opset': opset, 'inputs': ins, 'outputs': outs, 'parity': None}],
        'dims': ck.dims.as_dict()}
 """)
-    export_rows.append(("ONNX fp32 (torch.onnx dynamo)", r))
+    export_rows.append(("ONNX fp32 (written node by node)", r))
     graphs, dims = r["entries"], r["dims"]
 
     print("export TFLite ...", file=sys.stderr)

@@ -10,8 +10,9 @@ while loading, as for a user), and report generated tokens per second (sampling 
 graph when the folder has one (as the demo does), Python token by token; prompt times are reported apart.
 
 --cdp (the GPU machine, ../shared/tools/webgpu-device) measures WebGPU cells side by side: onnxruntime-web's WebGPU EP
-(each state I/O mode), the demo's own WGSL runtime (backend webgpu-native, web_demo/rt_webgpu.js: io "native") and
-wasm, one cell per variant:backend:io; e.g. for 169M shapes with its fp16 variant:
+(each state I/O mode), the demo's own WGSL runtime (backend webgpu-native, web_demo/rt_webgpu.js: io "native"; greedy
+steps chained on the GPU in batches of 16, or with :pertoken one round trip a token; :profile prints its kernel time
+per kind) and wasm, one cell per variant:backend:io; e.g. for 169M shapes with its fp16 variant:
 
     rwkv-export onnx builtin:169m-synthetic -o /tmp/out169 --quant fp16,int4 --no-check
     python3 benchmarks/bench_web.py /tmp/out169 --cdp --probe
@@ -81,7 +82,8 @@ LONG_PROMPT_REPEAT = 24  # the prompt-speed run feeds PROMPT this many times (~4
 
 
 def cdp_runs(url: str, variant: str, threads: int, tokens: int, backend: str, io: str, sequence: bool,
-             repeats: int = 3, long_prompt: bool = True, ort: str = "webgpu") -> dict:
+             repeats: int = 3, long_prompt: bool = True, ort: str = "webgpu", decode_batch: int | None = None,
+             profile: bool = False) -> dict:
     """browser_runs' measurement over the DevTools protocol of an already running Chromium ($CDP; the GPU machine's
     recipe in ../shared/tools/webgpu-device starts one and has no Playwright): cdp.py evaluates each step."""
     import json
@@ -90,7 +92,7 @@ def cdp_runs(url: str, variant: str, threads: int, tokens: int, backend: str, io
 
     cdp = os.environ.get("CDP_PY", str(ROOT / ".wgpu" / "B" / "cdp.py"))
     load = {"variant": variant, "backend": backend, "threads": threads, "verify": False, "io": io, "useSequence": sequence,
-            "ort": ort}
+            "ort": ort, "profile": profile, **({} if decode_batch is None else {"decodeBatch": decode_batch})}
     gen = "await window.rwkvDemo.generate(%s).then(r => ({ids: r.ids, stats: r.stats}))"
     opts = {"prompt": PROMPT, "temperature": 0, "maxTokens": tokens}
     exprs = [f"await window.rwkvDemo.load({json.dumps(load)})", "window.rwkvDemo.notices",
@@ -187,8 +189,14 @@ def gpu_main(args, folder: Path) -> None:
         t = max(int(x) for x in args.threads.split(","))
         web = cdp_runs(url, variant, t, args.tokens, backend, io, "noseq" not in rest, args.repeats,
                        long_prompt="short" not in rest,
-                       ort=next((r[4:] for r in rest if r.startswith("ort=")), "webgpu"))
+                       ort=next((r[4:] for r in rest if r.startswith("ort=")), "webgpu"),
+                       decode_batch=1 if "pertoken" in rest else None, profile="profile" in rest)
         print(json.dumps({"cell": cell, **{k: v for k, v in web.items() if k != "ids"}}), flush=True)
+        prof = (web.get("info") or {}).get("profile")
+        if prof:  # rt_webgpu.js profile(): wall µs a token per kernel kind (its dispatches repeated in one submit)
+            kinds = ", ".join(f"{k} {v['us']} ({v['dispatches']})" for k, v in prof["kinds"].items())
+            print(f"profile {cell}: token {prof['token_us']} µs, empty submit {prof['empty_us']} µs; per kind, µs "
+                  f"(dispatches): {kinds}", flush=True)
         rows.append((cell, variant, mb, web))
     ref = None
     if "fp32" in graphs and args.reference:
@@ -217,7 +225,7 @@ def gpu_main(args, folder: Path) -> None:
         nodes = ", ".join(f"{k.replace('ExecutionProvider', '')} {v}" for k, v in step_nodes.items()) or "–"
         ran = web["info"]["backend"] + ("/" + web["info"]["io"] if web["info"]["backend"] == "webgpu" else "")
         if web["info"]["backend"] == "webgpu-native":  # the page's own WGSL kernels: dispatches, not ONNX nodes
-            ran += f" ({web['info'].get('adapter') or 'adapter?'})"
+            ran += f", decode batch {web['info'].get('decodeBatch')} ({web['info'].get('adapter') or 'adapter?'})"
         print(f"| {variant} | {mb:.0f} MB | {ran} | {io} | {web['tok_s']:.1f} ({spread}) | {prompt} | {web['load_s']:.1f} | "
               f"{len(web['info'].get('offGpu', []))} ({nodes}) | {same} |")
 
@@ -260,12 +268,15 @@ def main() -> None:
     ap.add_argument("--variants", default=None, help="comma-separated variants to run (default: every step graph)")
     ap.add_argument("--cdp", action="store_true",
                     help="drive the Chromium at $CDP (the GPU machine's recipe) instead of Playwright; see --cells")
-    ap.add_argument("--cells", default="fp32:webgpu:capture,fp32:webgpu-native:native,fp16:webgpu-native:native,"
+    ap.add_argument("--cells", default="fp32:webgpu:capture,fp32:webgpu-native:native:profile,fp16:webgpu-native:native,"
+                    "fp32:webgpu-native:native:pertoken,"
                     "int4:webgpu:capture,fp32:webgpu-native:native:noseq,fp32:webgpu:gpu,fp32:webgpu:cpu,"
                     "int4:webgpu:capture:noseq,int8:wasm:cpu,fp32:wasm:cpu",
-                    help="--cdp: variant:backend:io[:noseq][:short] cells (backend: webgpu, webgpu-native (io native: "
-                         "web_demo/rt_webgpu.js) or wasm; io: capture, gpu, cpu; noseq: prompt by steps; short: no "
-                         "prompt-speed run; ort=jspi|jsep: another onnxruntime-web build)")
+                    help="--cdp: variant:backend:io[:noseq][:short][:pertoken] cells (backend: webgpu, webgpu-native "
+                         "(io native: web_demo/rt_webgpu.js) or wasm; io: capture, gpu, cpu; noseq: prompt by steps; "
+                         "short: no prompt-speed run; ort=jspi|jsep: another onnxruntime-web build; pertoken: "
+                         "webgpu-native greedy decoding with a round trip a token instead of GPU batches; profile: "
+                         "webgpu-native's kernel time per kind after loading, printed in a line)")
     ap.add_argument("--probe", action="store_true", help="--cdp: first time raw WebGPU dispatches (no onnxruntime)")
     ap.add_argument("--no-reference", dest="reference", action="store_false",
                     help="--cdp: skip the fp32 greedy ids from onnxruntime in Python")

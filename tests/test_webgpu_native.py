@@ -2,9 +2,11 @@
 SwiftShader's WebGPU adapter (--enable-unsafe-webgpu: a CPU implementation, so correctness here, not speed).
 
 On the trained tiny-pydoc (a trained model's greedy path flips on small numeric differences, unlike a random one):
-the page's 64 greedy ids on fp32 and fp16 equal onnxruntime's (Python) on model.onnx; the batched prompt path's last
-logits equal the token-by-token path's and onnxruntime's (also for a prompt longer than one call's 512 tokens); an
-int8 folder variant is refused in one line.
+the page's 64 greedy ids on fp32 and fp16 equal onnxruntime's (Python) on model.onnx, decoded in GPU batches
+(decodeGreedy) and one round trip a token; batched decoding stops exactly at maxTokens and leaves the state the
+round-trip path leaves; the batched prompt path's last logits equal the token-by-token path's and onnxruntime's (also
+for a prompt longer than one call's 512 tokens); profile=1 times every kernel kind; an int8 folder variant and a bad
+decode batch are refused in one line.
 
 Needs (a missing one is a failure, never a skip): pip install playwright; apt-get install -y chromium.
 """
@@ -68,8 +70,9 @@ def page(pydoc):
     server.server_close()
 
 
-def load(page, variant: str) -> str:
-    page.goto(page.url_base + f"?autoload=1&backend=webgpu-native&variant={variant}&verify=0")
+def load(page, variant: str, batch: int | None = None) -> str:
+    extra = "" if batch is None else f"&batch={batch}"
+    page.goto(page.url_base + f"?autoload=1&backend=webgpu-native&variant={variant}&verify=0{extra}")
     page.wait_for_function("['ready','error','load-failed'].includes(document.body.dataset.status)")
     return page.evaluate("document.body.dataset.status")
 
@@ -90,13 +93,15 @@ def ort_run(folder: Path, variant: str, prompt_ids: list[int], n: int) -> tuple[
     return ids, first
 
 
-@pytest.mark.parametrize("variant", ["fp32", "fp16"])
-def test_greedy_ids_equal_onnxruntime(page, pydoc, variant):
+@pytest.mark.parametrize("variant,batch", [("fp32", None), ("fp16", None), ("fp32", 1)])
+def test_greedy_ids_equal_onnxruntime(page, pydoc, variant, batch):
     """Through the demo's API (as benchmarks/bench_web.py drives it): 64 greedy ids after a prompt run through the
-    batched prompt kernels equal onnxruntime's fp32 ids; fp16 too (its weights are fp16, its arithmetic f32)."""
-    assert load(page, variant) == "ready", page.inner_text("#error")
+    batched prompt kernels equal onnxruntime's fp32 ids, decoded in GPU batches of 16 steps (the default) and one round
+    trip a token (batch=1); fp16 too (its weights are fp16, its arithmetic f32)."""
+    assert load(page, variant, batch) == "ready", page.inner_text("#error")
     info = page.evaluate("window.rwkvDemo.loadInfo")
     assert (info["backend"], info["io"], info["variant"]) == ("webgpu-native", "native", variant)
+    assert info["decodeBatch"] == (batch or 16)
     assert info["nodes"]["step"]["dispatches"] == 7 * 4 + 4  # 4 layers: 7 dispatches each + embed, ln_out, head, argmax
     assert "webgpu-native" in page.inner_text("#progress-text")
     res = page.evaluate("p => window.rwkvDemo.generate({prompt: p, temperature: 0, maxTokens: %d})" % TOKENS, PROMPT)
@@ -170,4 +175,89 @@ def test_unsupported_variant_says_so_in_one_line(page):
       return rt.unsupported(m, 'fp32');
     }""")
     assert other == "webgpu-native runs RWKV-4 only; this model is RWKV-7 (use wasm or webgpu)"
+    assert page.page_errors == []
+
+
+def test_batched_decoding_stops_exactly_at_max_tokens(page, pydoc):
+    """maxTokens 1, 5, 16, 17 and 40 through the demo's default batches of 16: exactly maxTokens ids, each run a prefix
+    of onnxruntime's greedy ids."""
+    assert load(page, "fp32") == "ready", page.inner_text("#error")
+    expected, _ = ort_run(pydoc, "fp32", list(PROMPT.encode()), 40)
+    for n in [1, 5, 16, 17, 40]:
+        res = page.evaluate("o => window.rwkvDemo.generate(o)", {"prompt": PROMPT, "temperature": 0, "maxTokens": n})
+        assert (res["ids"], res["reason"], res["stats"]["generatedTokens"]) == (expected[:n], "max_tokens", n)
+    assert page.page_errors == []
+
+
+# RwkvWebGPU directly: n greedy tokens after a prompt one round trip a token (forward(..., 'argmax')) and through
+# decodeGreedy in batches; then one more token's logits, which depend on the whole state the decoding left.
+DECODE_JS = """async ([ids, ns, batch]) => {
+  const rt = await import('./rt_webgpu.js');
+  const mf = await import('./manifest.js');
+  const m = window.rwkvDemo.manifest;
+  const files = new Map();
+  for (const f of mf.graphFiles(m, mf.stepGraph(m, 'fp32'))) {
+    files.set(f.file, new Uint8Array(await (await fetch('model/' + f.file)).arrayBuffer()));
+  }
+  const { device } = await rt.requestDevice();
+  const r = new rt.RwkvWebGPU(device, m, 'fp32', files);
+  const out = [];
+  for (const n of ns) {
+    r.reset();
+    let id = await r.prompt(ids, 'argmax');
+    const single = [id];
+    for (let i = 0; i < n; i++) single.push(id = await r.forward([id], 'argmax'));
+    const singleAfter = Array.from(await r.forward([0], 'logits'));
+    r.reset();
+    const batched = [await r.prompt(ids, 'argmax')];
+    const sizes = [];
+    await r.decodeGreedy(n, batch, (got) => { sizes.push(got.length); batched.push(...got); return false; });
+    const batchedAfter = Array.from(await r.forward([0], 'logits'));
+    out.push({ single, batched, sizes, same_after: singleAfter.every((v, i) => v === batchedAfter[i]) });
+  }
+  r.destroy();
+  device.destroy();
+  return out;
+}"""
+
+
+def test_decode_batches_equal_the_round_trip_path(page, pydoc):
+    """decodeGreedy(n, 16) runs exactly n steps in batches that end at n (1 -> [1], 17 -> [16, 1], 40 -> [16, 16, 8]):
+    its ids equal n forward(..., 'argmax') calls' and onnxruntime's, and the state it leaves is the same one, bit for
+    bit (the next token's logits are equal: the same kernels in the same order)."""
+    assert load(page, "fp32") == "ready", page.inner_text("#error")
+    prompt = list(PROMPT.encode())
+    ns = [1, 17, 40]
+    out = page.evaluate(DECODE_JS, [prompt, ns, 16])
+    expected, _ = ort_run(pydoc, "fp32", prompt, max(ns) + 1)
+    for n, r in zip(ns, out):
+        assert r["sizes"] == [16] * (n // 16) + ([n % 16] if n % 16 else [])
+        assert r["batched"] == r["single"] == expected[: n + 1]
+        assert r["same_after"]
+    assert page.page_errors == []
+
+
+def test_bad_decode_batch_says_so_in_one_line(page):
+    """batch=0 (or above 64) is refused at load with one line."""
+    assert load(page, "fp32", 0) == "load-failed"
+    err = page.inner_text("#error")
+    assert err == ("Could not load the model: the decode batch must be an integer from 1 (a round trip a token) "
+                   "to 64, got 0"), err
+
+
+def test_profile_times_every_kernel_kind_and_leaves_generation_unchanged(page, pydoc):
+    """profile=1: loadInfo.profile has a positive time for each kernel kind, whose dispatches add up to a token's;
+    the garbage the repeated kernels leave in the state is reset: the greedy ids still equal onnxruntime's."""
+    page.goto(page.url_base + "?autoload=1&backend=webgpu-native&variant=fp32&verify=0&profile=1")
+    page.wait_for_function("['ready','error','load-failed'].includes(document.body.dataset.status)")
+    assert page.evaluate("document.body.dataset.status") == "ready", page.inner_text("#error")
+    info = page.evaluate("window.rwkvDemo.loadInfo")
+    prof = info["profile"]
+    assert set(prof["kinds"]) == {"embed", "ln1+mix", "att k/v/r", "wkv", "att out", "ln2+mix", "ffn k/r", "ffn v",
+                                  "ln_out", "head", "argmax"}
+    assert sum(k["dispatches"] for k in prof["kinds"].values()) == info["nodes"]["step"]["dispatches"]
+    assert prof["token_us"] > 0 and all(k["us"] > 0 for k in prof["kinds"].values())
+    res = page.evaluate("o => window.rwkvDemo.generate(o)", {"prompt": PROMPT, "temperature": 0, "maxTokens": 20})
+    expected, _ = ort_run(pydoc, "fp32", list(PROMPT.encode()), 20)
+    assert res["ids"] == expected
     assert page.page_errors == []

@@ -4,7 +4,9 @@
 // URL parameters (all optional): model=URL of the export folder (default: model/, where `rwkv-export serve` puts
 // it), variant=NAME, backend=wasm|webgpu|webgpu-native (rt_webgpu.js: hand-written WGSL kernels, no
 // onnxruntime), threads=N, verify=0 (skip the sha256 check), autoload=1, sequence=0 (prompt
-// through the step graph), warmup=N (JIT warm-up steps after load; worker.js says why).
+// through the step graph), warmup=N (JIT warm-up steps after load; worker.js says why), batch=N (webgpu-native:
+// greedy steps a GPU batch, 1 = a round trip a token; rt_webgpu.js decodeGreedy), profile=1 (webgpu-native: time a
+// token's kernels by kind after loading, in loadInfo.profile; rt_webgpu.js profile).
 // window.rwkvDemo is a small API for tests and scripts: load(), generate(), stop(), encode(), decode(), status.
 
 import { loadTokenizer } from './tokenizer.js';
@@ -402,6 +404,8 @@ demo.load = function load(opts = {}) {
     pendingLoad = { resolve, reject };
     worker.postMessage({
       type: 'load', manifest: demo.manifest, variant, backend, numThreads, verify, useSequence: opts.useSequence ?? params.get('sequence') !== '0',
+      decodeBatch: opts.decodeBatch ?? (params.has('batch') ? Number(params.get('batch')) : undefined),
+      profile: opts.profile ?? params.get('profile') === '1',
       io: opts.io ?? params.get('io') ?? 'auto', ortBuild: opts.ort ?? params.get('ort') ?? 'webgpu',
       warmupSteps: opts.warmupSteps ?? (params.has('warmup') ? Number(params.get('warmup')) : undefined),
       modelBase: modelBase.href, ortBase,

@@ -11,7 +11,10 @@
 //
 // One token = one command buffer of 7 dispatches per layer + 3 (embedding; per layer LN1 + token-shift mix, the k/v/r
 // matvec, WKV, output matvec + residual, LN2 + mix, FFN key + receptance, value + gate + residual; ln_out, head) and
-// argmax on the GPU for greedy decoding: only 4 bytes (or the logits row when sampling) come back. A prompt of T
+// argmax on the GPU for greedy decoding. Greedy decoding does not wait for the GPU a token: the argmax leaves its id
+// where the next step's embedding reads it, so DECODE_BATCH steps go into one command buffer, submitted back to back,
+// and their ids come back in one small readback per batch (decodeGreedy); sampling (temperature > 0) reads the
+// logits row back at every token and samples in JS (sampling.js). A prompt of T
 // tokens runs the same dispatches with tiled matmuls over the T rows and the WKV as a loop over T in one thread per
 // channel. The state lives in one GPU buffer. Every kernel binds at most 6 storage buffers (SwiftShader has ~8).
 //
@@ -21,6 +24,8 @@ import { checkFileName, float16BitsToFloat32, graphFiles, stepGraph } from './ma
 import { checkParams, makeRng, sampleToken } from './sampling.js';
 
 export const BACKEND = 'webgpu-native';
+export const DECODE_BATCH = 16; // greedy steps a command buffer (decodeGreedy): the page sees ids every 16 tokens
+export const MAX_DECODE_BATCH = 64;
 export const PROMPT_CHUNK = 512; // tokens per prompt call (activation buffers are sized for it: ~8 MB at 169M)
 const ADAPTER_TIMEOUT_MS = 5000;
 const WG = 256; // threads per workgroup in every kernel
@@ -412,12 +417,15 @@ fn main(@builtin(global_invocation_id) g: vec3u) {
 }
 `;
 
-// Greedy decoding's argmax on the GPU (the first index of the largest logit, as sampling.js argmax): 4 bytes back.
+// Greedy decoding's argmax on the GPU (the first index of the largest logit, as sampling.js argmax). The id goes to
+// ids[0], where the next step's embedding reads it (so greedy steps chain on the GPU, decodeGreedy), and is appended
+// to gen = [count, id, id, ...] (up to p.cap ids; decodeGreedy clears it before each batch and reads it back).
 const ARGMAX = `
-struct P { V: u32, p1: u32, p2: u32, p3: u32 }
+struct P { V: u32, cap: u32, p2: u32, p3: u32 }
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> L: array<f32>;
-@group(0) @binding(2) var<storage, read_write> out: array<u32>;
+@group(0) @binding(2) var<storage, read_write> ids: array<u32>;
+@group(0) @binding(3) var<storage, read_write> gen: array<u32>;
 var<workgroup> bv: array<f32, ${WG}>;
 var<workgroup> bi: array<u32, ${WG}>;
 @compute @workgroup_size(${WG})
@@ -436,7 +444,11 @@ fn main(@builtin(local_invocation_index) li: u32) {
     }
     workgroupBarrier();
   }
-  if (li == 0u) { out[0] = bi[0]; }
+  if (li == 0u) {
+    ids[0] = bi[0];
+    let n = gen[0];
+    if (n < p.cap) { gen[1u + n] = bi[0]; gen[0] = n + 1u; }
+  }
 }
 `;
 
@@ -513,7 +525,7 @@ export class RwkvWebGPU {
     this.stateInit = new Float32Array(5 * L * C);
     manifest.state.tensors.forEach((s, k) => this.stateInit.fill(s.init, k * L * C, (k + 1) * L * C));
     this.state = this.buffer(this.stateInit.byteLength, U.STORAGE | U.COPY_DST | U.COPY_SRC, 'state');
-    this.ids = this.buffer(4 * T, U.STORAGE | U.COPY_DST, 'ids');
+    this.ids = this.buffer(4 * T, U.STORAGE | U.COPY_DST | U.COPY_SRC, 'ids');
     this.run = this.buffer(16, U.UNIFORM | U.COPY_DST, 'run');
     this.x = this.buffer(4 * T * C, U.STORAGE, 'x');
     this.mixed = this.buffer(4 * 3 * T * C, U.STORAGE, 'mixed');
@@ -521,7 +533,9 @@ export class RwkvWebGPU {
     this.rwkv = this.buffer(4 * T * C, U.STORAGE, 'r*wkv');
     this.h = this.buffer(4 * C, U.STORAGE, 'ln_out');
     this.logits = this.buffer(4 * align(V, 4), U.STORAGE | U.COPY_SRC, 'logits');
-    this.argmaxOut = this.buffer(16, U.STORAGE | U.COPY_SRC, 'argmax');
+    this.gen = this.buffer(4 * (1 + MAX_DECODE_BATCH), U.STORAGE | U.COPY_DST | U.COPY_SRC, 'generated ids');
+    // two readbacks of gen, used alternately: batch b + 1 runs on the GPU while JS reads batch b
+    this.genRead = [0, 1].map((i) => this.buffer(4 * (1 + MAX_DECODE_BATCH), U.MAP_READ | U.COPY_DST, `generated ids readback ${i}`));
     this.logitsRead = this.buffer(4 * V, U.MAP_READ | U.COPY_DST, 'logits readback');
     this.idRead = this.buffer(4, U.MAP_READ | U.COPY_DST, 'argmax readback');
     this.bytes = this.stateInit.byteLength;
@@ -582,7 +596,7 @@ export class RwkvWebGPU {
       compute: { module: dev.createShaderModule({ code, label }), entryPoint: 'main' },
     });
     const lay = {
-      embed: layoutOf('uurrw'), mm: layoutOf('uurrw'), ln: layoutOf('uurwrrrw'), wkv: layoutOf('uurwrrw'), am: layoutOf('urw'),
+      embed: layoutOf('uurrw'), mm: layoutOf('uurrw'), ln: layoutOf('uurwrrrw'), wkv: layoutOf('uurwrrw'), am: layoutOf('urww'),
     };
     this.pipes = {
       embed: pipe(wgslEmbed(this.f16), lay.embed, 'embed'),
@@ -605,7 +619,7 @@ export class RwkvWebGPU {
     // ops: {group, at(T) -> [pipeline, workgroups x, y]}: the grid follows the call's token count T
     const ops = [];
     const embed = group(lay.embed, [uniform([C]), this.run, this.ids, this.emb, this.x]);
-    ops.push({ group: embed, at: (T) => ['embed', Math.ceil((T * C) / WG), 1] });
+    ops.push({ kind: 'embed', group: embed, at: (T) => ['embed', Math.ceil((T * C) / WG), 1] });
     // a matmul: one token through the matvec, T tokens through the tiled kernel; the head always takes one row
     const mm = (X, Wm, Y, { xs, xseg = 0, ys, acts, gate = 0, scale = 1, oneRow = false }) => {
       const p = uniform([Wm.K, Wm.N, Wm.Np, Wm.bounds[0], Wm.bounds[1], xs, xseg, ys, ...acts, gate, { f: scale }]);
@@ -623,20 +637,21 @@ export class RwkvWebGPU {
       return { group: group(lay.wkv, [p, this.run, this.big, this.state, ly.first, ly.decay, this.rwkv]), at: () => ['wkv', Math.ceil(C / WG), 1] };
     };
     for (const [i, ly] of this.layers.entries()) {
-      ops.push(lnMix(0, i, ly.ln1w, ly.ln1b, ly.attMix, 3));
-      ops.push(mm(this.mixed, ly.kvr, this.big, { xs: C, xseg: Tmax * C, ys: 3 * C, acts: [0, 0, 1] }));
-      ops.push(wkv(i, ly));
-      ops.push(mm(this.rwkv, ly.out, this.x, { xs: C, ys: C, acts: [3, 3, 3] }));
-      ops.push(lnMix(4, i, ly.ln2w, ly.ln2b, ly.ffnMix, 2));
-      ops.push(mm(this.mixed, ly.kr, this.big, { xs: C, xseg: Tmax * C, ys: F + C, acts: [2, 1, 1] }));
-      ops.push(mm(this.big, ly.val, this.x, { xs: F + C, ys: C, acts: [4, 4, 4], gate: F, scale: ly.scale }));
+      const kind = (k, op) => Object.assign(op, { kind: k });
+      ops.push(kind('ln1+mix', lnMix(0, i, ly.ln1w, ly.ln1b, ly.attMix, 3)));
+      ops.push(kind('att k/v/r', mm(this.mixed, ly.kvr, this.big, { xs: C, xseg: Tmax * C, ys: 3 * C, acts: [0, 0, 1] })));
+      ops.push(kind('wkv', wkv(i, ly)));
+      ops.push(kind('att out', mm(this.rwkv, ly.out, this.x, { xs: C, ys: C, acts: [3, 3, 3] })));
+      ops.push(kind('ln2+mix', lnMix(4, i, ly.ln2w, ly.ln2b, ly.ffnMix, 2)));
+      ops.push(kind('ffn k/r', mm(this.mixed, ly.kr, this.big, { xs: C, xseg: Tmax * C, ys: F + C, acts: [2, 1, 1] })));
+      ops.push(kind('ffn v', mm(this.big, ly.val, this.x, { xs: F + C, ys: C, acts: [4, 4, 4], gate: F, scale: ly.scale })));
     }
     // ln_out of the last token (the mix input is unused with nmix = 0), then the head
     const last = group(lay.ln, [uniform([C, 0, 0, 0]), this.run, this.x, this.state, this.lnOutW, this.lnOutB, this.lnOutW, this.h]);
-    ops.push({ group: last, at: () => ['ln', 1, 1] });
-    ops.push(mm(this.h, this.head, this.logits, { xs: C, ys: 0, acts: [0, 0, 0], oneRow: true }));
+    ops.push({ kind: 'ln_out', group: last, at: () => ['ln', 1, 1] });
+    ops.push({ kind: 'head', ...mm(this.h, this.head, this.logits, { xs: C, ys: 0, acts: [0, 0, 0], oneRow: true }) });
     this.ops = ops;
-    this.argmaxOp = { group: group(lay.am, [uniform([V]), this.logits, this.argmaxOut]), at: () => ['argmax', 1, 1] };
+    this.argmaxOp = { kind: 'argmax', group: group(lay.am, [uniform([V, MAX_DECODE_BATCH]), this.logits, this.ids, this.gen]), at: () => ['argmax', 1, 1] };
     this.dispatchesPerStep = ops.length + 1;
   }
 
@@ -654,14 +669,9 @@ export class RwkvWebGPU {
     q.writeBuffer(this.run, 0, new Uint32Array([T, 0, 0, 0]));
     const enc = this.device.createCommandEncoder();
     const pass = enc.beginComputePass();
-    for (const op of want === 'argmax' ? [...this.ops, this.argmaxOp] : this.ops) {
-      const [pipeline, x, y] = op.at(T);
-      pass.setPipeline(this.pipes[pipeline]);
-      pass.setBindGroup(0, op.group);
-      pass.dispatchWorkgroups(x, y);
-    }
+    this.encode(pass, want === 'argmax' ? [...this.ops, this.argmaxOp] : this.ops, T);
     pass.end();
-    if (want === 'argmax') enc.copyBufferToBuffer(this.argmaxOut, 0, this.idRead, 0, 4);
+    if (want === 'argmax') enc.copyBufferToBuffer(this.ids, 0, this.idRead, 0, 4);
     else if (want === 'logits') enc.copyBufferToBuffer(this.logits, 0, this.logitsRead, 0, 4 * this.V);
     q.submit([enc.finish()]);
     if (!want) return null;
@@ -670,6 +680,83 @@ export class RwkvWebGPU {
     const mapped = rb.getMappedRange();
     const out = want === 'argmax' ? new Uint32Array(mapped)[0] : new Float32Array(mapped.slice(0));
     rb.unmap();
+    return out;
+  }
+
+  encode(pass, ops, T) {
+    for (const op of ops) {
+      const [pipeline, x, y] = op.at(T);
+      pass.setPipeline(this.pipes[pipeline]);
+      pass.setBindGroup(0, op.group);
+      pass.dispatchWorkgroups(x, y);
+    }
+  }
+
+  // Greedy decoding without a round trip a token: n steps, each embedding the id that the argmax before it left in
+  // ids[0] (so the call before must be forward(..., 'argmax')), encoded `batch` steps to a command buffer and submitted
+  // back to back; each batch's ids come back through one small readback while the next batch runs (two in flight).
+  // The batches add up to n exactly: the state takes n tokens, as n forward([id], 'argmax') calls would. onIds(ids of
+  // one batch, in order) is called as they arrive and returns true to stop (the batch in flight is then waited for and
+  // dropped: the state may be up to one batch ahead of the ids taken).
+  async decodeGreedy(n, batch, onIds) {
+    if (!(Number.isInteger(batch) && batch >= 1 && batch <= MAX_DECODE_BATCH)) fail(`the decode batch must be 1 to ${MAX_DECODE_BATCH}, got ${batch}`);
+    const sizes = [];
+    for (let left = n; left > 0; left -= batch) sizes.push(Math.min(batch, left));
+    const q = this.device.queue;
+    q.writeBuffer(this.run, 0, new Uint32Array([1, 0, 0, 0]));
+    const steps = [...this.ops, this.argmaxOp];
+    const submit = (b) => {
+      const k = sizes[b];
+      const rb = this.genRead[b % 2];
+      const enc = this.device.createCommandEncoder();
+      enc.clearBuffer(this.gen, 0, 16);
+      const pass = enc.beginComputePass();
+      for (let i = 0; i < k; i++) this.encode(pass, steps, 1);
+      pass.end();
+      enc.copyBufferToBuffer(this.gen, 0, rb, 0, 4 * (1 + k));
+      q.submit([enc.finish()]);
+      return { k, rb, mapped: rb.mapAsync(1, 0, 4 * (1 + k)) }; // GPUMapMode.READ
+    };
+    const inFlight = sizes.slice(0, 2).map((_, b) => submit(b));
+    let stop = false;
+    for (let b = 0; inFlight.length; b++) {
+      const { k, rb, mapped } = inFlight.shift();
+      await mapped;
+      const words = new Uint32Array(rb.getMappedRange(0, 4 * (1 + k))).slice();
+      rb.unmap();
+      if (words[0] !== k) fail(`a decode batch of ${k} steps wrote ${words[0]} ids (GPU error?)`);
+      if (!stop) stop = onIds(Array.from(words.subarray(1))) === true;
+      if (!stop && b + 2 < sizes.length) inFlight.push(submit(b + 2)); // batch b + 1 keeps the GPU busy meanwhile
+    }
+  }
+
+  // Where a decode token's time goes (load option profile): the dispatches of each kernel kind of one token, repeated
+  // `repeats` times in one command buffer, timed from submit to onSubmittedWorkDone. Wall time rather than
+  // timestamp-query: Chromium rounds timestamps to 100 µs without a developer flag, and a dispatch's fixed cost (~8 µs
+  // on the H200) is part of a token's time anyway. 'token' times the whole step the same way, 'empty' a command buffer
+  // with no dispatch (the submit's share, in every row). The repeated kernels leave garbage in the state: reset().
+  async profile(repeats = 20) {
+    this.device.queue.writeBuffer(this.run, 0, new Uint32Array([1, 0, 0, 0]));
+    const time = async (ops) => {
+      const once = async (r) => {
+        const enc = this.device.createCommandEncoder();
+        const pass = enc.beginComputePass();
+        for (let i = 0; i < r; i++) this.encode(pass, ops, 1);
+        pass.end();
+        const t = performance.now();
+        this.device.queue.submit([enc.finish()]);
+        await this.device.queue.onSubmittedWorkDone();
+        return performance.now() - t;
+      };
+      await once(1);
+      return Math.round((1000 * (await once(repeats))) / repeats);
+    };
+    const steps = [...this.ops, this.argmaxOp];
+    const out = { repeats, token_us: await time(steps), empty_us: await time([]), kinds: {} };
+    for (const k of new Set(steps.map((op) => op.kind))) {
+      const ops = steps.filter((op) => op.kind === k);
+      out.kinds[k] = { dispatches: ops.length, us: await time(ops) };
+    }
     return out;
   }
 
@@ -796,6 +883,8 @@ export function nativeWorker() {
     const { manifest, variant, modelBase, verify } = msg;
     const why = unsupported(manifest, variant);
     if (why) fail(why);
+    const b = w.decodeBatch;
+    if (!(Number.isInteger(b) && b >= 1 && b <= MAX_DECODE_BATCH)) fail(`the decode batch must be an integer from 1 (a round trip a token) to ${MAX_DECODE_BATCH}, got ${b}`);
     post({ type: 'progress', phase: 'probe' });
     const dev = await requestDevice();
     device = dev.device;
@@ -821,6 +910,8 @@ export function nativeWorker() {
       await rt.forward([0], 'argmax');
     });
     const warmupSeconds = (performance.now() - tW) / 1000;
+    const profile = msg.profile ? await checked('the profile run', () => rt.profile()) : null;
+    rt.reset();
     post({
       type: 'loaded',
       info: {
@@ -828,7 +919,7 @@ export function nativeWorker() {
         sequence: msg.useSequence ? `batched kernels (≤ ${PROMPT_CHUNK} tokens a call)` : null,
         bytes: loaded, downloadSeconds, verifySeconds: verifyMs / 1000, sessionSeconds, warmupSeconds, warmupSteps: 0,
         totalSeconds: (performance.now() - t0) / 1000, crossOriginIsolated: globalThis.crossOriginIsolated === true,
-        offGpu: [], stateBytesOnGpu: rt.bytes, adapter: dev.adapterName, runtime: 'rt_webgpu.js (hand-written WGSL, no onnxruntime)',
+        decodeBatch: w.decodeBatch, profile, offGpu: [], stateBytesOnGpu: rt.bytes, adapter: dev.adapterName, runtime: 'rt_webgpu.js (hand-written WGSL, no onnxruntime)',
         nodes: { step: { dispatches: rt.dispatchesPerStep }, prompt: null },
       },
     });
@@ -868,16 +959,37 @@ export function nativeWorker() {
     const ids = [];
     let reason = 'max_tokens';
     let modelMs = 0;
-    for (let i = 0; i < params.maxTokens; i++) {
-      await yieldToEvents();
-      if (stopRequested) { reason = 'stopped'; break; }
-      const id = greedy ? out : sampleToken(out, params, rng);
-      if (eosId != null && id === eosId) { reason = 'eos'; break; }
+    // a generated id: taken (and streamed) unless it is the end of text; true when generation ends with it
+    const take = (id) => {
+      if (eosId != null && id === eosId) { reason = 'eos'; return true; }
       ids.push(id);
       post({ type: 'token', id, n: ids.length, ms: performance.now() - t1 });
-      const tRun = performance.now();
-      out = await rt.forward([id], want);
-      modelMs += performance.now() - tRun;
+      return false;
+    };
+    const batch = greedy ? w.decodeBatch : 1;
+    if (batch > 1) {
+      // the GPU chains the steps (decodeGreedy): maxTokens steps, as the per-token loop below runs, ids in batches
+      await yieldToEvents();
+      if (stopRequested) reason = 'stopped';
+      else if (params.maxTokens > 0 && !take(out)) {
+        const tRun = performance.now();
+        await rt.decodeGreedy(params.maxTokens, batch, (got) => {
+          if (stopRequested) { reason = 'stopped'; return true; }
+          // the last step's id is computed and not taken, as on the per-token path
+          for (const id of got) if (ids.length === params.maxTokens || take(id)) return true;
+          return false;
+        });
+        modelMs = performance.now() - tRun;
+      }
+    } else {
+      for (let i = 0; i < params.maxTokens; i++) {
+        await yieldToEvents();
+        if (stopRequested) { reason = 'stopped'; break; }
+        if (take(greedy ? out : sampleToken(out, params, rng))) break;
+        const tRun = performance.now();
+        out = await rt.forward([ids[ids.length - 1]], want);
+        modelMs += performance.now() - tRun;
+      }
     }
     const t2 = performance.now();
     post({
@@ -890,7 +1002,7 @@ export function nativeWorker() {
     if (msg.type === 'stop') { stopRequested = true; return; }
     if (busy) { post({ type: 'error', phase: msg.type, message: 'busy: wait for the current run to finish' }); return; }
     busy = true;
-    if (msg.type === 'load') w.useSequence = msg.useSequence !== false;
+    if (msg.type === 'load') Object.assign(w, { useSequence: msg.useSequence !== false, decodeBatch: msg.decodeBatch ?? DECODE_BATCH });
     const job = msg.type === 'load' ? load(msg) : msg.type === 'generate' ? generate(msg) : Promise.reject(new Error(`unknown message type ${msg.type}`));
     job.catch((e) => post({ type: 'error', phase: msg.type === 'load' ? 'native' : msg.type, message: String(e.message || e).split('\n')[0] }))
       .finally(() => { busy = false; });
