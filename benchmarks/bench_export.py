@@ -1,11 +1,14 @@
 """How long a full export takes and how much memory it needs: wall time, peak RSS, output size, and where they go.
 
-    python benchmarks/bench_export.py [--shapes 169m,430m] [--quant fp16,int8,int4] [--target onnx]
-                                      [--work bench_out/export] [--no-stages]
+    python benchmarks/bench_export.py [--shapes 169m,430m] [--target onnx,tflite,tfjs] [--quant fp16,int8,int4]
+                                      [--no-check] [--work bench_out/export] [--no-stages]
 
 Each row is one `rwkv-export TARGET CKPT -o DIR --quant ...` with every default on (prompt graphs, parity and quality
-gates), run in a fresh subprocess on a bf16 checkpoint with the exact shapes of RWKV-4-Pile-169M (12 x 768) or
--430M (24 x 1024), synthetic weights (rwkv_export.synthetic). Peak RSS is the child's own (os.wait4's ru_maxrss,
+gates; --no-check leaves the gates out, and the rows say so), run in a fresh subprocess on a bf16 checkpoint with the
+exact shapes of RWKV-4-Pile-169M (12 x 768) or -430M (24 x 1024), synthetic weights (rwkv_export.synthetic), or on
+the README's try-it model (`--shapes tiny-pydoc`: builtin:tiny-pydoc). Without --quant each target gets every variant
+it has (onnx and tflite: fp16,int8,int4; tfjs: fp16,uint8); shapes and targets are interleaved (each shape runs
+every target before the next shape). Peak RSS is the child's own (os.wait4's ru_maxrss,
 which covers the process tree's largest member). The per-stage rows come from the export's own progress lines
 ("STAGE: done in N s (peak RSS M)"); stages not listed (imports, reading the checkpoint's tensors, writing the
 manifest) are the difference to the total.
@@ -46,8 +49,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
-def checkpoint(work: Path, shape: str) -> Path:
-    """The bf16 checkpoint of `shape`, made once and kept in `work`."""
+# target -> the variants a row exports when --quant is not given
+TARGET_QUANT = {"onnx": "fp16,int8,int4", "tflite": "fp16,int8,int4", "tfjs": "fp16,uint8"}
+BUILTIN = "tiny-pydoc"  # the README's try-it model: a source, not a shape
+
+
+def checkpoint(work: Path, shape: str) -> Path | str:
+    """The bf16 checkpoint of `shape`, made once and kept in `work` (the try-it model: its builtin: source)."""
+    if shape == BUILTIN:
+        return f"builtin:{BUILTIN}"
     path = work / f"rwkv4-{shape}-synthetic-bf16.pth"
     if not path.exists():
         from rwkv_export.synthetic import make_checkpoint
@@ -57,12 +67,14 @@ def checkpoint(work: Path, shape: str) -> Path:
     return path
 
 
-def run_export(target: str, ckpt: Path, out: Path, quant: str) -> dict:
+def run_export(target: str, ckpt: Path | str, out: Path, quant: str, check: bool = True) -> dict:
     """One export in a fresh process: wall, CPU and peak RSS of the child, its stage lines, the output's size."""
     exe = Path(sys.executable).with_name("rwkv-export")
     cmd = [str(exe) if exe.exists() else "rwkv-export", target, str(ckpt), "-o", str(out), "--force"]
     if quant:
         cmd += ["--quant", quant]
+    if not check:
+        cmd.append("--no-check")
     load0 = os.getloadavg()[0]
     log = out.with_name(out.name + ".log")
     t0 = time.perf_counter()
@@ -80,36 +92,49 @@ def run_export(target: str, ckpt: Path, out: Path, quant: str) -> dict:
         if m:
             rss = float(m["rss"]) * (1024 if m["unit"] == "GB" else 1)
             stages.append((m["stage"], float(m["s"]), rss))
-    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) if out.is_dir() else 0
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0  # tfjs: subfolders
     return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "peak_mb": usage.ru_maxrss / 1024,
             "size": size, "stages": stages, "load": (load0, os.getloadavg()[0]), "error": error}
 
 
+def _size(ckpt: Path | str) -> str:
+    return f"{ckpt.stat().st_size / 1e6:.0f} MB" if isinstance(ckpt, Path) else str(ckpt)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default="169m,430m")
-    ap.add_argument("--quant", default="fp16,int8,int4")
-    ap.add_argument("--target", default="onnx", choices=["onnx", "tflite", "tfjs"])
+    ap.add_argument("--shapes", default="169m,430m", help=f"comma-separated: {', '.join([*SHAPES, BUILTIN])}")
+    ap.add_argument("--quant", default=None, help="the variants of every row (default: each target's own, as above)")
+    ap.add_argument("--target", default="onnx", help="comma-separated: onnx, tflite, tfjs")
+    ap.add_argument("--no-check", action="store_true", help="export without the parity and quality gates")
     ap.add_argument("--work", type=Path, default=ROOT / "bench_out" / "export")
     ap.add_argument("--no-stages", action="store_true", help="only the total row per shape")
     args = ap.parse_args(argv)
+    targets = args.target.split(",")
+    bad = [t for t in targets if t not in TARGET_QUANT]
+    if bad:
+        ap.error(f"unknown target '{bad[0]}'; choose from {', '.join(TARGET_QUANT)}")
     args.work.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {machine()}; {args.target} --quant {args.quant or '(none)'}; each row a fresh process")
+    gates = "no gates (--no-check)" if args.no_check else "every gate on"
+    print(f"machine: {machine()}; targets {', '.join(targets)}; {gates}; each row a fresh process")
     rows = []
     for shape in args.shapes.split(","):
         ckpt = checkpoint(args.work, shape)
-        out = args.work / f"out-{args.target}-{shape}"
-        res = run_export(args.target, ckpt, out, args.quant)
-        shutil.rmtree(out, ignore_errors=True)
-        rows.append((shape, ckpt, res))
+        for target in targets:
+            quant = TARGET_QUANT[target] if args.quant is None else args.quant
+            out = args.work / f"out-{target}-{shape}"
+            res = run_export(target, ckpt, out, quant, check=not args.no_check)
+            shutil.rmtree(out, ignore_errors=True)
+            rows.append((shape, ckpt, target, quant, res))
     print()
-    print("| model (bf16 checkpoint) | stage | wall s | peak RSS | output |")
-    print("|---|---|---:|---:|---:|")
-    for shape, ckpt, res in rows:
+    print("| model (bf16 checkpoint) | target, --quant | stage | wall s | peak RSS | output |")
+    print("|---|---|---|---:|---:|---:|")
+    for shape, ckpt, target, quant, res in rows:
+        what = f"{target} {quant or '(none)'}" + (" --no-check" if args.no_check else "")
         if not args.no_stages:
             for stage, s, rss in res["stages"]:
-                print(f"| {shape} | {stage} | {s:.1f} | {rss:.0f} MB | |")
-        print(f"| **{shape}** ({ckpt.stat().st_size / 1e6:.0f} MB) | **total** (CPU {res['cpu']:.0f} s; load "
+                print(f"| {shape} | {what} | {stage} | {s:.1f} | {rss:.0f} MB | |")
+        print(f"| **{shape}** ({_size(ckpt)}) | {what} | **total** (CPU {res['cpu']:.0f} s; load "
               f"{res['load'][0]:.1f} -> {res['load'][1]:.1f}) | **{res['wall']:.1f}** | **{res['peak_mb']:.0f} MB** "
               f"| {res['size'] / 1e6:.0f} MB |" + (f" FAILED ({res['error'] or 'see the log'})" if res["error"] is not None else ""))
 

@@ -4,7 +4,7 @@ Prompt tokens/s at T = 64 and 512 (by default) for
   - the sequence graph (GPT mode, rwkv_export.seq_model) in onnxruntime, fed in chunks by OnnxSequenceRunner,
   - the step graph in onnxruntime fed token by token (what a client without the sequence graph does),
   - the `rwkv` pip package's sequence mode, `model.forward(tokens, None)`, strategy "cpu fp32" (JIT and CUDA off),
-and with --tflite also the TFLite prompt graph (the .tflite's `prefill` signature, fixed chunks of 16, the tail through
+and with --tflite also the TFLite prompt graph (prefill.tflite's `prefill` signature, fixed chunks of 16, the tail through
 `step`) in the LiteRT interpreter, fp32 and int8, all in one run, printed as a table with ratios. A prompt is timed
 from a fresh state to the last token's logits. The rows are interleaved: --repeats rounds, each running every row
 once in a fresh Python process (one warm-up, then three timed runs per length; the step graph one); each cell gives
@@ -125,7 +125,7 @@ res = {{'logits_rel': float(d), 'state_rel': ds, 'top1_same': bool(got.argmax() 
 
 
 def export_tflite(ckpt: Path, out: Path) -> dict:
-    """`rwkv-export tflite --quant int8` (no parity check): fp32 and int8 .tflite files, each with both signatures."""
+    """`rwkv-export tflite --quant int8` (no parity check): fp32 and int8 step and prompt-graph .tflite files."""
     return child(f"""
 from rwkv_export.export import export_target
 t0 = time.perf_counter()

@@ -330,7 +330,7 @@ def quality(work: Path, targets: list, n_eval: int, n_eval_tfjs: int, n_anchor: 
                 emit(f"| {target} | {v} | not available: no step graph of this variant in the export |")
                 continue
             qr = r["quality"]
-            gate = f"{qr['max_ppl_delta'] * 100:g}" + (" (on KL)" if qr.get("gated_on") == "kl" else "") \
+            gate = f"{qr['max_ppl_delta'] * 100:g}" + (" (on info loss)" if qr.get("gated_on") == "info_loss" else "") \
                 if "max_ppl_delta" in qr else "-"
             verdict = ("PASS" if qr["passed"] else "FAIL") if "passed" in qr else "(fp32 vs onnx/fp32)"
             emit(f"| {target} | {v} | {r['mb']:.2f} | {qr['tokens']} | {qr['ppl']:.4f} | {qr['ppl_delta'] * 100:+.3f} | "

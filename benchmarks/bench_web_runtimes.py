@@ -2,7 +2,11 @@
 backend × variant, load time, memory, decode tok/s (median and range over --repeats generations of --tokens greedy
 tokens) and prompt tok/s, on the 169M shapes by default.
 
-    python benchmarks/bench_web_runtimes.py [--cells ort:wasm:fp32,tfjs:wasm:fp32,...] [--threads 2]
+    python benchmarks/bench_web_runtimes.py [--cells ort:wasm:fp32,tfjs:wasm:fp32,tflite:wasm:int8:2:worker,...]
+        [--threads 2]
+
+A cell is runtime:backend:variant[:threads[:worker]]; `worker` runs the runtime in a Web Worker (runtimes.html's
+?worker=1, rt_worker.js) instead of on the page's thread.
 
 The exports (onnx fp32+int8 with the prompt graph, tfjs fp32+uint8, tflite fp32+int8) are made once into --cache
 (default ~/.cache/rwkv-export/bench_web_runtimes/<source>/; --no-check: the parity gates are tested elsewhere). Each
@@ -47,7 +51,10 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--enable-unsafe-webgpu",
                  "--enable-blink-features=ForceEagerMeasureMemory"]
-PROMPT = "\n\nThe RWKV language model is an RNN with transformer-level performance."
+# 69 tokens of the 20B tokenizer (274 bytes): long enough that a fixed-chunk prompt graph (TFLite: 16) runs whole chunks
+PROMPT = ("\n\nThe RWKV language model is an RNN with transformer-level performance. It can be trained like a GPT, "
+          "in parallel over a whole text, and it runs like an RNN, one token at a time with a state of fixed size, "
+          "so it needs no cache of keys and values however long the text grows.")  # 4 chunks of 16 + 5 steps
 WARMUP_TOKENS = 8
 LOAD_TIMEOUT_MS = 900_000
 EXPORTS = {  # target -> (CLI arguments after the source)
@@ -55,12 +62,13 @@ EXPORTS = {  # target -> (CLI arguments after the source)
     "tfjs": ["--quant", "uint8", "--no-check"],
     "tflite": ["--quant", "int8", "--no-check"],
 }
-FORMAT = {"ort": "onnx", "tfjs": "tfjs", "tflite": "tflite"}
+FORMAT = {"ort": "onnx", "native": "onnx", "tfjs": "tfjs", "tflite": "tflite"}
 # TF.js's pure-JS cpu backend (~1 tok/s at 169M) and WebGL/WebGPU on SwiftShader (a CPU rendering GPU calls) are
 # left out of the CPU default: they run (tests/test_web_runtimes.py, tiny model) but would take most of the run.
-CPU_CELLS = ("ort:wasm:fp32,ort:wasm:int8,tfjs:wasm:fp32,tfjs:wasm:uint8,tflite:wasm:fp32,tflite:wasm:int8,"
-             "tflite:wasm:fp32:1,tflite:wasm:int8:1")
-GPU_CELLS = "ort:webgpu:fp32,ort:wasm:fp32,tfjs:webgpu:fp32,tfjs:webgl:fp32,tfjs:wasm:fp32,ort:wasm:int8"
+CPU_CELLS = ("ort:wasm:fp32,ort:wasm:int8,tfjs:wasm:fp32,tfjs:wasm:uint8,tflite:wasm:fp32:1,tflite:wasm:int8:1,"
+             "tflite:wasm:int8:2,tflite:wasm:int8:1:worker,tflite:wasm:int8:2:worker,ort:wasm:int8:2:worker")
+GPU_CELLS = ("ort:webgpu:fp32,native:webgpu-native:fp32,ort:wasm:fp32,tfjs:webgpu:fp32,tfjs:webgl:fp32,tfjs:wasm:fp32,"
+             "ort:wasm:int8,tfjs:webgpu:uint8")
 # What the page loads from node_modules (for --pack): runtimes.html's scripts and the wasm binaries they fetch.
 PACK = [
     "node_modules/onnxruntime-web/dist/ort.wasm.min.mjs", "node_modules/onnxruntime-web/dist/ort.webgpu.min.mjs",
@@ -105,8 +113,10 @@ def ensure_export(cache: Path, source: str, target: str) -> Path:
 READY = "!!(window.rwkvRuntimes && ['setup','error'].includes(document.body.dataset.status))"
 
 
-def cell_exprs(runtime: str, backend: str, variant: str, threads: int, tokens: int, repeats: int) -> list[str]:
-    opts = json.dumps({"runtime": runtime, "backend": backend, "variant": variant, "threads": threads, "verify": False})
+def cell_exprs(runtime: str, backend: str, variant: str, threads: int, tokens: int, repeats: int,
+               worker: bool = False) -> list[str]:
+    opts = json.dumps({"runtime": runtime, "backend": backend, "variant": variant, "threads": threads,
+                       "worker": worker, "verify": False})
     gen = "await window.rwkvRuntimes.generate({prompt: %s, maxTokens: %d}).then(r => JSON.stringify(r.stats))"
     mem = "await window.rwkvRuntimes.memory({timeoutMs: 20000}).then(m => JSON.stringify(m))"
     return ([f"await window.rwkvRuntimes.load({opts}).then(r => JSON.stringify(r))", mem,
@@ -237,10 +247,16 @@ def main() -> None:
     from rwkv_export.serve import serve_in_thread
 
     cache = args.cache or cache_dir() / "bench_web_runtimes" / args.source.replace("builtin:", "").replace("/", "_")
-    cells = [(c.split(":") + [None])[:4] for c in (args.cells or (GPU_CELLS if args.cdp else CPU_CELLS)).split(",")]
+    spec = args.cells or (GPU_CELLS if args.cdp else CPU_CELLS)
+    cells = [(c.split(":") + [None, None])[:5] for c in spec.split(",")]
+    for c in cells:
+        if c[4] not in (None, "worker"):
+            fail(f"cell {':'.join(x for x in c if x)}: the fifth field can only be 'worker'")
     cells.append(cells[0])  # the baseline again at the end
     folders = {}
     for rt, *_ in cells:
+        if rt not in FORMAT:
+            fail(f"unknown runtime '{rt}' in --cells (choose from {', '.join(FORMAT)})")
         fmt = FORMAT[rt]
         if fmt not in folders:
             try:
@@ -260,15 +276,16 @@ def main() -> None:
         pw = sync_playwright().start()
     base, notes = None, {}
     try:
-        for rt, be, variant, threads in cells:
+        for rt, be, variant, threads, worker in cells:
             folder = folders[FORMAT[rt]]
-            cell = f"{rt}:{be}:{variant}"
+            cell = f"{rt}:{be}:{variant}{' worker' if worker else ''}"
             if isinstance(folder, Exception):
                 print(row(cell, {"error": str(folder)}, base), flush=True)
                 continue
             server, url = serve_in_thread(folder)
             try:
-                exprs = cell_exprs(rt, be, variant, int(threads or args.threads), args.tokens, args.repeats)
+                exprs = cell_exprs(rt, be, variant, int(threads or args.threads), args.tokens, args.repeats,
+                                   worker == "worker")
                 vals = cdp_cell(args.cdp_script, url, exprs) if args.cdp else playwright_cell(pw, url, exprs)
             finally:
                 server.shutdown()

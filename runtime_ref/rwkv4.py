@@ -224,7 +224,8 @@ class RWKV4(nn.Module):
         check_state_dict(state_dict, cfg)
         self.config = cfg
         with torch.device("meta"):  # no init work: every tensor comes from the checkpoint
-            self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+            # _weight: no random init to skip (on meta, Embedding's normal_ imports torch._dynamo: 10 s loaded)
+            self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd, _weight=torch.empty(cfg.vocab_size, cfg.n_embd))
             self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
             self.ln_out = nn.LayerNorm(cfg.n_embd)
             self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)

@@ -4,7 +4,8 @@ tokenizer, the manifest, and a generated INTEGRATION.md — optionally split in 
 Runtimes:
 - `ort-mobile`: ONNX Runtime's `.ort` format (onnxruntime.tools.convert_onnx_models_to_ort) plus the operator config
   for a reduced ONNX Runtime build (`--include_ops_by_config required_operators.config`);
-- `tflite`: the `.tflite` with its `step` and `prefill` signatures (needs the [tflite] extra).
+- `tflite`: the step `.tflite` (`step` signature) and the prompt-graph `.tflite` (`prefill` signature) (needs the
+  [tflite] extra).
 """
 
 from __future__ import annotations

@@ -143,6 +143,29 @@ def load_checkpoint(path: str | Path, progress: Callable | None = None) -> Check
     return from_state_dict(sd, path=path, progress=progress)
 
 
+def reread(ckpt: Checkpoint, keep=()) -> bool:
+    """Give back the memory a checkpoint's tensors hold once read, between the stages of an export (issue 19): a
+    .pth (zip) or .safetensors file is memory-mapped, and every page a stage read (building a module reads them all)
+    stays resident, 340 MB at 169M shapes and 0.86 GB at 430M, while the next stage holds a module of its own. The
+    tensors are swapped for a fresh mapping of the same file: the same bytes, nothing resident until read again
+    (from the page cache, ~0.3 s at 169M). The old pages go once nothing else holds those tensors. A checkpoint
+    read into memory (a built-in model, torch's legacy format) is left as it is, and so is one whose tensors a module
+    in `keep` still holds (an fp32 checkpoint's vectors become an fp32 module's parameters as they are): that module
+    would keep the old mapping, and the next stage would fill a second one. Returns whether it was re-read."""
+    path = ckpt.path
+    if path is None or sniff_format(Path(path)) not in ("zip", "safetensors"):
+        return False
+    mine = {t.untyped_storage().data_ptr() for t in ckpt.tensors.values()}
+    if any(t.untyped_storage().data_ptr() in mine for m in keep for t in [*m.parameters(), *m.buffers()]):
+        return False
+    sd = strip_wrapper_prefix(read_state_dict(path))
+    if sd.keys() != ckpt.tensors.keys() or any(sd[k].shape != t.shape or sd[k].dtype != t.dtype
+                                                for k, t in ckpt.tensors.items()):
+        raise CheckpointError(f"{Path(path).name} changed while it was being exported")
+    ckpt.tensors = sd
+    return True
+
+
 def _first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return s[0] if s else type(e).__name__

@@ -148,13 +148,13 @@ def tflite(
     quant: Optional[str] = typer.Option(None, "--quant", help="Extra variants, comma-separated: fp16,int8,int4."),
     check: bool = typer.Option(True, "--check/--no-check", help="Run the gates in the LiteRT interpreter first."),
     prefill: bool = typer.Option(True, "--prefill/--no-prefill",
-                                 help="Also give each .tflite the prompt graph: a `prefill` signature for chunks of 16 "
-                                      "tokens, sharing the step signature's weights."),
+                                 help="Also write each variant's prompt graph: prefill*.tflite beside model*.tflite, "
+                                      "a `prefill` signature for chunks of 16 tokens."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress output."),
     embedding: bool = typer.Option(False, "--embedding", help=EMBEDDING_HELP),
 ):
-    """Export CHECKPOINT to TFLite (LiteRT): one .tflite per variant with `step` and `prefill` signatures. Extra:
-    [tflite]."""
+    """Export CHECKPOINT to TFLite (LiteRT): per variant a step file (`step` signature) and a prompt-graph file
+    (`prefill` signature). Extra: [tflite]."""
     _edge_command("tflite", checkpoint, out, force, tokenizer, quant, check, quiet, prefill, embedding)
 
 
@@ -166,11 +166,15 @@ def tfjs(
     tokenizer: Optional[str] = typer.Option(None, help="tokenizer.json to ship instead of the bundled one, or 'bytes'."),
     quant: Optional[str] = typer.Option(None, "--quant", help="Extra variants, comma-separated: fp16,uint8."),
     check: bool = typer.Option(True, "--check/--no-check", help="Run the gates in Node with @tensorflow/tfjs first."),
+    prefill: bool = typer.Option(True, "--prefill/--no-prefill",
+                                 help="Also put the prompt graph (1..max_chunk tokens per call) in each model.json, "
+                                      "sharing the step graph's weights (not with --embedding)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress output."),
     embedding: bool = typer.Option(False, "--embedding", help=EMBEDDING_HELP),
 ):
-    """Export CHECKPOINT to a TF.js graph model (model.json + weight shards) per variant. Checking needs Node."""
-    _edge_command("tfjs", checkpoint, out, force, tokenizer, quant, check, quiet, embedding=embedding)
+    """Export CHECKPOINT to a TF.js graph model (model.json + weight shards) per variant, holding the step and the
+    prompt graph. Checking needs Node."""
+    _edge_command("tfjs", checkpoint, out, force, tokenizer, quant, check, quiet, prefill, embedding)
 
 
 @app.command()

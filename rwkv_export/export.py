@@ -11,6 +11,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checkpoint import reread
 from .errors import RwkvExportError
 from .manifest import new_manifest, read_manifest, write_manifest
 from .outdir import check_output_dir, staged_output_dir
@@ -104,6 +105,7 @@ def _make_variant(variant: str, root: Path, ckpt, options: QuantOptions, opset: 
 
         info = ckpt.arch.fp16_info()
         module = step_module(ckpt, "fp16", embedding)
+        reread(ckpt, keep=[module])
         rescale = f", rescale every {info['rescale_every']} layers" if info.get("rescale_every") else ""
         seq = PREFILL_FILES[variant] if prefill else None
         step_label = f"writing {file} (fp16 weights and activations, fp32 state{rescale})"
@@ -205,6 +207,7 @@ def export_onnx(
     with staged_output_dir(out, force, inputs=(source, tokenizer)) as tmp:
         with progress.stage(f"building the {ckpt.arch.title} step graph"):
             module = step_module(ckpt, "fp32", embedding)
+        reread(ckpt, keep=[module])  # the module holds the weights now: the file's pages need not stay resident
         # with the prompt graph, both graphs' weights end in one shared data file: written there as external data
         # from the start (streamed tensor by tensor), not serialized into a >600 MB proto in memory first
         external = True if prefill and external_data is None else external_data
@@ -296,10 +299,12 @@ def build_target(target: str, root: Path, src: Source, ckpt, tok, *, quant: list
                  prefill: bool = True, progress: Progress = QUIET, embedding: bool = False) -> tuple[dict, list]:
     """Write the TFLite or TF.js files of `ckpt` (fp32 plus `quant` variants), the tokenizer and their checks into
     the existing folder `root`; return (manifest, reports). The manifest is not written (the caller does). prefill:
-    TFLite files also get the prompt graph (`prefill` signature, fixed chunks); TF.js has none."""
+    TFLite files also get the prompt graph (`prefill` signature, fixed chunks); TF.js's model.json holds it beside the step
+    graph (any chunk up to max_chunk)."""
     variants = ["fp32", *[v for v in quant if v != "fp32"]]
     with progress.stage(f"building the {ckpt.arch.title} step graph"):
         module = step_module(ckpt, "fp32", embedding)
+    reread(ckpt, keep=[module])
     if target == "tflite":
         from .targets import tflite
 
@@ -311,8 +316,10 @@ def build_target(target: str, root: Path, src: Source, ckpt, tok, *, quant: list
         from .targets import tfjs
 
         tfjs.check_variants(variants)
-        with progress.stage(f"writing TF.js graph models ({', '.join(variants)})"):
-            graphs = tfjs.export_tfjs(module, root, variants)
+        with progress.stage(f"writing TF.js graph models ({', '.join(variants)}"
+                            f"{', step and prompt graphs' if prefill else ''})"):
+            # the embedder runs a TF.js folder through the step protocol only: no prompt graph with --embedding
+            graphs = tfjs.export_tfjs(module, root, variants, prefill=prefill and not embedding)
     else:
         raise RwkvExportError(f"unknown target '{target}'; choose from onnx, tflite, tfjs")
     del module

@@ -8,14 +8,17 @@ the same text token by token with their own state fed back (exactly as an app ru
 - greedy agreement: after a prompt, each side continues greedily from its own state; the number of identical tokens
   before the first difference (out of n_greedy).
 
-The gate is on the perplexity increase, per variant kind (PPL_GATES), because that is what a user feels; KL, top-1
-and greedy agreement are reported alongside. One exception, because a judgement must be judged: when the fp32 model
-predicts the eval text no better than a uniform guess (perplexity >= its vocabulary: synthetic weights, or text in a
-language the model never saw), the perplexity change measures noise at tokens the model finds improbable, not what
-quantization did (seen: a synthetic RWKV-7 at perplexity 1.26e4 over 256 byte ids, int8 +1.9% at KL 0.0024). Then
-the same gate bounds exp(KL) - 1 instead: the perplexity increase the variant causes on text that the fp32 model
-itself would write (E over y ~ p_fp32 of log p_fp32(y) / p_variant(y) is the KL), which is the effect a user of that
-model sees. The report says which quantity was gated ("gated_on").
+The gate is on the perplexity increase, per variant kind (parity.QUALITY_GATES, the one table of thresholds), because
+that is what a user feels; KL, top-1 and greedy agreement are reported alongside. One exception, because a judgement
+must be judged: when the fp32 model predicts the eval text no better than a uniform guess (perplexity >= its
+vocabulary: synthetic weights, or text in a language the model never saw), the perplexity change measures noise at
+tokens the model finds improbable, not what quantization did (seen: a synthetic RWKV-7 at perplexity 1.26e4 over 256
+byte ids, int8 +1.9% at KL 0.0024; at 169M shapes int4 -2.5%). Then the gate bounds the share of what the fp32 model
+knows that the variant loses: KL(fp32 || variant) / KL(fp32 || uniform) ("info_loss"), the distance the variant moves
+the distribution over the distance the model's own distribution stands from knowing nothing. A plain bound on KL
+would judge the model instead of the file: a random-weight model is noisy, and a correct int4 file moves it by KL
+0.07-0.14 (as far as a file with zeroed head rows moves a trained model) while keeping 97% of what it knows.
+The report says which quantity was gated ("gated_on": "ppl" or "info_loss").
 """
 
 from __future__ import annotations
@@ -25,20 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ParityNonFiniteError, ParityToleranceError, RwkvExportError
+from .parity import QUALITY_GATES, quality_gate
 
-# Gates: maximum relative perplexity increase of the variant over fp32 on the eval text.
-PPL_GATES: dict[str, float] = {
-    # fp16 changes logits by ~5e-3 of their std at most (toolchain.md); onnxruntime's plain fp16 conversion of
-    # tiny-pydoc measured +0.007% (KL 6e-6). 0.1% leaves room for deeper models and catches a broken fp16 path
-    # (overflow without rescaling, a state held in fp16 that loses the WKV sums) at once.
-    "fp16": 0.001,
-    # int8: every formulation measured within +0.13% on tiny-pydoc (KL <= 5e-4). 1% is the issue's budget: room for
-    # models with outlier weights, while real breakage costs far more (every int4 scale 10% off: +6%).
-    "int8": 0.01,
-    # int4: block 128 (default) +1.6%, with the embedding in 4 bits too +2.8%, block 32 +0.85% on tiny-pydoc. 5% is the
-    # issue's budget, the usual ceiling for a usable 4-bit model (small models lose more to 4 bits than large ones).
-    "int4": 0.05,
-}
+# The perplexity bounds of parity.QUALITY_GATES (where the reasons are), by variant kind.
+PPL_GATES: dict[str, float] = {kind: g.max_ppl_delta for kind, g in QUALITY_GATES.items()}
 EVAL_TEXT = Path(__file__).parent / "data" / "tiny-pydoc-eval.txt"  # held-out English/Python prose (arch/rwkv4/train.py)
 # Tokens of eval text per check: the paired perplexity delta is within ~1% (int4) at 1,500 tokens and ~0.3% at 24,000
 # on tiny-pydoc; 2,000 keeps a 169M check to about a minute on two cores (fp32 ~36 tok/s + the variant).
@@ -79,58 +72,103 @@ def evaluate_variant(variant_runner, fp32_runner, tokens, *, n_greedy: int = DEF
 
 def evaluate_variants(variant_runners: list, fp32_runner, tokens, *, n_greedy: int = DEFAULT_N_GREEDY,
                       prompt_len: int = DEFAULT_PROMPT_LEN, chunk: int = 128) -> list[dict]:
-    """evaluate_variant for several variants against one fp32 run: the fp32 side (its logits over the text, its state
-    after the prompt, its greedy continuation) does not depend on the variant, so it is computed once and each
-    variant is compared with it in turn, token by token. When fp32_runner also has `.logits_seq(tokens, state) ->
-    (logits [T, V], state)` (ReferenceRunner: the reference's GPT mode, the same equations as T steps, rounded in a
-    different order), the text is read in chunks of `chunk` tokens through it; the greedy continuation always uses
-    `.step`."""
-    tokens = [int(t) for t in tokens]
-    if len(tokens) < 2:
-        raise EvalTextError(f"need at least 2 tokens of eval text to measure perplexity, got {len(tokens)}")
-    prompt_len = max(1, min(prompt_len, len(tokens)))
+    """evaluate_variant for several variants against one fp32 run: the fp32 side (its logits over the text, its
+    greedy continuation after the prompt) does not depend on the variant, so it is computed once (Baseline) and each
+    variant is compared with it in turn. When fp32_runner also has `.logits_seq(tokens, state) -> (logits [T, V],
+    state)` (ReferenceRunner: the reference's GPT mode, the same equations as T steps, rounded in a different order),
+    the text is read in chunks of `chunk` tokens through it; the greedy continuation always uses `.step`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="rwkv-quality-") as tmp:
+        base = Baseline.compute(fp32_runner, tokens, Path(tmp) / "fp32_logits.bin", n_greedy=n_greedy,
+                                prompt_len=prompt_len, chunk=chunk)
+        return [evaluate_against(r, base) for r in variant_runners]
+
+
+class Baseline:
+    """The fp32 side of the quality comparison, computed once for every variant: its logits after each eval token
+    (in a file, `rows` of `vocab_size` values of `dtype`: 2000 x 50277 fp32 is 400 MB, more than the check may hold
+    in memory), its total NLL, and its greedy continuation after the prompt. Picklable (path and small fields), so
+    variants can be judged in other processes (check.py); the numbers a variant's report is computed from are the
+    ones evaluate_variants read before the fp32 side was shared."""
+
+    def __init__(self, path: Path, tokens: list[int], dtype: str, vocab_size: int, nll: float, greedy: list[int],
+                 n_greedy: int, prompt_len: int):
+        self.path, self.tokens, self.dtype, self.vocab_size = Path(path), tokens, dtype, vocab_size
+        self.nll, self.greedy, self.n_greedy, self.prompt_len = nll, greedy, n_greedy, prompt_len
+
+    @classmethod
+    def compute(cls, fp32_runner, tokens, path: Path, *, n_greedy: int = DEFAULT_N_GREEDY,
+                prompt_len: int = DEFAULT_PROMPT_LEN, chunk: int = 128) -> "Baseline":
+        tokens = [int(t) for t in tokens]
+        if len(tokens) < 2:
+            raise EvalTextError(f"need at least 2 tokens of eval text to measure perplexity, got {len(tokens)}")
+        prompt_len = max(1, min(prompt_len, len(tokens)))
+        n = len(tokens) - 1
+        fed = max(n, prompt_len)  # tokens each side reads: all but the last, or all when the prompt is the whole text
+        nll, start, dtype = 0.0, None, None
+        with open(path, "wb") as f:
+            for i, lf, sf in _fp32_logits(fp32_runner, tokens[:fed], prompt_len, chunk):
+                lf = np.asarray(lf).reshape(-1)
+                dtype = dtype or lf.dtype.str
+                f.write(np.ascontiguousarray(lf, dtype=dtype).tobytes())
+                if i == prompt_len - 1:
+                    start = (lf, sf)
+                if i < n:
+                    pf = _log_softmax(lf)
+                    if not np.isfinite(pf).all():
+                        raise ParityNonFiniteError(f"NaN/Inf fp32 logits at token {i} of the eval text")
+                    nll -= pf[tokens[i + 1]]
+        greedy = _Greedy(fp32_runner, *start, n_greedy)
+        greedy.token(n_greedy - 1)  # all of it now: the fp32 runner stays here, the variants may not
+        return cls(path, tokens, dtype, int(start[0].size), float(nll), greedy.tokens[:max(n_greedy, 1)], n_greedy,
+                   prompt_len)
+
+    def rows(self, chunk: int = 64):
+        """The fp32 logits row by row (as float64 log-probabilities are computed from them), read `chunk` at a time."""
+        with open(self.path, "rb") as f:
+            while True:
+                block = np.fromfile(f, dtype=self.dtype, count=chunk * self.vocab_size)
+                if block.size == 0:
+                    return
+                yield from block.reshape(-1, self.vocab_size)
+
+
+def evaluate_against(variant_runner, base: Baseline) -> dict:
+    """One variant over the eval text (state fed back, token by token, as an app runs it) against the fp32 Baseline:
+    perplexities, KL(fp32 || variant), top-1 and greedy agreement."""
+    tokens, prompt_len = base.tokens, base.prompt_len
     n = len(tokens) - 1
-    fed = max(n, prompt_len)  # tokens each side reads: all but the last, or all when the prompt is the whole text
-    acc = [{"nll": 0.0, "kl": 0.0, "top1": 0, "state": r.new_state(), "start": None} for r in variant_runners]
-    nll_f, lf_start, sf_start = 0.0, None, None
-    for i, lf, sf in _fp32_logits(fp32_runner, tokens[:fed], prompt_len, chunk):
-        pf = _log_softmax(lf) if i < n else None
-        if pf is not None and not np.isfinite(pf).all():
-            raise ParityNonFiniteError(f"NaN/Inf fp32 logits at token {i} of the eval text")
+    nll = kl = kl_uniform = 0.0
+    top1, state, start = 0, variant_runner.new_state(), None
+    for i, lf in enumerate(base.rows()):
+        lv, state = variant_runner.step(tokens[i], state)
         if i == prompt_len - 1:
-            lf_start, sf_start = lf, sf
-        if pf is not None:
-            nll_f -= pf[tokens[i + 1]]
-        for runner, a in zip(variant_runners, acc):
-            lv, a["state"] = runner.step(tokens[i], a["state"])
-            if i == prompt_len - 1:
-                a["start"] = (lv, a["state"])
-            if pf is None:
-                continue
-            pv = _log_softmax(lv)
-            if not np.isfinite(pv).all():
-                raise ParityNonFiniteError(f"NaN/Inf logits at token {i} of the eval text")
-            a["nll"] -= pv[tokens[i + 1]]
-            a["kl"] += float(np.sum(np.exp(pf) * (pf - pv)))
-            a["top1"] += int(pv.argmax() == pf.argmax())
-    fp32_greedy = _Greedy(fp32_runner, lf_start, sf_start, n_greedy)
-    ppl_f = float(np.exp(nll_f / n))
-    reports = []
-    for runner, a in zip(variant_runners, acc):
-        ppl_v = float(np.exp(a["nll"] / n))
-        reports.append({
-            "tokens": n,
-            "ppl": ppl_v,
-            "ppl_fp32": ppl_f,
-            "ppl_delta": ppl_v / ppl_f - 1.0,
-            "kl": a["kl"] / n,
-            "vocab_size": int(np.asarray(lf_start).size),
-            "top1_agreement": a["top1"] / n,
-            "greedy_match": fp32_greedy.agreement(runner, *a["start"]),
-            "greedy_tokens": n_greedy,
-            "prompt_tokens": prompt_len,
-        })
-    return reports
+            start = (lv, state)
+        if i >= n:
+            continue
+        pf, pv = _log_softmax(lf), _log_softmax(lv)
+        if not np.isfinite(pv).all():
+            raise ParityNonFiniteError(f"NaN/Inf logits at token {i} of the eval text")
+        nll -= pv[tokens[i + 1]]
+        p = np.exp(pf)
+        kl += float(np.sum(p * (pf - pv)))
+        kl_uniform += float(np.sum(p * pf) + np.log(pf.size))  # KL(fp32 || uniform) = log V - H(fp32)
+        top1 += int(pv.argmax() == pf.argmax())
+    ppl_v, ppl_f = float(np.exp(nll / n)), float(np.exp(base.nll / n))
+    return {
+        "tokens": n,
+        "ppl": ppl_v,
+        "ppl_fp32": ppl_f,
+        "ppl_delta": ppl_v / ppl_f - 1.0,
+        "kl": kl / n,
+        "kl_uniform": kl_uniform / n,
+        "vocab_size": base.vocab_size,
+        "top1_agreement": top1 / n,
+        "greedy_match": _greedy_agreement(base.greedy, base.n_greedy, variant_runner, *start),
+        "greedy_tokens": base.n_greedy,
+        "prompt_tokens": prompt_len,
+    }
 
 
 def _fp32_logits(runner, tokens, prompt_len: int, chunk: int):
@@ -152,7 +190,7 @@ def _fp32_logits(runner, tokens, prompt_len: int, chunk: int):
 
 
 class _Greedy:
-    """The fp32 side's greedy continuation from its state after the prompt, computed as far as a variant needs it."""
+    """The fp32 side's greedy continuation from its state after the prompt, computed as far as asked."""
 
     def __init__(self, runner, logits, state, n: int):
         self.runner, self.logits, self.state, self.n = runner, logits, state, n
@@ -164,49 +202,48 @@ class _Greedy:
             self.tokens.append(int(np.argmax(self.logits)))
         return self.tokens[i]
 
-    def agreement(self, runner, lv, sv) -> int:
-        """Identical greedy tokens before the first difference, `runner` continuing from its own state."""
-        for i in range(self.n):
-            tv = int(np.argmax(lv))
-            if tv != self.token(i):
-                return i
-            if i + 1 < self.n:
-                lv, sv = runner.step(tv, sv)
-        return self.n
+
+def _greedy_agreement(fp32_tokens: list[int], n: int, runner, lv, sv) -> int:
+    """Identical greedy tokens before the first difference, `runner` continuing from its own state after the
+    prompt (logits lv, state sv) against the fp32 side's continuation."""
+    for i in range(n):
+        tv = int(np.argmax(lv))
+        if tv != fp32_tokens[i]:
+            return i
+        if i + 1 < n:
+            lv, sv = runner.step(tv, sv)
+    return n
 
 
 def gate_for(variant: str) -> float:
     """The perplexity gate of a variant name: 'int8', 'int4', 'fp16', or a suffixed form like 'int8-matmul-nbits'."""
-    for kind, gate in PPL_GATES.items():
-        if variant == kind or variant.startswith(kind + "-") or variant.startswith(kind + "_"):
-            return gate
-    raise KeyError(f"no quality gate declared for variant '{variant}' (known: {', '.join(PPL_GATES)})")
+    return quality_gate(variant).max_ppl_delta
 
 
 def judge_quality(report: dict, variant: str, max_ppl_delta: float | None = None) -> dict:
     """The report with the variant's gate, the quantity gated and the verdict added (no exception); see the module
-    docstring for when the gate bounds exp(KL) - 1 instead of the perplexity change."""
-    import math
-
-    gate = gate_for(variant) if max_ppl_delta is None else max_ppl_delta
+    docstring for when the gate bounds the information lost instead of the perplexity change. max_ppl_delta
+    overrides the perplexity bound."""
+    bounds = quality_gate(variant)
+    gate = bounds.max_ppl_delta if max_ppl_delta is None else max_ppl_delta
     vocab = report.get("vocab_size")
     if vocab and report["ppl_fp32"] >= vocab:
-        gated_on, value = "kl", math.expm1(report["kl"])
+        gated_on, value, bound = "info_loss", report["kl"] / max(report["kl_uniform"], 1e-12), bounds.max_info_loss
     else:
-        gated_on, value = "ppl", report["ppl_delta"]
-    return {**report, "variant": variant, "max_ppl_delta": gate, "gated_on": gated_on, "gated_value": value,
-            "passed": value <= gate}
+        gated_on, value, bound = "ppl", report["ppl_delta"], gate
+    return {**report, "variant": variant, "max_ppl_delta": gate, "max_info_loss": bounds.max_info_loss,
+            "gated_on": gated_on, "gated_value": float(value), "gated_max": bound, "passed": bool(value <= bound)}
 
 
 def raise_if_failed(report: dict, where: str | None = None) -> None:
     """QualityGateError for a judged report past its gate; `where` names it (default: its variant)."""
-    if not report["passed"] and report.get("gated_on") == "kl":
+    if not report["passed"] and report.get("gated_on") == "info_loss":
         raise QualityGateError(
-            f"{where or report['variant']}: KL(fp32 || variant) {report['kl']:.3g} nats/token means "
-            f"{report['gated_value'] * 100:+.2f}% perplexity on the fp32 model's own text, past the "
-            f"{report['max_ppl_delta'] * 100:g}% gate (fp32 perplexity {report['ppl_fp32']:.4g} on the eval text is "
-            f"no better than uniform over {report['vocab_size']} ids, so the gate is on KL; top-1 "
-            f"{report['top1_agreement']:.3f})")
+            f"{where or report['variant']}: loses {report['gated_value'] * 100:.1f}% of what the fp32 model knows "
+            f"(KL(fp32 || variant) {report['kl']:.3g} over KL(fp32 || uniform) {report['kl_uniform']:.3g} "
+            f"nats/token), past the {report['max_info_loss'] * 100:g}% gate (fp32 perplexity {report['ppl_fp32']:.4g} "
+            f"on the eval text is no better than uniform over {report['vocab_size']} ids, so its perplexity change "
+            f"says nothing; top-1 {report['top1_agreement']:.3f})")
     if not report["passed"]:
         raise QualityGateError(
             f"{where or report['variant']}: perplexity {report['ppl']:.4g} is {report['ppl_delta'] * 100:+.2f}% over "
@@ -228,6 +265,13 @@ def format_quality(report: dict) -> str:
     return (
         f"quality {report.get('variant', '?')}: {status}ppl {report['ppl']:.4f} vs fp32 {report['ppl_fp32']:.4f} "
         f"({report['ppl_delta'] * 100:+.3f}%)  KL {report['kl']:.2e}"
-        f"{'  (gated on exp(KL)-1: fp32 no better than uniform here)' if report.get('gated_on') == 'kl' else ''}  top1 {report['top1_agreement']:.4f}  "
+        f"{_info_loss_note(report)}  top1 {report['top1_agreement']:.4f}  "
         f"greedy {report['greedy_match']}/{report['greedy_tokens']} over {report['tokens']} tokens"
     )
+
+
+def _info_loss_note(report: dict) -> str:
+    if report.get("gated_on") != "info_loss":
+        return ""
+    return (f"  info lost {report['gated_value'] * 100:.2f}% (<= {report['max_info_loss'] * 100:g}%; gated on this: "
+            "fp32 no better than uniform on this text)")

@@ -32,6 +32,11 @@ int8 (`quantize_int8`), four formulations:
   converter reads. onnxruntime does not constant-fold the DQ back to fp32 at session init: it fuses DQ+MatMul into
   MatMulNBits (8-bit, accuracy 4), except where MatMul+Add was fused into Gemm first (att.output + residual), which
   keeps a DequantizeLinear per step: barely faster than fp32.
+A weight of rank 3 applied as a batched MatMul (RWKV-6's mix LoRA maa_w2 [5, Dm, C]) gets a scale per column of
+each [Dm, C] slice, stored [5, 1, C]: quantize_dynamic's [C] over all slices is refused by onnxruntime at run time
+("b zero point is not valid"). Quantized rather than kept fp32: at v6-tiny keeping it fp32 made the int8 step 17%
+larger (791 vs 676 kB; ~1.4% at 1.6B shapes) for the same quality (KL to fp32 1.508e-3 vs 1.500e-3, top-1 96.3 vs
+96.6% over 2000 tokens); the product is [5, 1, Dm] x [5, Dm, C] per step, too small for its speed to matter either way.
 The embedding (include_embedding=True, the default for int8) becomes Gather(int8 rows) + Gather(row scales) ->
 DequantizeLinear: standard ops, one row dequantized per step.
 
@@ -50,11 +55,11 @@ runtimes. Symmetric blocks measured worse (+1.3% at block 32).
 Each function returns an info dict for the manifest (method, options, sizes, what was quantized).
 `quantize_graphs` quantizes a variant's step and prompt graphs together into one external-data file, each weight once.
 
-The files are those onnxruntime.quantization writes (quantize_dynamic, MatMulNBitsQuantizer; the embedding rows and
-"qdq" are our own), the same nodes and the same integers bit for bit (tests/test_quantize_own.py), but written by a
-streaming rewrite here (see "the rewrite" below): at 169M shapes int8 went from 223 + 238 s (step + prompt graph) and
-a 2.9 GB peak to 5-9 s for both graphs together and 0.14 GB, int4 from 28 + 17 s and 1.3 GB to 7-12 s and 0.19 GB
-(2-core box shared with other jobs, so ranges).
+The files are those onnxruntime.quantization writes (quantize_dynamic, MatMulNBitsQuantizer; the embedding rows,
+"qdq" and the rank-3 weights' slices are our own), the same nodes and the same integers bit for bit
+(tests/test_quantize_own.py), but written by a streaming rewrite here (see "the rewrite" below): at 169M shapes
+int8 went from 223 + 238 s (step + prompt graph) and a 2.9 GB peak to 5-9 s for both graphs together and 0.14 GB,
+int4 from 28 + 17 s and 1.3 GB to 7-12 s and 0.19 GB (2-core box shared with other jobs, so ranges).
 """
 
 from __future__ import annotations
@@ -701,8 +706,8 @@ def _is_2d_float(t) -> bool:
 
 
 def _is_weight_matmul(n, inits, recipe: _Recipe) -> bool:
-    """A MatMul whose weight the recipe quantizes: fp32, 2-D; the dynamic formats take any rank >= 2 (RWKV-7's
-    [heads, 64, 1] r_k), per last-axis channel, as quantize_dynamic does."""
+    """A MatMul whose weight the recipe quantizes: fp32, 2-D; the dynamic formats take any rank >= 2 (RWKV-6's
+    [5, Dm, C] maa_w2, a batched MatMul), per column of each [K, N] slice (_dynamic_param_dims)."""
     if n.op_type != "MatMul":
         return False
     t = inits.get(n.input[1])
@@ -722,7 +727,7 @@ def _dynamic_matmul(n, w, source, writer, added, activations, recipe):
     int7 = recipe.method == "dynamic-int7"
     per_channel = recipe.per_channel
     name, x, out = w.name, n.input[0], n.output[0]
-    dims = [w.dims[-1]] if per_channel else []
+    dims = _dynamic_param_dims(w, per_channel)
     q_type = _INT8 if int7 else _UINT8
     key = (source.key(w), "dynamic", int7, per_channel)
     q, scale, zp = _group(writer, key, 3, lambda: _dynamic_weight(source, w, int7=int7, per_channel=per_channel))
@@ -844,17 +849,27 @@ def _dynamic_weight(source, w, *, int7: bool, per_channel: bool):
     """quantize_dynamic's weights (onnxruntime quant_utils.compute_scale_zp + quantize_nparray), per output column
     (axis -1) or per tensor: int7 = QInt8, symmetric, reduce_range: q in [-64, 64], scale = max|w| / 64, zero point 0;
     else QUInt8, asymmetric over [min(w, 0), max(w, 0)]: scale = range / 255 (computed in float64, stored float32),
-    zero point round(-min / scale). q = clip(rint(w / scale) + zero point). An all-zero column gets scale 1."""
+    zero point round(-min / scale). q = clip(rint(w / scale) + zero point). An all-zero column gets scale 1.
+    A per-channel weight of rank >= 3 ([B, K, N], applied as a batched MatMul: RWKV-6's maa_w2 [5, Dm, C]) gets a
+    scale per column of each [K, N] slice, as [B, 1, N] (_dynamic_param_dims says why)."""
     import numpy as np
 
-    k, cols = _matrix_shape(w)
-    lo = np.zeros(cols if per_channel else 1, np.float32)
+    rows, cols = _matrix_shape(w)
+    k = w.dims[-2]
+    sliced = per_channel and len(w.dims) > 2
+    groups = rows // k if sliced else 1  # row r belongs to group r // k
+    lo = np.zeros((groups, cols) if per_channel else (1, 1), np.float32)
     hi = np.zeros_like(lo)
-    chunks = _row_chunks(w)
-    for r0, r1 in chunks:
+    chunks = _row_chunks(w, k if sliced else 1)  # sliced: whole slices per chunk
+
+    def by_group(r0, r1):  # rows r0:r1 as [groups in them, rows of each, cols], and those groups' slot in lo / hi
         x = source.rows(w, r0, r1)
-        np.minimum(lo, x.min(axis=0) if per_channel else x.min(), out=lo)
-        np.maximum(hi, x.max(axis=0) if per_channel else x.max(), out=hi)
+        return (x.reshape(-1, k, cols), slice(r0 // k, r1 // k)) if sliced else (x[None], slice(0, 1))
+
+    for r0, r1 in chunks:
+        x, at = by_group(r0, r1)
+        np.minimum(lo[at], x.min(axis=1) if per_channel else x.min(), out=lo[at])
+        np.maximum(hi[at], x.max(axis=1) if per_channel else x.max(), out=hi[at])
     if int7:
         absmax = np.maximum(-lo, hi)
         scale64 = (absmax.astype(np.float64) - (-absmax).astype(np.float64)) / 128.0  # qmax - qmin = 64 - -64
@@ -869,13 +884,25 @@ def _dynamic_weight(source, w, *, int7: bool, per_channel: bool):
     dtype, (qmin, qmax) = (np.int8, (-128, 127)) if int7 else (np.uint8, (0, 255))
     zp_q = zp.astype(dtype)
     zp_f = zp_q.astype(np.float32)
-    q = np.empty((k, cols), dtype)  # written as w's dims: the same bytes
+    q = np.empty((rows, cols), dtype)  # written as w's dims: the same bytes
     for r0, r1 in chunks:
-        y = np.rint(source.rows(w, r0, r1) / scale) + zp_f
-        q[r0:r1] = np.clip(y, qmin, qmax, out=y)
+        x, at = by_group(r0, r1)
+        y = np.rint(x / scale[at][:, None]) + zp_f[at][:, None]
+        q[r0:r1] = np.clip(y, qmin, qmax, out=y).reshape(r1 - r0, cols)
+    dims = _dynamic_param_dims(w, per_channel)
+    return q, scale.reshape(dims), zp_q.reshape(dims)
+
+
+def _dynamic_param_dims(w, per_channel: bool) -> list[int]:
+    """The shape of a dynamic-format weight's scale and zero point: [] per tensor, [N] per column of a 2-D weight, and
+    for a weight of rank >= 3 [..., 1, N], a scale per column of each [K, N] slice. Why not [N] there, as
+    quantize_dynamic writes it: onnxruntime's MatMulInteger / DynamicQuantizeMatMul accept per-column parameters of a
+    batched B only in B's rank with K set to 1 ("b zero point is not valid" at run time otherwise: the int8 RWKV-6
+    graphs, whose maa_w2 is [5, Dm, C]). Quantized rather than kept fp32: its five slices are five different LoRA
+    maps, each with its own column scale is exactly the 2-D format applied slice by slice."""
     if not per_channel:
-        scale, zp_q = scale.reshape(()), zp_q.reshape(())
-    return q, scale, zp_q
+        return []
+    return [*w.dims[:-2], 1, w.dims[-1]] if len(w.dims) > 2 else [w.dims[-1]]
 
 
 def _nbits_weight(source, w, bits: int, block: int, symmetric: bool):

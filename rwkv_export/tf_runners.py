@@ -1,7 +1,7 @@
 """Runners for the edge targets, with OnnxStepRunner's interface (new_state / step), driven by the manifest alone:
 
 - TFLiteStepRunner: the `.tflite` in the LiteRT interpreter (ai-edge-litert), through its named signature;
-- TFLiteSequenceRunner: its `prefill` signature (prompt chunks of a fixed size; the tail through `step`);
+- TFLiteSequenceRunner: the prompt graph's `prefill` signature (prompt chunks of a fixed size; the tail through `step`);
 - TFJSStepRunner: the TF.js graph model in Node with @tensorflow/tfjs (pure-JS CPU backend). One Node process per
   runner, kept alive and fed one JSON line per step (rwkv_export/js/tfjs_step.mjs), so a 96-step parity run is one
   launch. Its npm packages are found or installed by rwkv_export.node (a checkout's or the user cache's).
@@ -64,7 +64,8 @@ class TFLiteStepRunner:
 class TFLiteSequenceRunner:
     """new_state() / forward(tokens, state) -> (logits [1, V] of the last token, state) over a TFLite prompt graph:
     whole chunks of the graph's fixed size through its signature, the tail (fewer tokens than a chunk) through the
-    step graph of the same variant, which the manifest lists in the same file (one interpreter serves both)."""
+    step graph of the same variant: its own file (an export writes one signature per file), or the same file, whose
+    interpreter then serves both signatures (a folder from before that split)."""
 
     def __init__(self, root: Path, manifest: dict, graph: dict, threads: int | None = None):
         from .seq_runner import sequence_io
@@ -75,11 +76,12 @@ class TFLiteSequenceRunner:
         self.vocab_size = int(manifest["model"]["vocab_size"])
         step = [g for g in manifest["graphs"] if g["kind"] == "step" and g["format"] == graph["format"]
                 and g["variant"] == graph["variant"]]
-        if not step or step[0]["file"] != graph["file"]:
-            raise ManifestError(f"graph {graph['file']} ({graph['variant']}): no step graph of that variant in the "
-                                "same file, for the tokens after the last whole chunk")
+        if not step:
+            raise ManifestError(f"graph {graph['file']} ({graph['variant']}): no step graph of that variant, for the "
+                                "tokens after the last whole chunk")
         self.interpreter, self.runner = _tflite_signature(root, graph, threads, default="prefill")
-        self.step_runner = TFLiteStepRunner(root, manifest, step[0], interpreter=self.interpreter)
+        shared = self.interpreter if step[0]["file"] == graph["file"] else None
+        self.step_runner = TFLiteStepRunner(root, manifest, step[0], threads, interpreter=shared)
         self._states = list(self.io["state_in"])
         self._tokens_dtype = np.dtype(self.io["tokens"]["dtype"])
 

@@ -134,9 +134,9 @@ def test_tflite_bundle_consumer(tmp_path, ckpt):
     assert m["graphs"][2]["quality"]["passed"] and all(g["parity"]["passed"] for g in m["graphs"])
     doc = (tmp_path / "b" / "INTEGRATION.md").read_text()
     assert "Signature: `step`" in doc and "Interpreter" in doc
-    assert "The `prefill` signature of `model.tflite`" in doc and "exactly 16 tokens" in doc
+    assert "The `prefill` signature of `prefill.tflite`" in doc and "exactly 16 tokens" in doc
     prompt = "Phones run the step graph."  # 26 bytes: one chunk of 16 through `prefill`, then 10 steps
-    assert consume(tmp_path / "b", prompt, prompt_graph="model.tflite") == reference_greedy(ckpt, list(prompt.encode()))
+    assert consume(tmp_path / "b", prompt, prompt_graph="prefill.tflite") == reference_greedy(ckpt, list(prompt.encode()))
 
 
 # ---- RWKV-7 -----------------------------------------------------------------------------------------------------
@@ -206,4 +206,4 @@ def test_v7_tflite_bundle_consumer(tmp_path):
     assert "three tensors in" in doc and "floats(16384, 0.0f),   // shape [2, 2, 64, 64]" in doc
     prompt = "RWKV-7 on a phone: the state is three tensors."  # 47 bytes: two chunks of 16, then 15 steps
     ids = v7_reference_greedy(Source("builtin:v7-tiny").load().tensors, list(prompt.encode()))
-    assert consume(out, prompt, prompt_graph="model.tflite") == ids
+    assert consume(out, prompt, prompt_graph="prefill.tflite") == ids

@@ -23,10 +23,10 @@ def test_cli_export_with_a_variant_then_check(tmp_path, target, variant):
     steps = [g for g in m["graphs"] if g["kind"] == "step"]
     assert [(g["format"], g["variant"]) for g in steps] == [(target, "fp32"), (target, variant)]
     assert steps[0]["parity"]["max_rel"] <= 1e-5 and steps[0]["parity"]["greedy_identical"]
-    # TFLite files also hold the prompt graph (a `prefill` signature), checked against fp64 steps; TF.js has none
+    # both targets also hold the prompt graph (TFLite: a prefill*.tflite beside each step file; TF.js: in the step graph's
+    # model.json), checked against fp64 steps
     prompts = [g for g in m["graphs"] if g["kind"] == "sequence"]
-    assert [(g["variant"], g["signature"]) for g in prompts] == ([("fp32", "prefill"), (variant, "prefill")]
-                                                                 if target == "tflite" else [])
+    assert [(g["variant"], g["signature"]) for g in prompts] == [("fp32", "prefill"), (variant, "prefill")]
     assert all(g["parity"]["passed"] for g in prompts)
     assert not prompts or prompts[0]["parity"]["max_rel"] <= 1e-5
     q = steps[1]["quality"]
@@ -34,8 +34,8 @@ def test_cli_export_with_a_variant_then_check(tmp_path, target, variant):
     assert q["passed"] and q["ppl_delta"] <= q["max_ppl_delta"] == 0.01 and q["tokens"] >= 1000
     res = runner.invoke(app, ["check", str(out), "-q"])
     assert res.exit_code == 0, res.output
-    # fp32 parity, the variant's parity layer, its quality gate (+ the two prompt graphs' parity for TFLite)
-    assert res.stdout.count("PASS") == 3 + 2 * (target == "tflite")
+    # fp32 parity, the variant's parity layer, its quality gate, the two prompt graphs' parity
+    assert res.stdout.count("PASS") == 3 + 2
 
 
 @pytest.mark.parametrize("target", ["tflite", "tfjs"])

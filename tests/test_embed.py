@@ -8,7 +8,7 @@
   chunk (so the state and the mean's sum cross calls). The reference's `hidden_seq` is itself checked against its
   own `step` (an independent code path) and its `forward_seq` logits.
 - The CLI: vectors printed / written to .npy, --similarity, and the one-line errors.
-- TFLite: the `step` and `prefill` signatures' embedding against the same oracle; TF.js: the step graph in Node
+- TFLite: the step and prompt files' (`step` / `prefill` signatures) embedding against the same oracle; TF.js: the step graph in Node
   (tf_runners.TFJSStepRunner.step_hidden) against it too.
 - The export-time gate: `check` (and so every export's check) compares each graph's embedding with the oracle, passes
   a healthy folder and fails one whose `hidden` is off by 1e-3.

@@ -259,24 +259,79 @@ def test_roundf_is_cs_roundf():
     assert np.array_equal(q._roundf(x[x > -0.5]), expected[x > -0.5])
 
 
-def test_3d_weight_is_quantized_as_onnxruntime_does(tmp_path):
-    """A MatMul with a [heads, K, N] weight (RWKV-7's r_k was one, [H, 64, 1]): quantize_dynamic quantizes it per
-    last-axis channel over all the other elements, and so do we; the whole int7 file is again onnxruntime's."""
+def _batched_graph(path: Path, w3: np.ndarray, head: np.ndarray) -> None:
+    """x [B, 1, K] @ w3 [B, K, N] (a batched MatMul, as RWKV-6 applies maa_w2 [5, Dm, C]) -> flatten -> @ head."""
     from onnx import TensorProto, helper
 
-    rng = np.random.default_rng(0)
-    w3 = numpy_helper.from_array(rng.standard_normal((2, 64, 3)).astype(np.float32), "w3")
-    head = numpy_helper.from_array(rng.standard_normal((6, 40)).astype(np.float32), "head")
+    b, k, n = w3.shape
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w3"], ["y"], name="mm3"),
          helper.make_node("Reshape", ["y", "shape"], ["flat"], name="flatten"),
          helper.make_node("MatMul", ["flat", "head"], ["logits"], name="mm_head")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 1, 64])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 40])],
-        [w3, head, numpy_helper.from_array(np.array([1, 6], np.int64), "shape")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8),
-              str(tmp_path / "model.onnx"))
-    for per_channel in (True, False):
-        quantize_int8(tmp_path / "model.onnx", tmp_path / "own.onnx", include_embedding=False, per_channel=per_channel)
-        ort_dynamic(tmp_path / "model.onnx", tmp_path / "ref.onnx", int7=True, per_channel=per_channel)
-        assert differences(tmp_path / "own.onnx", tmp_path / "ref.onnx") == SAME
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [b, 1, k])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, head.shape[1]]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, [b, 1, n])],
+        [numpy_helper.from_array(w3, "w3"), numpy_helper.from_array(head, "head"),
+         numpy_helper.from_array(np.array([1, b * n], np.int64), "shape")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), str(path))
+
+
+def _slice_graph(path: Path, w: np.ndarray) -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["logits"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w.shape[0]])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, w.shape[1]])],
+                              [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), str(path))
+
+
+@pytest.mark.parametrize("method", ["dynamic-int7", "dynamic-uint8"])
+def test_3d_weight_is_quantized_slice_by_slice_and_runs(tmp_path, monkeypatch, method):
+    """A per-channel MatMul weight [B, K, N] applied as a batched MatMul (RWKV-6's maa_w2 [5, Dm, C]): quantize_dynamic
+    writes a scale per last-axis column over all B slices, [N], which onnxruntime refuses at run time ("b zero point
+    is not valid"); ours is [B, 1, N], each [K, N] slice exactly what quantize_dynamic writes for that slice as a 2-D
+    weight (compared bit for bit), the 2-D head as onnxruntime's. The file runs, and the batched product means what
+    the stored integers say, slice by slice: onnxruntime's y equals (x_q - x_zp) (w_q[b] - w_zp[b]) x_scale w_scale[b]
+    computed here (x_q as DynamicQuantizeLinear defines it) to fp32 rounding (rtol 1e-5: the integer sums are exact,
+    two fp32 products remain)."""
+    monkeypatch.setattr(q, "CHUNK_VALUES", 100)  # several slices per chunk and chunks of one slice: both paths
+    rng = np.random.default_rng(0)
+    # slices of very different magnitude: one scale over all of them would round the small ones away
+    w3 = (rng.standard_normal((3, 64, 5)) * np.array([1.0, 0.05, 3.0])[:, None, None]).astype(np.float32)
+    head = rng.standard_normal((15, 40)).astype(np.float32)
+    _batched_graph(tmp_path / "model.onnx", w3, head)
+    int7 = method == "dynamic-int7"
+    quantize_int8(tmp_path / "model.onnx", tmp_path / "own.onnx", method=method, include_embedding=False)
+    own = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "own.onnx")).graph.initializer}
+    assert own["w3_scale"].shape == own["w3_zero_point"].shape == (3, 1, 5)
+    for b in range(3):
+        _slice_graph(tmp_path / f"slice{b}.onnx", w3[b])
+        ort_dynamic(tmp_path / f"slice{b}.onnx", tmp_path / f"slice{b}_ref.onnx", int7=int7, per_channel=True)
+        ref = {t.name: numpy_helper.to_array(t)
+               for t in onnx.load(str(tmp_path / f"slice{b}_ref.onnx")).graph.initializer}
+        np.testing.assert_array_equal(own["w3_quantized"][b], ref["w_quantized"])
+        np.testing.assert_array_equal(own["w3_scale"][b, 0], ref["w_scale"])
+        np.testing.assert_array_equal(own["w3_zero_point"][b, 0], ref["w_zero_point"])
+    ort_dynamic(tmp_path / "model.onnx", tmp_path / "ref.onnx", int7=int7, per_channel=True)
+    ref = tensors(onnx.load(str(tmp_path / "ref.onnx")))
+    assert all(tensors(onnx.load(str(tmp_path / "own.onnx")))[k] == ref[k]
+               for k in ("head_quantized", "head_scale", "head_zero_point"))
+    x = rng.standard_normal((3, 1, 64)).astype(np.float32)
+    y = ort.InferenceSession(str(tmp_path / "own.onnx"), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+    x_scale = (np.maximum(x.max(), 0) - np.minimum(x.min(), 0)) / np.float32(255)
+    x_zp = np.clip(np.rint(-x.min() / x_scale), 0, 255)
+    x_q = np.clip(np.rint(x / x_scale) + x_zp, 0, 255)
+    w_int = own["w3_quantized"].astype(np.float64) - own["w3_zero_point"].astype(np.float64)
+    expected = ((x_q - x_zp) @ w_int) * (x_scale * own["w3_scale"])
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=0)
+
+
+def test_3d_weight_per_tensor_is_onnxruntimes(tmp_path):
+    """per_channel=False: one scale for the whole [B, K, N] weight, which onnxruntime runs; the file is its own."""
+    rng = np.random.default_rng(0)
+    _batched_graph(tmp_path / "model.onnx", rng.standard_normal((2, 64, 3)).astype(np.float32),
+                   rng.standard_normal((6, 40)).astype(np.float32))
+    quantize_int8(tmp_path / "model.onnx", tmp_path / "own.onnx", include_embedding=False, per_channel=False)
+    ort_dynamic(tmp_path / "model.onnx", tmp_path / "ref.onnx", int7=True, per_channel=False)
+    assert differences(tmp_path / "own.onnx", tmp_path / "ref.onnx") == SAME

@@ -1,5 +1,6 @@
-"""TF.js target: our ONNX step graph written as a TF.js graph model, run in Node with @tensorflow/tfjs (pure-JS CPU
-backend) through rwkv_export/js/tfjs_step.mjs, against runtime_ref in fp64. Tiny synthetic models only.
+"""TF.js target: our ONNX step and prompt graphs written as one TF.js graph model, run in Node with @tensorflow/tfjs
+(pure-JS CPU backend) through rwkv_export/js/tfjs_step.mjs, against runtime_ref in fp64 and against each other. Tiny
+synthetic models only.
 
 Needs Node >= 20 and `npm ci --prefix rwkv_export/js`; without them these tests fail with that instruction (never skip).
 """
@@ -72,7 +73,7 @@ def exported(tmp_path_factory, ckpt):
     from rwkv_export.targets.tfjs import export_tfjs
 
     out = tmp_path_factory.mktemp("tfjs")
-    entries = export_tfjs(RWKV4Step(ckpt), out, VARIANTS, shard_bytes=TEST_SHARD_BYTES)
+    entries = export_tfjs(RWKV4Step(ckpt), out, VARIANTS, shard_bytes=TEST_SHARD_BYTES, prefill=True)
     manifest = new_manifest(arch=ckpt.arch, dims=ckpt.dims, source={"kind": "test"}, tokenizer={"kind": "bytes"})
     manifest["graphs"] = entries
     write_manifest(out, manifest)
@@ -94,15 +95,19 @@ def fp32_runner(exported):
         yield r
 
 
-def _graph(manifest, variant):
-    return next(g for g in manifest["graphs"] if g["variant"] == variant)
+def _graph(manifest, variant, kind="step"):
+    return next(g for g in manifest["graphs"] if g["variant"] == variant and g["kind"] == kind)
+
+
+def _steps(manifest):
+    return [g for g in manifest["graphs"] if g["kind"] == "step"]
 
 
 def test_files_and_manifest_entries(exported):
     out, m = exported
-    assert [g["variant"] for g in m["graphs"]] == VARIANTS
+    assert [(g["variant"], g["kind"]) for g in m["graphs"]] == [(v, k) for v in VARIANTS for k in ("step", "sequence")]
     listed = {f["file"] for f in m["files"]}
-    for g in m["graphs"]:
+    for g in _steps(m):
         assert g["format"] == "tfjs" and g["file"].endswith("/model.json")
         assert g["file"] in listed and set(g["data_files"]) <= listed and len(g["data_files"]) >= 2
         assert all((out / f).stat().st_size <= TEST_SHARD_BYTES for f in g["data_files"])
@@ -118,7 +123,7 @@ def test_files_and_manifest_entries(exported):
 
 def test_model_json_is_a_graph_model_with_a_signature(exported):
     out, m = exported
-    for g in m["graphs"]:
+    for g in _steps(m):
         mj = json.loads((out / g["file"]).read_text())
         assert mj["format"] == "graph-model"
         assert set(mj["signature"]["inputs"]) == {"token", *STATE_NAMES}
@@ -134,7 +139,7 @@ def test_model_json_is_a_graph_model_with_a_signature(exported):
 
 def test_quantized_weights_are_smaller(exported):
     out, m = exported
-    size = {g["variant"]: sum((out / f).stat().st_size for f in g["data_files"]) for g in m["graphs"]}
+    size = {g["variant"]: sum((out / f).stat().st_size for f in g["data_files"]) for g in _steps(m)}
     for v, ratio in SHARD_RATIO_MAX.items():
         assert size[v] <= ratio * size["fp32"], (v, size)
 
@@ -275,7 +280,7 @@ def heads(request, tmp_path_factory):
     ck = from_state_dict(arch.fake_state_dict("tiny"))
     out = tmp_path_factory.mktemp(f"tfjs-v{request.param}")
     t0 = time.perf_counter()
-    entries = export_tfjs(arch.step_module(ck), out, HEAD_VARIANTS, shard_bytes=TEST_SHARD_BYTES)
+    entries = export_tfjs(arch.step_module(ck), out, HEAD_VARIANTS, shard_bytes=TEST_SHARD_BYTES, prefill=True)
     print(f"\nRWKV-{request.param} tiny: ONNX export + TF.js translation {time.perf_counter() - t0:.1f} s")
     manifest = new_manifest(arch=ck.arch, dims=ck.dims, source={"kind": "test"}, tokenizer={"kind": "bytes"})
     manifest["graphs"] = entries
@@ -289,9 +294,9 @@ def test_heads_manifest_io_and_ops(heads):
     version, ck, out, m, _ = heads
     spec = ck.arch.state(ck.dims)
     d = ck.dims
-    assert [g["variant"] for g in m["graphs"]] == HEAD_VARIANTS
+    assert [g["variant"] for g in _steps(m)] == HEAD_VARIANTS
     assert dict((t.name, t.shape) for t in spec)["att_kv"] == (d.n_layer, d.n_head, d.head_size, d.head_size)
-    for g in m["graphs"]:
+    for g in _steps(m):
         assert [(i["name"], i["role"]) for i in g["inputs"]] == [("token", "token")] + [(t.name, "state") for t in spec]
         assert [(o["name"], o["role"]) for o in g["outputs"]] == (
             [("logits", "logits")] + [(f"{t.name}_out", "state") for t in spec])
@@ -325,3 +330,146 @@ def test_heads_uint8_quality(heads):
     print(f"\nRWKV-{version} tfjs uint8 vs fp64 reference: {q}")
     b = QUALITY_BOUNDS["uint8"]
     assert q["top1_agreement"] >= b["min_top1"] and q["kl_mean"] <= b["max_kl_mean"], (version, q)
+
+
+# -- the prompt graph (kind "sequence"): in the step graph's model.json, T dynamic ---------------------------------
+# The prompt graph against T steps of the step graph of the same model.json, both run by TF.js in fp32 in one Node
+# process from the same (shared) weights, so the storage variants are held to it too: only the order of the fp32
+# roundings differs (the scan's combines and the chunked WKV against the step recurrence). Measured on the tiny
+# models (all versions and variants, T up to max_chunk): logits max|Δ|/std <= 5.4e-7; each state tensor's
+# max|Δ|/max|state| <= 4.1e-7, except RWKV-4 at T = 255, 3.1e-6 (its aa/bb sums run over the whole chunk). The logits
+# bound is the fp32 parity bound (20x the measurement), the state's 10x its worst; a wrong translation (a mask off by
+# one, a slice end, floor for truncating division) moves the logits by > 1e-2 of std.
+PROMPT_VS_STEPS_MAX_REL = 1e-5
+PROMPT_STATE_MAX_REL = 3e-5
+PROMPT_SIZES = (1, 7)  # and each version's max_chunk (255 for RWKV-4, 64 for 5.2 / 6 / 7)
+WARMUP_TOKENS = 3  # steps before the prompt, so that it starts from a carried (non-initial) state
+
+
+def _prompt_vs_steps(seq, tokens) -> tuple[float, float]:
+    """(logits max|Δ|/std, worst state tensor's max|Δ|/max|state|) of one prompt call against its tokens stepped one
+    by one through the step graph of the same model.json (seq.step_runner: the same Node process)."""
+    steps = seq.step_runner
+    state = steps.new_state()
+    for t in parity.parity_tokens(seq.vocab_size, WARMUP_TOKENS, seed=99):
+        _, state = steps.step(t, state)
+    p_logits, p_state = seq.forward(tokens, state)
+    for t in tokens:
+        s_logits, state = steps.step(t, state)
+    rel = float(np.abs(p_logits - s_logits).max() / s_logits.std())
+    state_rel = max(float(np.abs(p_state[k] - v).max() / np.abs(v).max()) for k, v in state.items())
+    return rel, state_rel
+
+
+def _assert_prompt_matches_steps(out, m, variant):
+    from rwkv_export.targets.tfjs import TFJSSequenceRunner
+
+    g = _graph(m, variant, "sequence")
+    with TFJSSequenceRunner(out, m, g) as seq:
+        assert seq.chunk == g["max_chunk"]
+        for n in (*PROMPT_SIZES, g["max_chunk"]):
+            rel, state_rel = _prompt_vs_steps(seq, parity.parity_tokens(seq.vocab_size, n, seed=n))
+            print(f"\n{m['model']['rwkv_version']} {variant} T={n}: logits {rel:.2e} of std, state {state_rel:.2e}")
+            assert rel <= PROMPT_VS_STEPS_MAX_REL and state_rel <= PROMPT_STATE_MAX_REL, (variant, n, rel, state_rel)
+
+
+def test_prompt_graph_entries_share_the_step_graphs_file(exported):
+    """Per variant one sequence entry: the step graph's model.json and shards (one download, one copy of the weights
+    in memory), its own signature with the same keys, kind "sequence", T dynamic up to the scan's max_chunk."""
+    from rwkv_export.arch.rwkv4.sequence import DEFAULT_MAX_CHUNK
+
+    out, m = exported
+    for variant in VARIANTS:
+        step, seq = _graph(m, variant), _graph(m, variant, "sequence")
+        assert (seq["file"], seq["data_files"], seq["format"]) == (step["file"], step["data_files"], "tfjs")
+        assert seq["signature"] == "prefill" and seq["max_chunk"] == DEFAULT_MAX_CHUNK and seq["all_logits"] is False
+        assert [(i["name"], i["role"], i.get("state")) for i in seq["inputs"]] == (
+            [("tokens", "tokens", None)] + [(s, "state", s) for s in STATE_NAMES])
+        assert [(o["name"], o["role"], o.get("state")) for o in seq["outputs"]] == (
+            [("logits", "logits", None)] + [(f"{s}_out", "state", s) for s in STATE_NAMES])
+        assert seq["inputs"][0]["shape"] == ["T"] and seq["inputs"][0]["dtype"] == "int32"
+        assert seq["outputs"][0]["shape"] == [1, m["model"]["vocab_size"]]
+        # the states go in through the step graph's own inputs; the outputs are the prompt graph's own nodes
+        assert [i["tensor"] for i in seq["inputs"][1:]] == [i["tensor"] for i in step["inputs"][1:]]
+        assert all(o["tensor"].startswith("prefill/") for o in seq["outputs"])
+        mj = json.loads((out / seq["file"]).read_text())
+        sig = mj["userDefinedMetadata"]["rwkv_export"]["signatures"]["prefill"]
+        nodes = {n["name"]: n for n in mj["modelTopology"]["node"]}
+        assert nodes["tokens"]["op"] == "Placeholder"
+        assert nodes["tokens"]["attr"]["shape"]["shape"]["dim"] == [{"size": "-1"}]
+        for spec in [*sig["inputs"].values(), *sig["outputs"].values()]:
+            assert spec["name"][:-2] in nodes
+
+
+def test_prompt_graph_matches_steps_and_reference(exported, ref):
+    """RWKV-4, every variant: T = 1, 7 and max_chunk tokens in one call equal T steps of the step graph; and the
+    fp64 reference's gate, the ONNX prompt graph's (parity.compare_sequence: two calls, logits and state effect)."""
+    _require_node()
+    from rwkv_export.targets.tfjs import TFJSSequenceRunner
+
+    out, m = exported
+    for variant in VARIANTS:
+        _assert_prompt_matches_steps(out, m, variant)
+    with TFJSSequenceRunner(out, m, _graph(m, "fp32", "sequence")) as seq:
+        report = parity.compare_sequence(seq, ref, target="tfjs", variant="fp32")
+    print(f"\n{parity.format_report(report)}")
+    assert report["max_rel"] <= FP32_MAX_REL, parity.format_report(report)
+    parity.gate(report)
+
+
+def test_prompt_longer_than_max_chunk_goes_in_chunks_and_the_guard_answers_nan(exported):
+    """The runner splits a prompt past max_chunk into chunks (the same numbers as steps); one graph call past
+    max_chunk answers NaN logits, the ONNX graph's chunk guard, translated (Size, Greater, SelectV2)."""
+    _require_node()
+    from rwkv_export.targets.tfjs import TFJSSequenceRunner
+
+    out, m = exported
+    g = _graph(m, "fp32", "sequence")
+    with TFJSSequenceRunner(out, m, g) as seq:
+        rel, state_rel = _prompt_vs_steps(seq, parity.parity_tokens(seq.vocab_size, g["max_chunk"] + 40, seed=3))
+        assert rel <= PROMPT_VS_STEPS_MAX_REL and state_rel <= PROMPT_STATE_MAX_REL, (rel, state_rel)
+        r = seq.step_runner
+        resp = r._ask({"op": "prefill", "tokens": [1] * (g["max_chunk"] + 1), "state": r._state_req(seq.new_state())})
+    import base64
+
+    assert np.isnan(np.frombuffer(base64.b64decode(resp["logits"]), np.float32)).all()
+
+
+def test_without_prefill_the_model_has_no_prompt_graph(tmp_path, ckpt):
+    """export_tfjs without prefill (the default) writes the step graph alone; the Node driver refuses a prompt call
+    on it in one line."""
+    _require_node()
+    from rwkv_export.targets.tfjs import export_tfjs
+
+    entries = export_tfjs(RWKV4Step(ckpt), tmp_path, ["fp32"])  # the default: no prompt graph
+    assert [g["kind"] for g in entries] == ["step"]
+    mj = json.loads((tmp_path / entries[0]["file"]).read_text())
+    assert "signatures" not in mj["userDefinedMetadata"]["rwkv_export"]
+    assert not any(n["name"].startswith("prefill/") for n in mj["modelTopology"]["node"])
+    manifest = new_manifest(arch=ckpt.arch, dims=ckpt.dims, source={"kind": "test"}, tokenizer={"kind": "bytes"})
+    manifest["graphs"] = entries
+    with TFJSStepRunner(tmp_path, manifest, entries[0]) as r:
+        with pytest.raises(RwkvExportError, match="no prompt graph") as e:
+            r._ask({"op": "prefill", "tokens": [1, 2], "state": r._state_req(r.new_state())})
+    assert "\n" not in str(e.value)
+
+
+def test_heads_prompt_graph_matches_steps_and_reference(heads):
+    """RWKV-5.2, 6, 7 (fp32 and uint8): T = 1, 7 and max_chunk tokens in one call equal T steps of the step graph;
+    fp32 also passes the reference's prompt-graph gate. The prompt graph's own constants (v5/v6's scan scatter
+    matrix) stay float32 in uint8: only the step graph's matrices are quantized."""
+    _require_node()
+    from rwkv_export.targets.tfjs import TFJSSequenceRunner
+
+    version, _, out, m, ref = heads
+    for variant in HEAD_VARIANTS:
+        _assert_prompt_matches_steps(out, m, variant)
+    with TFJSSequenceRunner(out, m, _graph(m, "fp32", "sequence")) as seq:
+        report = parity.compare_sequence(seq, ref, target="tfjs", variant="fp32")
+    print(f"\nRWKV-{version} {parity.format_report(report)}")
+    assert report["max_rel"] <= parity.tolerance_for("tfjs", "fp32", version).max_rel, parity.format_report(report)
+    parity.gate(report)
+    mj = json.loads((out / _graph(m, "uint8")["file"]).read_text())
+    quantized = {w["name"] for w in mj["weightsManifest"][0]["weights"] if "quantization" in w}
+    assert "emb" in quantized and "head" in quantized
+    assert not any(n.startswith("wkv_consts") for n in quantized)

@@ -1,5 +1,5 @@
-"""TFLite target: litert-torch conversion with named `step` and `prefill` signatures, ai-edge-quantizer variants,
-parity in the LiteRT interpreter (ai-edge-litert) against runtime_ref in fp64. Tiny synthetic models only.
+"""TFLite target: litert-torch conversion to `step` and `prefill` files (one named signature each), ai-edge-quantizer
+variants, parity in the LiteRT interpreter (ai-edge-litert) against runtime_ref in fp64. Tiny synthetic models only.
 
 Needs the [tflite] extra (tools/install_edge_extras.sh); without it these tests fail with the install command.
 """
@@ -39,8 +39,8 @@ QUALITY_BOUNDS = {
     "int4": {"min_top1": 0.6, "max_kl_mean": 0.3},
 }
 # Bytes a variant saves per weight of the 2-D tensors (matmuls, embedding, head) against fp32, and the share of that
-# ideal the file must realise (measured with both signatures in the file: fp16 100 %, int8 91 %, int4 98 %; the rest
-# is per-channel scales and the fp32 vectors). File-size ratios would not do: the graphs themselves are ~0.2 MB, a
+# ideal the step file must realise (measured: fp16 100 %, int8 91 %, int4 98 %; the rest is the scales and the fp32
+# vectors). File-size ratios would not do: the graphs themselves are ~0.2 MB, a
 # third of a tiny model's file and nothing at 169M shapes.
 SAVED_BYTES_PER_WEIGHT = {"fp16": 2.0, "int8": 3.0, "int4": 3.5}
 MIN_SAVING_SHARE = 0.8
@@ -96,15 +96,16 @@ def _graph(manifest, variant, kind="step"):
 
 
 def test_files_and_manifest_entries(exported):
-    from rwkv_export.targets.tflite import PREFILL_CHUNK, file_name
+    from rwkv_export.targets.tflite import PREFILL_CHUNK, file_name, prefill_file_name
 
     out, m = exported
     assert [(g["variant"], g["kind"]) for g in m["graphs"]] == [(v, k) for v in VARIANTS for k in ("step", "sequence")]
     listed = {f["file"] for f in m["files"]}
     for g in [g for g in m["graphs"] if g["kind"] == "sequence"]:
-        # the prompt graph: the same file's `prefill` signature, a fixed chunk of tokens, the step graph's states
+        # the prompt graph: its own file's `prefill` signature, a fixed chunk of tokens, the step graph's states
         step = _graph(m, g["variant"])
-        assert (g["format"], g["signature"], g["file"]) == ("tflite", "prefill", step["file"])
+        assert (g["format"], g["signature"], g["file"]) == ("tflite", "prefill", prefill_file_name(g["variant"]))
+        assert g["file"] != step["file"] and g["file"] in listed and (out / g["file"]).is_file()
         assert (g["max_chunk"], g["fixed_chunk"], g["all_logits"]) == (PREFILL_CHUNK, True, False)
         assert [(i["name"], i["role"], i.get("state")) for i in g["inputs"]] == (
             [("tokens", "tokens", None)] + [(s, "state", s) for s in STATE_NAMES])
@@ -125,7 +126,8 @@ def test_files_and_manifest_entries(exported):
 
 
 def test_signature_names_are_stable(exported):
-    """The names clients bind to, read back from each file by the interpreter itself (not from our manifest)."""
+    """The names clients bind to, read back from each file by the interpreter itself (not from our manifest): each
+    file holds its graph's one signature."""
     from ai_edge_litert.interpreter import Interpreter
 
     out, m = exported
@@ -134,12 +136,31 @@ def test_signature_names_are_stable(exported):
             "prefill": {"inputs": sorted(["tokens", *STATE_NAMES]), "outputs": outputs}}
     for g in m["graphs"]:
         sigs = Interpreter(model_path=str(out / g["file"])).get_signature_list()
-        assert {name: {k: sorted(v) for k, v in io.items()} for name, io in sigs.items()} == want, g["file"]
+        got = {name: {k: sorted(v) for k, v in io.items()} for name, io in sigs.items()}
+        assert got == {g["signature"]: want[g["signature"]]}, g["file"]
+
+
+def test_files_open_in_runtimes_without_signatures_or_offsets(exported):
+    """What tfjs-tflite's TFLite build (the browser runtime, tests/test_web_runtimes.py) needs of a file, checked on
+    the flatbuffer itself: one subgraph (its model runner runs the first and has no signature API), every weight
+    inside the flatbuffer (it reads a buffer addressed by offset, ai-edge-quantizer's layout, as a tensor without
+    data), and int8 weights with one scale per tensor (it computes per-channel dynamic-range matmuls as zeros)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    out, m = exported
+    for g in m["graphs"]:
+        model = schema.Model.GetRootAs((out / g["file"]).read_bytes(), 0)
+        assert model.SubgraphsLength() == 1 and model.SignatureDefs(0).SubgraphIndex() == 0, g["file"]
+        assert all(model.Buffers(i).Offset() == 0 for i in range(model.BuffersLength())), g["file"]
+        if g["variant"] == "int8":
+            sg = model.Subgraphs(0)
+            int8 = [sg.Tensors(i) for i in range(sg.TensorsLength()) if sg.Tensors(i).Type() == schema.TensorType.INT8]
+            assert int8 and all(t.Quantization().ScaleLength() == 1 for t in int8), g["file"]
 
 
 def test_quantized_files_are_smaller(exported, ckpt):
     out, m = exported
-    size = {g["variant"]: (out / g["file"]).stat().st_size for g in m["graphs"]}  # step and prompt: one file
+    size = {g["variant"]: (out / g["file"]).stat().st_size for g in m["graphs"] if g["kind"] == "step"}
     weights = sum(t.numel() for t in ckpt.tensors.values() if t.dim() == 2)
     for v, per_weight in SAVED_BYTES_PER_WEIGHT.items():
         assert size["fp32"] - size[v] >= MIN_SAVING_SHARE * per_weight * weights, (v, size, weights)
@@ -168,18 +189,6 @@ def test_quantized_quality(exported, ref, variant):
     q = quality(runner, ref, parity.parity_tokens(m["model"]["vocab_size"], QUALITY_TOKENS))
     b = QUALITY_BOUNDS[variant]
     assert q["top1_agreement"] >= b["min_top1"] and q["kl_mean"] <= b["max_kl_mean"], (variant, q)
-
-
-def test_prefill_signature_shares_the_weights(tmp_path, ckpt, exported):
-    """The prompt signature adds its graph to the file, not a second copy of the weights: the fp32 file with both
-    signatures is larger than the step-only conversion by less than half the model's weight bytes."""
-    from rwkv_export.targets.tflite import convert_fp32
-
-    out, m = exported
-    weight_bytes = 4 * sum(t.numel() for t in ckpt.tensors.values())
-    step_only = len(convert_fp32(RWKV4Step(ckpt), prefill_chunk=None))
-    both = (out / _graph(m, "fp32")["file"]).stat().st_size
-    assert step_only < both < step_only + weight_bytes / 2, (step_only, both, weight_bytes)
 
 
 @pytest.fixture(scope="module")
@@ -364,7 +373,7 @@ def test_heads_fp32_parity_and_greedy_continuation(heads):
 
 def test_heads_int4_keeps_narrow_lora_matmuls_in_int8(heads):
     """int4 quantizes in blocks of 32 along a matmul's input: v7 tiny's LoRA up-projections (inputs 16 and 8) cannot
-    be, and get int8 channelwise (in both signatures) instead of failing the export; the rest is int4."""
+    be, and get int8 channelwise instead of failing the export; the rest is int4."""
     from rwkv_export.tf_runners import TFLiteStepRunner, quality
     from rwkv_export.targets.tflite import unblockable_scopes
 
@@ -375,7 +384,7 @@ def test_heads_int4_keeps_narrow_lora_matmuls_in_int8(heads):
     scopes = set(unblockable_scopes(fp32))
     narrow = sum(1 for k, n in ck.dims.lora if n % 32)  # LoRA ranks that are no multiple of the block
     assert bool(scopes) == bool(narrow), (version, ck.dims.lora)
-    # the weight type of every weight op of the int4 file (both signatures), by whether its input fits the blocks
+    # the weight type of every weight op of the int4 step file, by whether its input fits the blocks
     q = fu.read_model(bytearray((out / _graph(m, "int4")["file"]).read_bytes()))
     types = set()
     for sg in q.subgraphs:

@@ -5,9 +5,12 @@ On the trained fixture (builtin:tiny-pydoc, fp32), every runtime/backend that ru
 (rwkv_export.parity.TOLERANCES, max|Δ|/std(ref)). CPU backends: onnxruntime-web wasm, TF.js wasm and cpu, tfjs-tflite
 wasm. GPU backends on SwiftShader (Chromium's CPU implementation of WebGL and WebGPU, --enable-unsafe-webgpu):
 onnxruntime-web WebGPU and TF.js WebGL. What a runtime cannot do is said on the page: a folder without the runtime's
-graph, a backend a runtime lacks, the prompt running token by token where there is no prompt graph.
+graph, a backend a runtime lacks, the prompt running token by token where there is no prompt graph. tfjs-tflite runs
+the TFLite prompt graph (its own file) for whole chunks and the int8 variant, with the greedy ids of the Python LiteRT
+runner; a runner in a Web Worker (?worker=1) gives the ids it gives on the page's thread.
 
-Three exports of tiny-pydoc (one per format, step graphs only), made once for the module.
+Three exports of tiny-pydoc, made once for the module: ONNX and TF.js step graphs only, TFLite fp32 and int8 with
+their prompt graphs.
 Needs (a missing one is a failure, never a skip): playwright (the Python package), /usr/bin/chromium, and
 `npm ci --prefix web_demo` (onnxruntime-web and the TF.js packages).
 """
@@ -46,9 +49,12 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("runtimes")
     # the exporters' parity gates are tested elsewhere; here the page is compared against runtime_ref directly
-    out = {"onnx": export_onnx("builtin:tiny-pydoc", root / "onnx", check=False, prefill=False).out}
-    for target in ("tfjs", "tflite"):
-        out[target] = export_target(target, "builtin:tiny-pydoc", root / target, check=False, prefill=False).out
+    out = {"onnx": export_onnx("builtin:tiny-pydoc", root / "onnx", check=False, prefill=False).out,
+           "tfjs": export_target("tfjs", "builtin:tiny-pydoc", root / "tfjs", check=False).out,
+           # a TF.js folder without the prompt graph (--no-prefill): the page says how its prompt runs
+           "tfjs_steps": export_target("tfjs", "builtin:tiny-pydoc", root / "tfjs_steps", check=False,
+                                       prefill=False).out}
+    out["tflite"] = export_target("tflite", "builtin:tiny-pydoc", root / "tflite", quant=["int8"], check=False).out
     return out
 
 
@@ -113,9 +119,10 @@ def runtimes_page(browser, folder: Path, query: str = ""):
         server.server_close()
 
 
-def run_greedy(page, runtime: str, backend: str, prompt_ids: list[int]) -> tuple[dict, dict]:
-    info = page.evaluate("o => window.rwkvRuntimes.load(o)",
-                         {"runtime": runtime, "backend": backend, "variant": "fp32", "threads": 1})
+def run_greedy(page, runtime: str, backend: str, prompt_ids: list[int], variant: str = "fp32", threads: int = 1,
+               worker: bool = False) -> tuple[dict, dict]:
+    info = page.evaluate("o => window.rwkvRuntimes.load(o)", {"runtime": runtime, "backend": backend,
+                                                              "variant": variant, "threads": threads, "worker": worker})
     assert "error" not in info, info
     res = page.evaluate("o => window.rwkvRuntimes.generate(o)", {"promptIds": prompt_ids, "maxTokens": TOKENS})
     return info, res
@@ -140,6 +147,52 @@ def test_cpu_backends_greedy_ids_equal_reference(cpu_browser, folders, reference
     assert res["ids"] == want
     tol = TOLERANCES[(FORMAT[runtime], "fp32")].max_rel
     assert max_rel(res["lastLogits"], ref_logits) <= tol
+    if runtime == "tflite":  # the prompt (33 tokens): two chunks of 16 through prefill.tflite, one step
+        assert info["prompt"] == "prompt graph prefill.tflite" and res["stats"]["promptRuns"] == 3
+    if runtime == "tfjs":  # the prompt graph in model.json (any T up to max_chunk): the 33 tokens in one call
+        assert info["prompt"].startswith("prompt graph") and res["stats"]["promptRuns"] == 1, (info, res["stats"])
+
+
+@pytest.fixture(scope="module")
+def tflite_int8_ids(folders, reference):
+    """The Python LiteRT runner's greedy ids for the int8 variant, fed as the page feeds it (whole chunks of the prompt
+    through the prompt graph, the rest through the step graph)."""
+    from rwkv_export.manifest import read_manifest
+    from rwkv_export.tf_runners import TFLiteSequenceRunner
+
+    prompt_ids = reference[0]
+    m = read_manifest(folders["tflite"])
+    seq = next(g for g in m["graphs"] if g["kind"] == "sequence" and g["variant"] == "int8")
+    runner = TFLiteSequenceRunner(folders["tflite"], m, seq, threads=1)
+    logits, state = runner.forward(prompt_ids, runner.new_state())
+    ids = []
+    for _ in range(TOKENS):
+        ids.append(int(np.argmax(logits)))
+        logits, state = runner.step_runner.step(ids[-1], state)
+    return ids
+
+
+def test_tflite_int8_runs_in_the_page_as_in_litert(cpu_browser, folders, reference, tflite_int8_ids):
+    """The int8 .tflite in tfjs-tflite: the same 64 greedy ids as the Python LiteRT runner on the same file. Exact
+    equality, not a tolerance: both are XNNPACK's dynamic-range int8 kernels on the same weights, and the ids are what a
+    user sees (the quality gate judges int8 against fp32 elsewhere). A file the browser runtime misreads (weights
+    addressed by offset, per-channel scales) gives zero or constant logits, far from these ids."""
+    with runtimes_page(cpu_browser, folders["tflite"]) as (page, _):
+        info, res = run_greedy(page, "tflite", "wasm", reference[0], variant="int8")
+        assert page.page_errors == []
+    assert info["prompt"] == "prompt graph prefill_int8.tflite"
+    assert res["ids"] == tflite_int8_ids
+
+
+def test_runner_in_a_web_worker_gives_the_same_ids(cpu_browser, folders, tflite_int8_ids):
+    """?worker=1 runs the runtime in a Web Worker (rt_worker.js), where its wasm threads can block instead of spin:
+    tfjs-tflite int8 with 2 threads there gives the page thread's ids (test above), and the page says where it ran."""
+    with runtimes_page(cpu_browser, folders["tflite"], "?worker=1") as (page, _):
+        assert page.is_checked("#worker")
+        info, res = run_greedy(page, "tflite", "wasm", list(PROMPT.encode()), variant="int8", threads=2, worker=True)
+        assert page.page_errors == []
+    assert info["worker"] and "runs in a Web Worker" in info["notes"] and info["threads"] == 2
+    assert res["stats"]["promptMode"] == "sequence" and res["ids"] == tflite_int8_ids
 
 
 GPU_CASES = [("ort", "webgpu"), ("tfjs", "webgl")]
@@ -162,12 +215,12 @@ def test_gpu_backends_on_swiftshader_equal_reference(pw, folders, reference, run
 def test_what_cannot_run_is_said_on_the_page(cpu_browser, folders):
     """A folder without the runtime's graph names the export command; a backend that is missing or that a runtime
     lacks fails with a one-line reason; TF.js says its prompt runs token by token and what would change that."""
-    with runtimes_page(cpu_browser, folders["tfjs"], "?runtime=ort") as (page, _):
+    with runtimes_page(cpu_browser, folders["tfjs_steps"], "?runtime=ort") as (page, _):
         assert page.inner_text("#runtime-note").startswith("This folder has no ONNX step graph: make one with `rwkv-export onnx")
         assert page.is_disabled("#load")
         info = page.evaluate("window.rwkvRuntimes.load({runtime: 'tfjs', backend: 'wasm', variant: 'fp32'})")
         assert info["prompt"] == "prompt via steps"
-        assert any("has only the step graph" in n and "Fix: translate the ONNX prompt graph" in n for n in info["notes"])
+        assert any("has only the step graph" in n and "--no-prefill" in n for n in info["notes"]), info["notes"]
     with runtimes_page(cpu_browser, folders["onnx"]) as (page, _):
         res = page.evaluate("window.rwkvRuntimes.load({runtime: 'ort', backend: 'webgpu', variant: 'fp32'})")
         assert res["limit"] and "WebGPU is not available" in res["error"], res  # --disable-gpu: no adapter

@@ -1,6 +1,8 @@
 // TF.js adapter for runtimes.html (runner interface: rt_common.js): the exported graph model (`rwkv-export tfjs`:
 // model.json + weight shards, a `signature` mapping logical names to tensors) on one of TF.js's backends. The state
 // stays in the backend's tensors from step to step (on webgl/webgpu it never leaves the GPU); only the logits are read.
+// The prompt graph (manifest kind "sequence", where the folder has one) lives in the same model.json: one model, one
+// copy of the weights; a prompt call feeds 1..max_chunk tokens and reads the prompt graph's outputs by their tensors.
 // TF.js's packages are UMD builds (a global `tf`), loaded from the npm folders `rwkv-export serve` serves.
 
 import { ioByRole } from './manifest.js';
@@ -9,10 +11,10 @@ import { NPM, RuntimeLimit, fetchFiles, initialState, lastRow, loadScript, webgp
 export const BACKENDS = ['wasm', 'webgl', 'webgpu', 'cpu'];
 const PKG = (name, file) => `${NPM}@tensorflow/tfjs-${name}/dist/${file}`;
 const BACKEND_SCRIPT = { cpu: 'backend-cpu', wasm: 'backend-wasm', webgl: 'backend-webgl', webgpu: 'backend-webgpu' };
-export const NO_PROMPT_GRAPH = 'the TF.js export has only the step graph (targets/tfjs.py translates the ONNX step ' +
-  'graph), so a prompt runs token by token.';
-export const PROMPT_FIX = 'translate the ONNX prompt graph (prefill.onnx) into a second TF.js graph model in ' +
-  'rwkv_export/targets/tfjs.py, with a manifest entry of kind "sequence".';
+export const NO_PROMPT_GRAPH = 'this TF.js export has only the step graph (exported with --no-prefill or --embedding, ' +
+  'or before the prompt graph), so a prompt runs token by token.';
+export const PROMPT_FIX = 're-export with `rwkv-export tfjs` (its model.json then holds the prompt graph beside the step ' +
+  'graph: a manifest entry of kind "sequence", signature "prefill").';
 
 // The TF.js core, converter and the backend's package, once per page; then the backend, set up.
 export async function tfWithBackend(backend, threads) {
@@ -52,7 +54,7 @@ function backendNotes(tf, backend) {
   return [];
 }
 
-export async function open({ manifest, modelBase, graph, backend, threads, verify }) {
+export async function open({ manifest, modelBase, graph, seq, backend, threads, verify }) {
   if (!BACKENDS.includes(backend)) throw new RuntimeLimit(`TF.js has no backend '${backend}' here (has ${BACKENDS.join(', ')})`);
   const tf = await tfWithBackend(backend, threads);
   const files = await fetchFiles(manifest, modelBase, [graph], verify);
@@ -78,6 +80,9 @@ export async function open({ manifest, modelBase, graph, backend, threads, verif
   const tensorOf = (spec) => spec.tensor ?? json.signature.inputs[spec.name]?.name ?? json.signature.outputs[spec.name]?.name;
   const stateOrder = [...io.stateOut.keys()];
   const outNames = [tensorOf(io.logits), ...stateOrder.map((n) => tensorOf(io.stateOut.get(n)))];
+  // the prompt graph, when it is in this model.json (its entry names each input/output's tensor)
+  const seqIo = seq && seq.file === graph.file ? ioByRole(seq, manifest) : null;
+  const seqOut = seqIo && [seqIo.logits.tensor, ...stateOrder.map((n) => seqIo.stateOut.get(n).tensor)];
   let state = null;
   const reset = () => {
     if (state) for (const t of Object.values(state)) t.dispose();
@@ -85,16 +90,17 @@ export async function open({ manifest, modelBase, graph, backend, threads, verif
       .map(([n, a]) => [n, tf.tensor(a, io.stateIn.get(n).shape, 'float32')]));
   };
   reset();
-  const step = async (id) => {
-    const token = tf.tensor([id], io.token.shape, 'int32');
-    const feeds = { [tensorOf(io.token)]: token };
-    for (const [n, spec] of io.stateIn) feeds[tensorOf(spec)] = state[n];
+  // one graph call: the token(s) and the state in, the logits read and the state kept as tensors
+  const run = async (part, names, ids, what) => {
+    const token = tf.tensor(ids, [ids.length], 'int32');
+    const feeds = { [tensorOf(part.token)]: token };
+    for (const [n, spec] of part.stateIn) feeds[tensorOf(spec)] = state[n];
     let outs;
     try {
-      outs = model.execute(feeds, outNames);
+      outs = model.execute(feeds, names);
     } catch (e) {
       token.dispose();
-      throw new RuntimeLimit(`TF.js (${backend}) cannot run ${graph.file}: ${e.message}`);
+      throw new RuntimeLimit(`TF.js (${backend}) cannot run ${what}: ${e.message}`);
     }
     token.dispose();
     for (const t of Object.values(state)) t.dispose();
@@ -103,10 +109,17 @@ export async function open({ manifest, modelBase, graph, backend, threads, verif
     outs[0].dispose();
     return lastRow(logits, vocab);
   };
+  const step = (id) => run(io, outNames, [id], graph.file);
+  const prompt = seqIo && ((ids) => run(seqIo, seqOut, ids, `${seq.file}'s prompt graph`));
+  const notes = [...backendNotes(tf, backend)];
+  if (!seqIo) {
+    notes.push(seq ? `the prompt graph ${seq.file} is not in ${graph.file}, so a prompt runs token by token.`
+      : `${NO_PROMPT_GRAPH} Fix: ${PROMPT_FIX}`);
+  }
   return {
-    backend, threads: backend === 'wasm' ? tf.wasm.getThreadsCount() : null, bytes,
-    notes: [...backendNotes(tf, backend), `${NO_PROMPT_GRAPH} Fix: ${PROMPT_FIX}`], promptInfo: null, prompt: null,
-    reset, step,
+    backend, threads: backend === 'wasm' ? tf.wasm.getThreadsCount() : null, bytes, notes,
+    promptInfo: seqIo ? { graph: `${seq.file} (${seq.signature ?? 'prefill'})`, chunk: seq.max_chunk, fixed: false } : null,
+    prompt, reset, step,
     wasmBytes: () => (backend === 'wasm' ? tf.backend().wasm?.HEAPU8?.buffer.byteLength ?? null : null),
     async dispose() { if (state) for (const t of Object.values(state)) t.dispose(); state = null; model.dispose(); },
   };

@@ -1,17 +1,14 @@
 // tfjs-tflite adapter for runtimes.html (runner interface: rt_common.js): the exported .tflite (`rwkv-export tflite`)
 // in the TFLite web runtime (TFLite compiled to wasm with XNNPACK; SIMD and threads where the page allows them).
-// It runs the model's first subgraph through tfjs-tflite's model runner: inputs are written into and outputs read
-// from the interpreter's own tensors (no tf.Tensor per step), the state copied from outputs to inputs each step.
+// It runs a file's first subgraph through tfjs-tflite's model runner: the step graph's file for single tokens and,
+// where the folder has it, the prompt graph's file for whole chunks of a prompt. Inputs are written into and outputs
+// read from the interpreter's own tensors (no tf.Tensor per step), the state copied from outputs to inputs.
 
-import { ioByRole } from './manifest.js';
+import { graphBytes, ioByRole } from './manifest.js';
 import { NPM, RuntimeLimit, fetchFiles, initialState, lastRow, loadScript } from './rt_common.js';
 
 export const BACKENDS = ['wasm'];
 const WASM_DIR = `${NPM}@tensorflow/tfjs-tflite/wasm/`;
-export const NO_PREFILL = "tfjs-tflite's model runner runs a model's first subgraph only (it has no signature API), " +
-  "so the `prefill` signature cannot be called and a prompt runs token by token.";
-export const PREFILL_FIX = 'write the prefill signature as a separate .tflite (its own file, first subgraph) in ' +
-  'rwkv_export/targets/tflite.py, at the cost of a second copy of the weights.';
 
 // The interpreter's tensor for a manifest I/O name: litert-torch names them `<signature>_<name>` (inputs) and
 // `<signature>_<name>_output` (outputs).
@@ -35,6 +32,44 @@ for (const k of ['log', 'warn', 'error']) {
   };
 }
 
+// One .tflite in the TFLite web runtime: {runner, bytes}. Its model runner runs the file's first subgraph, which is why
+// the exporter writes the step and the prompt graph as files of one signature each.
+async function loadModel(tflite, manifest, modelBase, graph, threads, verify) {
+  const files = await fetchFiles(manifest, modelBase, [graph], verify);
+  const bytes = files.get(graph.file);
+  try {
+    const model = await tflite.loadTFLiteModel(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.length), { numThreads: threads });
+    return { runner: model.modelRunner, bytes: bytes.length };
+  } catch (e) {
+    throw new RuntimeLimit(`the TFLite web runtime cannot open ${graph.file}: ${e.message ?? e}` +
+      ' (an op or op version newer than its TFLite build, or more memory than its wasm heap has?)');
+  }
+}
+
+// A graph's I/O as the interpreter's tensors: {token, logits, states: [[inTensor, outTensor, stateName]]}.
+function bindTensors(runner, graph, manifest) {
+  const io = ioByRole(graph, manifest);
+  const sig = graph.signature ?? 'step';
+  const ins = runner.getInputs();
+  const outs = runner.getOutputs();
+  if (ins.length !== 1 + io.stateIn.size) {
+    throw new RuntimeLimit(`the first subgraph of ${graph.file} has ${ins.length} inputs, not the ${sig} signature's ${1 + io.stateIn.size}`);
+  }
+  return {
+    io,
+    token: byName(ins, sig, io.token.name, false),
+    logits: byName(outs, sig, io.logits.name, true),
+    states: [...io.stateIn].map(([n, spec]) => [byName(ins, sig, spec.name, false), byName(outs, sig, io.stateOut.get(n).name, true), n]),
+  };
+}
+
+function infer(runner, file) {
+  tfliteErrors.length = 0;
+  if (!runner.infer()) {
+    throw new RuntimeLimit(`the TFLite web runtime failed to run ${file}` + (tfliteErrors.length ? ` (${tfliteErrors.join('; ')})` : ''));
+  }
+}
+
 export async function open({ manifest, modelBase, graph, seq, backend, threads, verify }) {
   if (!BACKENDS.includes(backend)) throw new RuntimeLimit(`tfjs-tflite runs on wasm only (XNNPACK on the CPU), not '${backend}'`);
   await loadScript(`${NPM}@tensorflow/tfjs-core/dist/tf-core.min.js`);
@@ -44,45 +79,61 @@ export async function open({ manifest, modelBase, graph, seq, backend, threads, 
   await loadScript(`${NPM}@tensorflow/tfjs-tflite/dist/tf-tflite.min.js`, `${WASM_DIR}tf-tflite.min.js`);
   const tflite = self.tflite;
   tflite.setWasmPath(new URL(WASM_DIR, location.href).href);
-  const files = await fetchFiles(manifest, modelBase, [graph], verify);
-  const bytes = files.get(graph.file);
-  let model;
-  try {
-    model = await tflite.loadTFLiteModel(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.length), { numThreads: threads });
-  } catch (e) {
-    throw new RuntimeLimit(`the TFLite web runtime cannot open ${graph.file}: ${e.message ?? e}` +
-      ' (an op or op version newer than its TFLite build?)');
-  }
-  const runner = model.modelRunner;
-  const io = ioByRole(graph, manifest);
-  const sig = graph.signature ?? 'step';
-  const ins = runner.getInputs();
-  const outs = runner.getOutputs();
-  if (ins.length !== 1 + io.stateIn.size) {
-    throw new RuntimeLimit(`the first subgraph of ${graph.file} has ${ins.length} inputs, not the step signature's ${1 + io.stateIn.size}`);
-  }
-  const tokenT = byName(ins, sig, io.token.name, false);
-  const logitsT = byName(outs, sig, io.logits.name, true);
-  const pairs = [...io.stateIn].map(([n, spec]) => [byName(ins, sig, spec.name, false), byName(outs, sig, io.stateOut.get(n).name, true), n]);
+  let model = await loadModel(tflite, manifest, modelBase, graph, threads, verify);
+  let s = bindTensors(model.runner, graph, manifest);
   const vocab = manifest.model.vocab_size;
+  // The state lives in the step graph's input tensors: each step copies its outputs back in.
   const reset = () => {
-    const init = initialState(manifest, io);
-    for (const [inT, , n] of pairs) inT.data().set(init[n]);
+    const init = initialState(manifest, s.io);
+    for (const [inT, , n] of s.states) inT.data().set(init[n]);
   };
-  reset();
   const step = (id) => {
-    tokenT.data()[0] = id;
-    tfliteErrors.length = 0;
-    if (!runner.infer()) {
-      throw new RuntimeLimit(`the TFLite web runtime failed to run ${graph.file}` +
-        (tfliteErrors.length ? ` (${tfliteErrors.join('; ')})` : ''));
-    }
-    for (const [inT, outT] of pairs) inT.data().set(outT.data());
-    return lastRow(logitsT.data(), vocab).slice();
+    s.token.data()[0] = id;
+    infer(model.runner, graph.file);
+    for (const [inT, outT] of s.states) inT.data().set(outT.data());
+    return lastRow(s.logits.data(), vocab).slice();
   };
+  // The prompt graph (its own file): a whole chunk of exactly max_chunk tokens from the step graph's state, into it.
+  const notes = [];
+  let prefill = null;
+  if (!seq) {
+    notes.push('this folder has no TFLite prompt graph (exported with --no-prefill): a prompt runs token by token.');
+  } else {
+    let why = null;
+    try {
+      const m = await loadModel(tflite, manifest, modelBase, seq, threads, verify);
+      prefill = { ...m, ...bindTensors(m.runner, seq, manifest) };
+    } catch (e) {
+      why = e.message;
+    }
+    // The runtime's wasm memory holds 2 GB at most: where both graphs' weights (each file's, plus XNNPACK's packed
+    // copy) do not fit, the step graph's tensors come back without data (measured: 169M fp32). Then the step graph
+    // is loaded again, alone.
+    const alive = (b) => ArrayBuffer.isView(b.token.data()) && ArrayBuffer.isView(b.logits.data());
+    if (!alive(s) || (prefill && !alive(prefill))) {
+      prefill?.runner.cleanUp?.();
+      model.runner.cleanUp?.();
+      prefill = null;
+      model = await loadModel(tflite, manifest, modelBase, graph, threads, verify);
+      s = bindTensors(model.runner, graph, manifest);
+      why = `the step and prompt graphs together (${((graphBytes(manifest, graph) + graphBytes(manifest, seq)) / 1e6).toFixed(0)} MB ` +
+        "of weights, each packed again by XNNPACK) do not fit in the TFLite web runtime's wasm memory (2 GB at most)";
+    }
+    if (why) notes.push(`the prompt graph ${seq.file} does not run here, so a prompt runs token by token: ${why}.`);
+  }
+  const prompt = prefill && ((ids) => {
+    const stepIn = new Map(s.states.map(([inT, , n]) => [n, inT]));
+    prefill.token.data().set(ids);
+    for (const [inT, , n] of prefill.states) inT.data().set(stepIn.get(n).data());
+    infer(prefill.runner, seq.file);
+    for (const [, outT, n] of prefill.states) stepIn.get(n).data().set(outT.data());
+    return lastRow(prefill.logits.data(), vocab).slice();
+  });
+  reset();
   return {
-    backend: 'wasm', threads, bytes: bytes.length, notes: seq ? [`${NO_PREFILL} Fix: ${PREFILL_FIX}`] : [], promptInfo: null, prompt: null,
+    backend: 'wasm', threads, bytes: model.bytes + (prefill?.bytes ?? 0), notes,
+    promptInfo: prefill ? { graph: seq.file, chunk: seq.max_chunk, fixed: true } : null, prompt,
     reset, step, wasmBytes: () => null,
-    async dispose() { runner.cleanUp?.(); },
+    async dispose() { model.runner.cleanUp?.(); prefill?.runner.cleanUp?.(); },
   };
 }

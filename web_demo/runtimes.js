@@ -1,19 +1,22 @@
 // runtimes.html: one export folder in three runtimes (onnxruntime-web, TF.js, tfjs-tflite) on their backends, with the
-// same manifest reading (manifest.js), tokenizer (tokenizer.js) and sampling (sampling.js) as the demo. It runs on the
-// page's thread (TF.js's packages are UMD scripts), one model at a time, and times load, prompt and decode.
+// same manifest reading (manifest.js), tokenizer (tokenizer.js) and sampling (sampling.js) as the demo. The runtime
+// runs on the page's thread or, with worker, in a Web Worker (rt_worker.js), one model at a time; the page times load,
+// prompt and decode.
 //
 // URL: runtime=ort|tfjs|tflite, backend=wasm|webgpu (ort) / wasm|webgl|webgpu|cpu (tfjs) / wasm (tflite),
-// variant=NAME, model=URL/ (the export folder, default /model/), threads=N, prompt=TEXT, tokens=N, verify=0, autorun=1.
-// window.rwkvRuntimes: load({runtime, backend, variant, threads}), generate({prompt|promptIds, maxTokens,
+// variant=NAME, model=URL/ (the export folder, default /model/), threads=N, worker=1, prompt=TEXT, tokens=N, verify=0,
+// autorun=1.
+// window.rwkvRuntimes: load({runtime, backend, variant, threads, worker}), generate({prompt|promptIds, maxTokens,
 // temperature, seed}), memory(), manifest, info, lastResult, status (also document.body.dataset.status), error.
 
-import { FORMAT_TITLES, fetchManifest, formatBytes, graphBytes, sequenceGraph, stepGraph, variants } from './manifest.js';
-import { errorText } from './rt_common.js';
+import { FORMAT_TITLES, fetchManifest, formatBytes, graphFiles, sequenceGraph, stepGraph, variants } from './manifest.js';
+import { errorText, openInWorker } from './rt_common.js';
 import { argmax, checkParams, makeRng, sampleToken } from './sampling.js';
 import { loadTokenizer } from './tokenizer.js';
 
 export const RUNTIMES = {
   ort: { title: 'onnxruntime-web', format: 'onnx', module: './rt_ort.js', backends: ['wasm', 'webgpu'] },
+  native: { title: 'WebGPU native', format: 'onnx', module: './rt_webgpu.js', backends: ['webgpu-native'] },
   tfjs: { title: 'TF.js', format: 'tfjs', module: './rt_tfjs.js', backends: ['wasm', 'webgl', 'webgpu', 'cpu'] },
   tflite: { title: 'tfjs-tflite', format: 'tflite', module: './rt_tflite.js', backends: ['wasm'] },
 };
@@ -54,8 +57,12 @@ function fillControls() {
   $('load').disabled = !vs.length;
 }
 
+// The bytes of the graphs' files, each file once (an ONNX step and prompt graph share their weights file).
+const downloadBytes = (m, graphs) => [...new Map(graphs.flatMap((g) => graphFiles(m, g)).map((f) => [f.file, f.size ?? 0])).values()]
+  .reduce((a, b) => a + b, 0);
+
 // Load a runtime/backend/variant: the model's files are fetched again (each runtime holds its own copy).
-api.load = async ({ runtime, backend, variant, threads = 1, verify = true } = {}) => {
+api.load = async ({ runtime, backend, variant, threads = 1, worker = false, verify = true } = {}) => {
   const rt = RUNTIMES[runtime];
   if (!rt) throw new Error(`unknown runtime '${runtime}' (${Object.keys(RUNTIMES).join(', ')})`);
   setStatus('loading');
@@ -69,15 +76,16 @@ api.load = async ({ runtime, backend, variant, threads = 1, verify = true } = {}
   try {
     const graph = stepGraph(m, variant, rt.format);
     const seq = sequenceGraph(m, variant, rt.format);
-    const adapter = await import(rt.module);
-    const runner = await adapter.open({ manifest: m, modelBase, graph, seq, backend, threads, verify });
+    const options = { manifest: m, modelBase, graph, seq, backend, threads, verify };
+    const runner = worker ? await openInWorker(rt.module, options) : await (await import(rt.module)).open(options);
     const loadMs = performance.now() - t0;
     await runner.step(0); // the first run builds kernels / shaders: timed apart, not part of decode speed
-    runner.reset();
+    await runner.reset();
     api.runner = runner;
     api.info = {
       runtime, title: rt.title, backend: runner.backend, variant, threads: runner.threads, file: graph.file,
-      bytes: runner.bytes, downloadBytes: graphBytes(m, graph), loadSeconds: loadMs / 1000,
+      bytes: runner.bytes, downloadBytes: downloadBytes(m, seq && runner.promptInfo?.graph === seq.file ? [graph, seq] : [graph]),
+      worker, loadSeconds: loadMs / 1000,
       firstRunSeconds: (performance.now() - t0 - loadMs) / 1000, notes: runner.notes,
       prompt: runner.promptInfo ? `prompt graph ${runner.promptInfo.graph}` : 'prompt via steps',
       crossOriginIsolated: self.crossOriginIsolated === true,
@@ -106,7 +114,7 @@ api.generate = async ({ prompt, promptIds, maxTokens = 64, temperature = 0, topP
   if (!ids0.length) throw new Error('the prompt is empty');
   setStatus('generating');
   const rng = makeRng(seed);
-  r.reset();
+  await r.reset();
   const t0 = performance.now();
   let logits;
   let promptRuns = 0;
@@ -156,7 +164,7 @@ api.memory = async ({ timeoutMs = 30000 } = {}) => {
 function controlsOptions() {
   return {
     runtime: $('runtime').value, backend: $('backend').value, variant: $('variant').value,
-    threads: Number($('threads').value), verify: params.get('verify') !== '0',
+    threads: Number($('threads').value), worker: $('worker').checked, verify: params.get('verify') !== '0',
   };
 }
 
@@ -191,6 +199,7 @@ async function start() {
   fillSelect($('runtime'), Object.keys(RUNTIMES), params.get('runtime') ?? have[0]);
   const cores = Math.min(navigator.hardwareConcurrency || 1, 8);
   fillSelect($('threads'), Array.from({ length: cores }, (_, i) => String(i + 1)), params.get('threads') ?? String(Math.min(cores, 4)));
+  $('worker').checked = params.get('worker') === '1';
   if (!self.crossOriginIsolated) $('env-note').textContent = 'Not cross-origin isolated: wasm runs single-threaded (serve with `rwkv-export serve`).';
   fillControls();
   $('runtime').onchange = fillControls;

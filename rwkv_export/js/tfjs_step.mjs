@@ -10,6 +10,11 @@
 //        (+ "hidden": "<base64 float32>" when the signature has a `hidden` output: an export made with --embedding)
 //   {"op": "greedy", "token": 5, "n": 32, "state": {...}}   (n steps in Node, each feeding back its argmax; timed)
 //     -> {"tokens": [...], "seconds": 1.23, "state": {...}, "rss_mb": 1234.5}
+//   {"op": "prefill", "tokens": [5, 7, ...], "state": {...}}   (one call of the prompt graph: 1 <= T <= max_chunk)
+//     -> {"logits": "<base64 float32, the last token's>", "state": {...}, "seconds": 0.12}
+// The prompt graph, where the export has one, lives in the same model.json (its nodes beside the step graph's, the
+// weights and state inputs shared); its signature is userDefinedMetadata.rwkv_export.signatures.prefill, with the
+// same keys (`tokens` for `token`). TF.js runs only the nodes the requested outputs need, so each call runs one graph.
 // Every name is resolved through model.json's `signature` (logical name -> tensor), never by position: inputs are the
 // signature's input keys, the logits are the output whose key is "logits" and each state `s` comes back from the
 // output `${s}_out`. The first line written is {"ready": true, ...} or {"error": "..."}; stdout carries nothing else.
@@ -68,6 +73,15 @@ async function load(modelPath) {
   const hasHidden = Boolean(sig.outputs[HIDDEN]);
   if (hasHidden) outNames.push(sig.outputs[HIDDEN].name);
   const tokenDtype = sig.inputs.token.dtype === 'DT_INT32' ? 'int32' : 'float32';
+  const seqSig = json.userDefinedMetadata?.rwkv_export?.signatures?.prefill ?? null;
+  if (seqSig) {
+    if (!seqSig.inputs.tokens || !seqSig.outputs[LOGITS]) {
+      throw new Error('the prefill signature lacks "tokens" or "logits"');
+    }
+    for (const s of states) {
+      if (!seqSig.inputs[s] || !seqSig.outputs[stateOut(s)]) throw new Error(`the prefill signature lacks state ${s}`);
+    }
+  }
 
   // one step: token (int) + state (name -> Float32Array) -> {logits, state}
   function step(token, state) {
@@ -80,7 +94,22 @@ async function load(modelPath) {
     states.forEach((s, i) => { next[s] = vals[i + 1]; });
     return { logits: vals[0], state: next, hidden: hasHidden ? vals[states.length + 1] : undefined };
   }
-  return { step, states, hasHidden, backend: tf.getBackend(), version: tf.version_core };
+  // one prompt chunk: tokens (ints) + state -> {logits of the last token, state}
+  const vocab = shape(sig.outputs[LOGITS]).at(-1);
+  function prefill(tokens, state) {
+    if (!seqSig) throw new Error('this model.json has no prompt graph (no prefill signature)');
+    const feeds = { [seqSig.inputs.tokens.name]: tf.tensor(tokens, [tokens.length], 'int32') };
+    for (const s of states) feeds[seqSig.inputs[s].name] = tf.tensor(state[s], shape(seqSig.inputs[s]), 'float32');
+    const names = [seqSig.outputs[LOGITS].name, ...states.map((s) => seqSig.outputs[stateOut(s)].name)];
+    const outs = model.execute(feeds, names);
+    const vals = outs.map((t) => t.dataSync());
+    for (const t of [...Object.values(feeds), ...outs]) t.dispose();
+    const next = {};
+    states.forEach((s, i) => { next[s] = vals[i + 1]; });
+    return { logits: vals[0].slice(vals[0].length - vocab), state: next };
+  }
+  const hasPrefill = Boolean(seqSig);
+  return { step, prefill, states, hasHidden, hasPrefill, backend: tf.getBackend(), version: tf.version_core };
 }
 
 function argmax(a) {
@@ -97,7 +126,9 @@ try {
   reply({ error: `cannot load ${modelPath}: ${e.message.split('\n')[0]}` });
   process.exit(1);
 }
-reply({ ready: true, backend: m.backend, tfjs: m.version, states: m.states, hidden: m.hasHidden });
+reply({
+  ready: true, backend: m.backend, tfjs: m.version, states: m.states, hidden: m.hasHidden, prefill: m.hasPrefill,
+});
 
 const decodeState = (st) => Object.fromEntries(m.states.map((s) => {
   if (!(s in st)) throw new Error(`request lacks state ${s}`);
@@ -128,6 +159,11 @@ for await (const line of rl) {
       }
       const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
       reply({ tokens, seconds, state: encodeState(state), rss_mb: process.memoryUsage().rss / 2 ** 20 });
+    } else if (req.op === 'prefill') {
+      const t0 = process.hrtime.bigint();
+      const r = m.prefill(req.tokens, decodeState(req.state));
+      const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+      reply({ logits: f32ToB64(r.logits), state: encodeState(r.state), seconds });
     } else {
       reply({ error: `unknown op ${req.op}` });
     }

@@ -1,5 +1,6 @@
-"""TFLite target (LiteRT, phones): one `.tflite` per variant with two named signatures over the same weights:
-`step` (one token, RNN mode) and `prefill` (a prompt chunk of exactly PREFILL_CHUNK tokens, GPT mode).
+"""TFLite target (LiteRT, phones; tfjs-tflite in browsers): per variant two `.tflite` files, each with one named
+signature: `step` (one token, RNN mode; `model*.tflite`) and `prefill` (a prompt chunk of exactly PREFILL_CHUNK
+tokens, GPT mode; `prefill*.tflite`).
 
 Chain: litert-torch converts our torch step module (the architecture's) directly — one model definition for every target, no
 TensorFlow install, no ONNX round trip. Quantized variants are derived from the converted fp32 flatbuffer with
@@ -12,8 +13,11 @@ Every variant keeps float32 I/O; only the weights change. Signature `prefill`: i
 plus the same states; outputs the last token's `logits` [1, V] and the states after the chunk (the
 architecture's sequence module). TFLite wants static shapes, so the chunk is fixed: the manifest entry (kind "sequence") says
 `"fixed_chunk": true`, and a runner feeds whole chunks through `prefill` and the rest token by token through `step`.
-The converter keeps one copy of a weight that both signatures use, so the prompt signature adds its graph, not its
-weights, to the file.
+Why one signature per file, though the converter would keep one copy of the weights for both signatures of one
+file: tfjs-tflite's model runner has no signature API and runs a file's first subgraph only, so a prompt graph behind
+the step graph could never be called in a browser. Each graph leads its own file instead, at the cost of a second
+copy of the weights in the prompt graph's file (a client that never feeds prompts in one call ships the step file
+alone).
 
 Token dtype: int32. LiteRT's converter lowers int64 to int32 unless told otherwise, TF.js has no int64 at all, and the
 mobile APIs (Kotlin/Java IntBuffer, Swift Int32) are int32-native; a vocabulary of 50,277 is far below 2^31. The
@@ -41,7 +45,7 @@ TOKEN_DTYPE = "int32"
 VARIANTS = {
     "fp32": "float32 weights and compute",
     "fp16": "float16 weights (dequantized to fp32 at load; a GPU delegate may compute in fp16), fp32 I/O",
-    "int8": "dynamic range: int8 per-channel weights, activations quantized at run time",
+    "int8": "dynamic range: int8 weights (one scale per tensor), activations quantized at run time",
     "int4": "dynamic range: int4 weights in blocks of 32 along the input dim, activations quantized at run time "
             "(a matmul whose input dim is no multiple of 32, e.g. a narrow LoRA factor: int8 per channel)",
 }
@@ -56,6 +60,10 @@ PREFILL_CHUNK = 16
 
 def file_name(variant: str) -> str:
     return "model.tflite" if variant == "fp32" else f"model_{variant}.tflite"
+
+
+def prefill_file_name(variant: str) -> str:
+    return "prefill.tflite" if variant == "fp32" else f"prefill_{variant}.tflite"
 
 
 def state_output_name(state: str) -> str:
@@ -137,33 +145,34 @@ def _prefill_module(module, chunk: int):
     return seq
 
 
-def convert_fp32(module, prefill_chunk: int | None = PREFILL_CHUNK) -> bytes:
-    """A step module -> fp32 .tflite flatbuffer bytes with the `step` signature and, unless prefill_chunk is None, the
-    `prefill` signature for chunks of exactly prefill_chunk tokens."""
+def convert_fp32(module, prefill_chunk: int | None = PREFILL_CHUNK) -> dict[str, bytes]:
+    """A step module -> {signature name: fp32 .tflite flatbuffer bytes with that one signature}: `step` and, unless
+    prefill_chunk is None, `prefill` for chunks of exactly prefill_chunk tokens."""
     import torch
 
     lt = _import_litert_torch()
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise RwkvExportError(f"the prefill chunk must be a positive number of tokens, got {prefill_chunk}")
     state = module.new_state()
     states = {t.name: state[t.name] for t in module.state_spec}
     token_dtype = getattr(torch, TOKEN_DTYPE)
-    sample = {TOKEN_INPUT: torch.zeros(1, dtype=token_dtype), **states}
+    graphs = {SIGNATURE: (_signature(module, TOKEN_INPUT), {TOKEN_INPUT: torch.zeros(1, dtype=token_dtype), **states})}
+    if prefill_chunk is not None:
+        graphs[PREFILL_SIGNATURE] = (_signature(_prefill_module(module, prefill_chunk), TOKENS_INPUT),
+                                     {TOKENS_INPUT: torch.zeros(prefill_chunk, dtype=token_dtype), **states})
+    out = {}
     with _quiet(), torch.no_grad():
-        conv = lt.signature(SIGNATURE, _signature(module, TOKEN_INPUT), sample_kwargs=sample)
-        if prefill_chunk is not None:
-            if prefill_chunk < 1:
-                raise RwkvExportError(f"the prefill chunk must be a positive number of tokens, got {prefill_chunk}")
-            seq = _signature(_prefill_module(module, prefill_chunk), TOKENS_INPUT)
-            conv = conv.signature(PREFILL_SIGNATURE, seq,
-                                  sample_kwargs={TOKENS_INPUT: torch.zeros(prefill_chunk, dtype=token_dtype), **states})
-        return bytes(conv.convert().model_content())
+        for name, (wrapper, sample) in graphs.items():
+            out[name] = bytes(lt.signature(name, wrapper, sample_kwargs=sample).convert().model_content())
+    return out
 
 
 def unblockable_scopes(fp32_model: bytes, block: int = INT4_BLOCK) -> list[str]:
     """The op scopes (ai-edge-quantizer's name for an op: its output tensor names) of the weight ops whose blockwise
     quantized dimension (the input dim of a FULLY_CONNECTED, the row of an EMBEDDING_LOOKUP table) is not a multiple
     of `block`, in every signature. int4 cannot quantize those in blocks; they get int8 channelwise instead. A LoRA
-    up-projection's input is its rank: 16 and 8 in RWKV-7's tiny preset (10 ops over both signatures); the released
-    RWKV-6/7 ranks (32 .. 128) are multiples of 32, so real models have none."""
+    up-projection's input is its rank: 16 and 8 in RWKV-7's tiny preset (10 ops over the step and prompt graphs);
+    the released RWKV-6/7 ranks (32 .. 128) are multiples of 32, so real models have none."""
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fu
 
     model = fu.read_model(bytearray(fp32_model))
@@ -187,7 +196,14 @@ def _recipe(variant: str, fp32_model: bytes | None = None):
     from ai_edge_quantizer import qtyping, recipe, recipe_manager
 
     if variant == "int8":
-        return recipe.dynamic_wi8_afp32()
+        # One scale per tensor, not per channel: tfjs-tflite's TFLite build (the browser runtime) computes a
+        # dynamic-range FULLY_CONNECTED with per-channel scales as zeros and looks an EMBEDDING_LOOKUP row with
+        # per-row scales up with the wrong scale; per tensor, both run there and in LiteRT alike. The cost, measured
+        # on tiny-pydoc's first 1,000 tokens against fp32: KL 2.6e-4 instead of 1.6e-4, top-1 0.986 instead of 0.993.
+        rm = recipe_manager.RecipeManager()
+        rm.add_dynamic_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=8,
+                              granularity=qtyping.QuantGranularity.TENSORWISE)
+        return rm.get_quantization_recipe()
     if variant == "int4":
         rec = recipe.dynamic_wi4b32_afp32()
         scopes = unblockable_scopes(fp32_model) if fp32_model is not None else []
@@ -228,7 +244,49 @@ def quantize(fp32_model: bytes, variant: str) -> bytes:
     from ai_edge_quantizer import quantizer
 
     with _quiet():
-        return bytes(quantizer.Quantizer(bytearray(fp32_model), rec).quantize().quantized_model)
+        return inline_buffers(bytes(quantizer.Quantizer(bytearray(fp32_model), rec).quantize().quantized_model))
+
+
+BUFFER_ALIGN = 16  # what TFLite's own converter aligns weight buffers to (SIMD loads)
+INLINE_LIMIT = 2**31 - 2**24  # a flatbuffer addresses 2 GB; keep a margin for the graph itself
+
+
+class _InlineBuffer:
+    """A flatbuffer `Buffer` with its bytes inside the flatbuffer, BUFFER_ALIGN-aligned (the schema's generated
+    BufferT.Pack aligns to 1 byte, and copies a non-numpy buffer byte by byte)."""
+
+    def __init__(self, data):
+        self.data = memoryview(data).cast("B")
+
+    def Pack(self, builder):
+        from ai_edge_litert import schema_py_generated as schema
+
+        n = len(self.data)
+        builder.StartVector(1, n, BUFFER_ALIGN)
+        builder.head -= n
+        builder.Bytes[builder.head:builder.head + n] = self.data
+        vec = builder.EndVector(n)
+        schema.BufferStart(builder)
+        schema.BufferAddData(builder, vec)
+        return schema.BufferEnd(builder)
+
+
+def inline_buffers(model: bytes) -> bytes:
+    """`model` with every weight inside the flatbuffer. ai-edge-quantizer writes a model's weights after the
+    flatbuffer, each addressed by an offset (the layout TFLite added for models over 2 GB); a runtime older than that
+    layout, such as tfjs-tflite's TFLite build, reads such a weight as a tensor without data and fails at the first op
+    that reads one ("Input tensor 54 lacks data": the embedding table, whose lookup is not delegated to XNNPACK).
+    Written the way litert-torch writes the fp32 model, the file opens in old and new runtimes alike. Models of 2 GB
+    and more keep the offsets (no flatbuffer can hold them; no browser runtime opens them either)."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    root = schema.Model.GetRootAs(model, 0)
+    if not any(root.Buffers(i).Offset() > 1 for i in range(root.BuffersLength())) or len(model) > INLINE_LIMIT:
+        return model
+    obj = flatbuffer_utils.read_model_from_bytearray(model)  # resolves the offsets into the buffers' data
+    obj.buffers = [_InlineBuffer(b.data) if b.data is not None and len(b.data) else b for b in obj.buffers]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(obj))
 
 
 def check_variants(variants, dims=None) -> list[str]:
@@ -247,19 +305,19 @@ def check_variants(variants, dims=None) -> list[str]:
 
 
 def export_tflite(module, out_dir: Path, variants=("fp32",), prefill_chunk: int | None = PREFILL_CHUNK) -> list[dict]:
-    """Convert `module` (a step module) once, write one .tflite per variant into `out_dir`, return their manifest
-    graph entries (format "tflite", "parity": None until a check fills it in): per variant the step graph and,
-    unless prefill_chunk is None, the prompt graph (kind "sequence", the same file's `prefill` signature)."""
+    """Convert `module` (a step module) once, write the .tflite files of each variant into `out_dir`, return their
+    manifest graph entries (format "tflite", "parity": None until a check fills it in): per variant the step graph
+    and, unless prefill_chunk is None, the prompt graph (kind "sequence", its own file's `prefill` signature)."""
     out_dir = Path(out_dir)
     variants = check_variants(variants, getattr(module, "dims", None))
     if any(v != "fp32" for v in variants):
         _import_quantizer()  # fail before the slow conversion
     fp32 = convert_fp32(module, prefill_chunk)
+    states = [t.name for t in module.state_spec]
     entries = []
     for variant in variants:
         path = out_dir / file_name(variant)
-        path.write_bytes(quantize(fp32, variant))
-        states = [t.name for t in module.state_spec]
+        path.write_bytes(quantize(fp32[SIGNATURE], variant))
         inputs, outputs = io_spec(path, SIGNATURE, states)
         entries.append({
             "name": "step", "kind": "step", "format": NAME, "variant": variant, "file": path.name,
@@ -267,6 +325,8 @@ def export_tflite(module, out_dir: Path, variants=("fp32",), prefill_chunk: int 
             "inputs": inputs, "outputs": outputs, "parity": None,
         })
         if prefill_chunk is not None:
+            path = out_dir / prefill_file_name(variant)
+            path.write_bytes(quantize(fp32[PREFILL_SIGNATURE], variant))
             inputs, outputs = io_spec(path, PREFILL_SIGNATURE, states)
             entries.append({
                 "name": "prefill", "kind": "sequence", "format": NAME, "variant": variant, "file": path.name,

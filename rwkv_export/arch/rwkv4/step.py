@@ -133,7 +133,8 @@ class RWKV4Step(nn.Module):
         )
         self.ln_out_w = nn.Parameter(sd["ln_out.weight"].to(dt), requires_grad=False)
         self.ln_out_b = nn.Parameter(sd["ln_out.bias"].to(dt), requires_grad=False)
-        self.head = nn.Parameter(sd["head.weight"].float().t().to(dt).contiguous(), requires_grad=False)
+        # transposed in the file's dtype first: the largest transient at the build's peak is then a bf16 copy, not fp32
+        self.head = nn.Parameter(sd["head.weight"].t().contiguous().float().to(dt), requires_grad=False)
 
     def forward(self, token, att_x, att_aa, att_bb, att_pp, ffn_x):
         every = self.options.rescale_every
