@@ -59,11 +59,12 @@ def checkpoint(work: Path, shape: str) -> Path | str:
     if shape == BUILTIN:
         return f"builtin:{BUILTIN}"
     path = work / f"rwkv4-{shape}-synthetic-bf16.pth"
-    if not path.exists():
-        from rwkv_export.synthetic import make_checkpoint
-
+    if not path.exists():  # in a child: a row's ru_maxrss starts from this process's size when it forks the export
         L, C, F, V = SHAPES[shape]
-        make_checkpoint(path, "169m", version="4", n_layer=L, n_embd=C, ffn_dim=F, vocab_size=V)
+        subprocess.run([sys.executable, "-c", "import sys; from rwkv_export.synthetic import make_checkpoint; "
+                        "make_checkpoint(sys.argv[1], '169m', version='4', n_layer=int(sys.argv[2]), "
+                        "n_embd=int(sys.argv[3]), ffn_dim=int(sys.argv[4]), vocab_size=int(sys.argv[5]))",
+                        str(path), str(L), str(C), str(F), str(V)], check=True, cwd=ROOT)
     return path
 
 
