@@ -186,7 +186,13 @@ def test_sigterm_during_an_export_leaves_nothing_and_a_second_writer_is_refused(
     SIGTERM removes its staging folder and lock (it used to leave `.out.partial-*` behind)."""
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "rwkv_export.cli", "onnx", "builtin:tiny", "-o", str(out),
+    # the export of builtin:tiny takes well under a second now: the child's graph writing is held back (a sleep
+    # before each graph is saved, patched in by this test only) so that the second writer and the signal meet it
+    # while it runs
+    child = ("import sys, time; from rwkv_export import onnx_build; save = onnx_build.Graph.save; "
+             "onnx_build.Graph.save = lambda self, path: (time.sleep(60), save(self, path))[1]; "
+             "from rwkv_export.cli import main; sys.argv[0] = 'rwkv-export'; main()")
+    proc = subprocess.Popen([sys.executable, "-c", child, "onnx", "builtin:tiny", "-o", str(out),
                              "--no-check", "-q"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
