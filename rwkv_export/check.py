@@ -248,7 +248,7 @@ def _check_graphs(root: Path, manifest: dict, ckpt, progress: Progress, variants
         reports.append(graph["parity"])
         if graph["kind"] != "sequence" and graph["variant"] != "fp32":
             reports.append(graph["quality"])
-        if graph["kind"] != "sequence" and has_embedding(graph):
+        if has_embedding(graph):
             reports.append(graph["embedding"])
     return reports
 
@@ -281,6 +281,13 @@ def _reference_side(root: Path, manifest: dict, ckpt, graphs: list, here: list, 
             with progress.stage(f"parity {graph['format']}/{graph['variant']} prompt graph vs the reference"):
                 graph["parity"] = judge_sequence(runs[graph["file"]], ref, target=graph["format"],
                                                  variant=graph["variant"])
+            if has_embedding(graph):  # --embedding: the prompt graph's hidden / hidden_sum vs runtime_ref's
+                runner = make_runner(root, manifest, graph, threads=CHECK_THREADS)
+                try:
+                    with progress.stage(f"the embedding of the {graph['format']}/{graph['variant']} prompt graph"):
+                        graph["embedding"] = check_embedding(root, manifest, graph, runner, ref.model)
+                finally:
+                    _close(runner)
     for graph in here:
         kept[graph["file"]] = runner = make_runner(root, manifest, graph, threads=CHECK_THREADS)
         with progress.stage(f"parity {graph['format']}/{graph['variant']}, embedding"):

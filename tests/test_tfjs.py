@@ -436,12 +436,12 @@ def test_prompt_longer_than_max_chunk_goes_in_chunks_and_the_guard_answers_nan(e
 
 
 def test_without_prefill_the_model_has_no_prompt_graph(tmp_path, ckpt):
-    """export_tfjs without prefill (the default) writes the step graph alone; the Node driver refuses a prompt call
-    on it in one line."""
+    """export_tfjs with prefill=False (`rwkv-export tfjs --no-prefill`) writes the step graph alone; the Node driver
+    refuses a prompt call on it in one line."""
     _require_node()
     from rwkv_export.targets.tfjs import export_tfjs
 
-    entries = export_tfjs(RWKV4Step(ckpt), tmp_path, ["fp32"])  # the default: no prompt graph
+    entries = export_tfjs(RWKV4Step(ckpt), tmp_path, ["fp32"], prefill=False)
     assert [g["kind"] for g in entries] == ["step"]
     mj = json.loads((tmp_path / entries[0]["file"]).read_text())
     assert "signatures" not in mj["userDefinedMetadata"]["rwkv_export"]

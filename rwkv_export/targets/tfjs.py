@@ -653,8 +653,8 @@ def build_graph_model(module, onnx_path: Path | None, tmp: Path, prefill: bool) 
 def export_tfjs(module, out_dir: Path, variants=("fp32",), *, onnx_path: Path | None = None,
                 shard_bytes: int = SHARD_BYTES, prefill: bool = True) -> list[dict]:
     """Write one TF.js graph model folder per variant under `out_dir`; return their manifest graph entries: the step
-    graph and, with `prefill`, the prompt graph (kind "sequence"), which lives in the same model.json. (`prefill` is
-    off by default until `rwkv-export check` and the embedder run TF.js prompt graphs: check.SEQUENCE_RUNNERS.)
+    graph and, with `prefill` (the default, as `rwkv-export tfjs`), the prompt graph (kind "sequence"), which lives in
+    the same model.json (`rwkv-export check` runs it through check.SEQUENCE_RUNNERS; an --embedding export has none).
 
     `module` is the fp32 step module; it is exported to ONNX in a temporary folder unless `onnx_path` (the same module's
     fp32 ONNX step graph, e.g. from an `onnx` export in the same run) is given. The prompt graph is always written
