@@ -84,10 +84,13 @@ class WeightStore:
         return off, len(data)
 
     def close(self) -> None:
+        """Flush and close the file; a store nothing was placed in removes its (empty) file: no graph names it."""
         if not self._f.closed:
             self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
+            if not self.placed:
+                self.path.unlink(missing_ok=True)
 
     def __enter__(self):
         return self
@@ -140,9 +143,6 @@ class Graph:
                 for i, v in enumerate(n.output):
                     if v == value:
                         n.output[i] = name
-            for o in self.outputs:  # an earlier output that is this very value keeps pointing at it
-                if o.name == value:
-                    raise ValueError(f"value '{value}' is already the output '{o.name}'")
         self.outputs.append(self._helper.make_tensor_value_info(name, onnx_dtype(dtype), list(shape)))
         return name
 

@@ -33,12 +33,7 @@ GPT_VS_RNN_MAX_REL = 1e-12  # fp64 rounding of the same equations in another ord
 EVAL_TOKENS = 300  # enough for every quality metric to be non-trivial, small enough for a test
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

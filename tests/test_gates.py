@@ -38,12 +38,7 @@ from rwkv_export.synthetic import save_checkpoint
 FP16_SUBNORMAL = 6.1e-5  # fp16's smallest normal number: below it the spacing is a fixed 6e-8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rescale_ffn(sd: dict, n_layer: int, exponents: dict) -> dict:

@@ -50,12 +50,7 @@ FP64_TOL = 1e-12
 SEQ_LENGTHS = (1, 2, 15, 16, 17, 19, 64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

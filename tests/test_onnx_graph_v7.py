@@ -47,12 +47,7 @@ TRACED_STEP_NODES_12L, TRACED_STEP_RESHAPES_12L = 914, 144
 SEQ_LENGTHS = (1, 2, 15, 16, 17, 19, 64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ckpt(cfg: SyntheticConfig7 = PRESETS["tiny-ffn"]) -> Checkpoint:

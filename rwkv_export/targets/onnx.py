@@ -3,6 +3,7 @@ onnxruntime for parity."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 NAME = "onnx"
@@ -65,22 +66,12 @@ def write_graph(build, module, path: Path, opset: int, external_data: bool | Non
     if store is None and external_data is None:
         n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
         external_data = n_bytes >= EXTERNAL_DATA_THRESHOLD
-    own = None
-    if store is None and external_data:
-        own = store = WeightStore(path.with_name(path.name + ".data"))
-    try:
-        g = Graph(name, opset, store)
+    own = WeightStore(path.with_name(path.name + ".data")) if store is None and external_data else None
+    with own or contextlib.nullcontext():  # its own data file, complete (or removed if empty) before the save
+        g = Graph(name, opset, own or store)
         build(g)
-        g.metadata.update(metadata or {})
-        if own is not None:
-            own.close()
-        files = g.save(path)
-    finally:
-        if own is not None:
-            own.close()
-    if own is not None and len(files) == 1:  # nothing was large enough to go outside
-        own.path.unlink(missing_ok=True)
-    return files
+    g.metadata.update(metadata or {})
+    return g.save(path)
 
 
 def simplify(path: Path) -> None:
