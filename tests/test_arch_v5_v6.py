@@ -63,14 +63,9 @@ WKV_FP64_TOL = 1e-14
 WKV_FP32_TOL = 2e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """One intra-op thread: these models take microseconds per op, and on a loaded 2-core machine torch's thread
-    pool costs 10-40x that in hand-offs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One intra-op thread: these models take microseconds per op, and on a loaded 2-core machine torch's thread pool
+# costs 10-40x that in hand-offs.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sd(version: str, preset: str = "tiny", seed: int = 0) -> dict:

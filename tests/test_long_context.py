@@ -18,7 +18,7 @@ from rwkv_export.runners import OnnxStepRunner
 from rwkv_export.seq_runner import OnnxSequenceRunner
 from rwkv_export.sources import Source
 
-from test_gates import _single_thread  # noqa: F401 (autouse: one torch thread, as there)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 T_LONG = 10_000
 N_STEPS = 100
