@@ -9,7 +9,7 @@
 // step/prompt may return promises. Anything a runtime cannot do is thrown as a RuntimeLimit naming the runtime's
 // limit and, where there is one, the exporter change that would lift it.
 
-import { graphFiles } from './manifest.js';
+import { errorText, fetchGraphFiles } from './fetch_files.js';
 
 export class RuntimeLimit extends Error {
   constructor(message, fix = null) {
@@ -21,37 +21,11 @@ export class RuntimeLimit extends Error {
 
 export const NPM = '/node_modules/';
 
-export function errorText(e) {
-  if (e == null) return 'unknown error';
-  const msg = typeof e === 'string' ? e : (e.message || String(e));
-  return msg.trim() || (e.name ?? 'error');
-}
-
-async function sha256Hex(bytes) {
-  const digest = await crypto.subtle.digest('SHA-256', bytes);
-  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, '0')).join('');
-}
+export { errorText };
 
 // Every file of the graphs (each once), checked against the manifest's sizes and sha256: Map file -> Uint8Array.
 export async function fetchFiles(manifest, modelBase, graphs, verify = true) {
-  const out = new Map();
-  for (const g of graphs) {
-    for (const f of graphFiles(manifest, g)) {
-      if (out.has(f.file)) continue;
-      const url = new URL(f.file, modelBase).href;
-      const res = await fetch(url, { cache: 'no-cache' });
-      if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`);
-      const bytes = new Uint8Array(await res.arrayBuffer());
-      if (f.size != null && bytes.length !== f.size) {
-        throw new Error(`${f.file} has ${bytes.length} bytes but the manifest lists ${f.size}: damaged or replaced`);
-      }
-      if (verify && f.sha256 && self.crypto?.subtle && (await sha256Hex(bytes)) !== f.sha256) {
-        throw new Error(`${f.file} does not match the manifest's sha256: damaged or edited`);
-      }
-      out.set(f.file, bytes);
-    }
-  }
-  return out;
+  return (await fetchGraphFiles(manifest, modelBase, graphs, verify)).files;
 }
 
 // name -> Float32Array of the manifest's init value (state tensors are fixed-shape float32 in every target's I/O)
