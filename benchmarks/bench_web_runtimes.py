@@ -6,7 +6,9 @@ tokens) and prompt tok/s, on the 169M shapes by default.
         [--threads 2]
 
 A cell is runtime:backend:variant[:threads[:worker]]; `worker` runs the runtime in a Web Worker (runtimes.html's
-?worker=1, rt_worker.js) instead of on the page's thread.
+?worker=1, rt_worker.js) instead of on the page's thread. Our own wasm runtime (rt_wasm.js, int8 only) is
+wasm-native:wasm-native:int8 (its kernel forced with backend wasm-native-u8|nib|i16); benchmarks/bench_wasm_native.py
+times it against onnxruntime-web interleaved in one page.
 
 The exports (onnx fp32+int8 with the prompt graph, tfjs fp32+uint8, tflite fp32+int8) are made once into --cache
 (default ~/.cache/rwkv-export/bench_web_runtimes/<source>/; --no-check: the parity gates are tested elsewhere). Each
@@ -62,7 +64,7 @@ EXPORTS = {  # target -> (CLI arguments after the source)
     "tfjs": ["--quant", "uint8", "--no-check"],
     "tflite": ["--quant", "int8", "--no-check"],
 }
-FORMAT = {"ort": "onnx", "native": "onnx", "tfjs": "tfjs", "tflite": "tflite"}
+FORMAT = {"ort": "onnx", "native": "onnx", "wasm-native": "onnx", "tfjs": "tfjs", "tflite": "tflite"}
 # TF.js's pure-JS cpu backend (~1 tok/s at 169M) and WebGL/WebGPU on SwiftShader (a CPU rendering GPU calls) are
 # left out of the CPU default: they run (tests/test_web_runtimes.py, tiny model) but would take most of the run.
 CPU_CELLS = ("ort:wasm:fp32,ort:wasm:int8,tfjs:wasm:fp32,tfjs:wasm:uint8,tflite:wasm:fp32:1,tflite:wasm:int8:1,"

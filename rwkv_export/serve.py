@@ -1,7 +1,7 @@
 """`rwkv-export serve`: the browser demo (web_demo/) and one export folder over HTTP, cross-origin isolated.
 
 Layout of the site (nothing else is served; no directory listings):
-  /                                    web_demo/'s own files: index.html and the top-level .js/.mjs/.css
+  /                                    web_demo/'s own files: index.html and the top-level .js/.mjs/.css/.wasm
   /node_modules/onnxruntime-web/dist/  onnxruntime-web's runtime files; likewise the top level of the dist/ folders
   /node_modules/@tensorflow/*/dist/    of the TF.js packages runtimes.html uses (NPM_DIRS; tfjs-tflite's wasm/ too),
                                        where installed: nothing else of the demo's npm packages
@@ -46,7 +46,7 @@ NPM_DIRS = (ORT_DIST, *(f"node_modules/@tensorflow/tfjs-{p}/dist" for p in TFJS_
             "node_modules/@tensorflow/tfjs-tflite/wasm")
 WEB_FORMATS = ("onnx", "tfjs", "tflite")  # step graph formats the pages run (index.html: onnx; runtimes.html: all)
 MODEL_PREFIX = "/model/"
-DEMO_SUFFIXES = (".html", ".js", ".mjs", ".css")  # the demo's own files: top level of web_demo/, these kinds only
+DEMO_SUFFIXES = (".html", ".js", ".mjs", ".css", ".wasm")  # the demo's own files: top level of web_demo/, these kinds only
 
 ISOLATION_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",

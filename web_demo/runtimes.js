@@ -3,7 +3,8 @@
 // runs on the page's thread or, with worker, in a Web Worker (rt_worker.js), one model at a time; the page times load,
 // prompt and decode.
 //
-// URL: runtime=ort|tfjs|tflite, backend=wasm|webgpu (ort) / wasm|webgl|webgpu|cpu (tfjs) / wasm (tflite),
+// URL: runtime=ort|tfjs|tflite|wasm-native, backend=wasm|webgpu (ort) / wasm|webgl|webgpu|cpu (tfjs) / wasm (tflite) /
+// wasm-native (wasm-native: our own wasm SIMD runtime, rt_wasm.js, int8 RWKV-4 only),
 // variant=NAME, model=URL/ (the export folder, default /model/), threads=N, worker=1, prompt=TEXT, tokens=N, verify=0,
 // autorun=1.
 // window.rwkvRuntimes: load({runtime, backend, variant, threads, worker}), generate({prompt|promptIds, maxTokens,
@@ -17,6 +18,7 @@ import { loadTokenizer } from './tokenizer.js';
 export const RUNTIMES = {
   ort: { title: 'onnxruntime-web', format: 'onnx', module: './rt_ort.js', backends: ['wasm', 'webgpu'] },
   native: { title: 'WebGPU native', format: 'onnx', module: './rt_webgpu.js', backends: ['webgpu-native'] },
+  'wasm-native': { title: 'wasm native', format: 'onnx', module: './rt_wasm.js', backends: ['wasm-native'] }, // int8 only
   tfjs: { title: 'TF.js', format: 'tfjs', module: './rt_tfjs.js', backends: ['wasm', 'webgl', 'webgpu', 'cpu'] },
   tflite: { title: 'tfjs-tflite', format: 'tflite', module: './rt_tflite.js', backends: ['wasm'] },
 };
