@@ -12,9 +12,10 @@ graph when the folder has one (as the demo does), Python token by token; prompt 
 --cdp (the GPU machine, ../shared/tools/webgpu-device) measures WebGPU cells side by side: onnxruntime-web's WebGPU EP
 (each state I/O mode), the demo's own WGSL runtime (backend webgpu-native, web_demo/rt_webgpu.js: io "native"; greedy
 steps chained on the GPU in batches of 16, or with :pertoken one round trip a token; :profile prints its kernel time
-per kind) and wasm, one cell per variant:backend:io; e.g. for 169M shapes with its fp16 variant:
+per kind; fp32, fp16, int8 and int4) and wasm, one cell per variant:backend:io; e.g. for 169M shapes with its fp16,
+int8 and int4 variants:
 
-    rwkv-export onnx builtin:169m-synthetic -o /tmp/out169 --quant fp16,int4 --no-check
+    rwkv-export onnx builtin:169m-synthetic -o /tmp/out169 --quant fp16,int8,int4 --no-check
     python3 benchmarks/bench_web.py /tmp/out169 --cdp --probe
 
 Needs: pip install playwright; apt-get install -y chromium; npm ci --prefix web_demo (no `playwright install`).
@@ -199,6 +200,7 @@ def gpu_main(args, folder: Path) -> None:
                   f"(dispatches): {kinds}", flush=True)
         rows.append((cell, variant, mb, web))
     ref = None
+    refs = {}
     if "fp32" in graphs and args.reference:
         from rwkv_export.tokenizer import TokenizerSpec, load_tokenizer
 
@@ -206,11 +208,15 @@ def gpu_main(args, folder: Path) -> None:
         tok = load_tokenizer(TokenizerSpec("bytes") if tk["kind"] == "bytes"
                              else TokenizerSpec("hf-tokenizers", folder / tk["file"]))
         ref = python_runs(folder, manifest, graphs["fp32"], 8, tok.encode(PROMPT), args.tokens, 1)["ids"]
+        # int8 and int4 against onnxruntime on their own file (webgpu-native computes their integers / blocks)
+        refs = {v: python_runs(folder, manifest, graphs[v], 8, tok.encode(PROMPT), args.tokens, 1)["ids"]
+                for v in ("int8", "int4") if v in graphs and any(r[1] == v for r in rows)}
     server.shutdown()
     d = manifest["model"]
     print(f"\n{d['n_layer']} x {d['n_embd']}, vocab {d['vocab_size']}; {args.tokens} greedy tokens, median of "
-          f"{args.repeats}; prompt tok/s from a {LONG_PROMPT_REPEAT}x prompt; same ids: vs onnxruntime (Python, CPU) fp32\n")
-    print("| variant | file | backend | io | decode tok/s | prompt tok/s (how) | load s | off-GPU nodes (step graph's nodes per provider; webgpu-native: its dispatches a token) | same ids as fp32 ref |")
+          f"{args.repeats}; prompt tok/s from a {LONG_PROMPT_REPEAT}x prompt; same ids: vs onnxruntime (Python, CPU) fp32"
+          "; int8 and int4: on their own file\n")
+    print("| variant | file | backend | io | decode tok/s | prompt tok/s (how) | load s | off-GPU nodes (step graph's nodes per provider; webgpu-native: its dispatches a token) | same ids as the onnxruntime ref |")
     print("|---|---|---|---|---|---|---|---|---|")
     for cell, variant, mb, web in rows:
         _, backend, io, *rest = cell.split(":")
@@ -220,7 +226,8 @@ def gpu_main(args, folder: Path) -> None:
         lp = web.get("long_prompt")
         prompt = f"{1000 * lp['tokens'] / lp['ms']:.0f} ({lp['mode']}, {lp['runs']} runs)" if lp else ""
         spread = "–".join(f"{v:.0f}" for v in (web["all_tok_s"][0], web["all_tok_s"][-1]))
-        same = "" if ref is None else ("yes" if web["ids"] == ref else f"no ({sum(a == b for a, b in zip(web['ids'], ref))}/{len(ref)})")
+        want = refs.get(variant, ref) if ref is not None else None
+        same = "" if want is None else ("yes" if web["ids"] == want else f"no ({sum(a == b for a, b in zip(web['ids'], want))}/{len(want)})")
         step_nodes = (web["info"].get("nodes") or {}).get("step") or {}
         nodes = ", ".join(f"{k.replace('ExecutionProvider', '')} {v}" for k, v in step_nodes.items()) or "–"
         ran = web["info"]["backend"] + ("/" + web["info"]["io"] if web["info"]["backend"] == "webgpu" else "")
@@ -269,6 +276,7 @@ def main() -> None:
     ap.add_argument("--cdp", action="store_true",
                     help="drive the Chromium at $CDP (the GPU machine's recipe) instead of Playwright; see --cells")
     ap.add_argument("--cells", default="fp32:webgpu:capture,fp32:webgpu-native:native:profile,fp16:webgpu-native:native,"
+                    "int8:webgpu-native:native:profile,int4:webgpu-native:native:profile,"
                     "fp32:webgpu-native:native:pertoken,"
                     "int4:webgpu:capture,fp32:webgpu-native:native:noseq,fp32:webgpu:gpu,fp32:webgpu:cpu,"
                     "int4:webgpu:capture:noseq,int8:wasm:cpu,fp32:wasm:cpu",

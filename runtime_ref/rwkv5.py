@@ -116,6 +116,14 @@ def _mix(x: torch.Tensor, prev: torch.Tensor, mix: nn.Parameter) -> torch.Tensor
     return x * m + prev * (1 - m)
 
 
+
+class Linear(nn.Linear):
+    """nn.Linear whose weight stays in the checkpoint's dtype and is cast to the input's dtype per call (a no-op when
+    they are the same, as in training): see "Memory" below `_held`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
 class TimeMix(nn.Module):
     """The attention-like half of a block ("att"): token shift, r/k/v/g, the per-head matrix WKV, ln_x, gate."""
 
@@ -129,11 +137,11 @@ class TimeMix(nn.Module):
         self.time_mix_g = nn.Parameter(torch.empty(1, 1, C))
         self.time_decay = nn.Parameter(torch.empty(H, N))  # raw; the decay used is w = exp(-exp(time_decay))
         self.time_faaaa = nn.Parameter(torch.empty(H, N))  # u, the current token's bonus, used as is
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
-        self.gate = nn.Linear(C, C, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.key = Linear(C, C, bias=False)
+        self.value = Linear(C, C, bias=False)
+        self.output = Linear(C, C, bias=False)
+        self.gate = Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=GROUPNORM_EPS)
 
     def _project(self, xx, prev):
@@ -183,9 +191,9 @@ class ChannelMix(nn.Module):
         super().__init__()
         self.time_mix_k = nn.Parameter(torch.empty(1, 1, C))
         self.time_mix_r = nn.Parameter(torch.empty(1, 1, C))
-        self.key = nn.Linear(C, Fd, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(Fd, C, bias=False)
+        self.key = Linear(C, Fd, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.value = Linear(Fd, C, bias=False)
 
     def _mlp(self, xx, prev):
         xk = _mix(xx, prev, self.time_mix_k)
@@ -225,6 +233,20 @@ class Block(nn.Module):
         return x + out, (sx, s, fx)
 
 
+def _held(t: torch.Tensor, dtype: torch.dtype, per_use: bool) -> torch.Tensor:
+    """How the model holds a checkpoint tensor.
+
+    Memory: the embedding and the blocks' linear weights (nearly all the bytes) are held as the checkpoint gives them,
+    the very tensors (bf16, fp16 or fp32: each exact in fp32 and fp64), and cast to the compute dtype where they are
+    used (`Linear`; the embedding casts only the rows it looks up): the same values in the same layout reach the same
+    kernels, so the results are the same bits as with every weight stored in `dtype`. The head and every other tensor
+    are cast once, here: every call uses the whole head, and a fresh [V, C] tensor per step costs more in page faults
+    than the cast itself. An fp64 model of a bf16 checkpoint so holds its head in fp64 and no copy of the rest."""
+    if per_use and t.element_size() <= torch.finfo(dtype).bits // 8:
+        return t.to(device="cpu")
+    return t.to(device="cpu", dtype=dtype, copy=True)
+
+
 class RWKV5(nn.Module):
     """RWKV-5.2 language model built from a BlinkDL state dict, computing in `dtype` (fp32 or fp64)."""
 
@@ -240,9 +262,10 @@ class RWKV5(nn.Module):
             self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd, _weight=torch.empty(cfg.vocab_size, cfg.n_embd))
             self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
             self.ln_out = nn.LayerNorm(cfg.n_embd)
-            self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        weights = {k: v.to(device="cpu", dtype=dtype, copy=True) for k, v in state_dict.items()}
-        self.load_state_dict(weights, strict=True, assign=True)
+            self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # held in `dtype`: see `_held`
+        per_use = {f"{n}.weight" for n, m in self.named_modules() if isinstance(m, (Linear, nn.Embedding))}
+        self.load_state_dict({k: _held(v, dtype, k in per_use) for k, v in state_dict.items()}, strict=True,
+                             assign=True)
         self.requires_grad_(False)
         self.eval()
 
@@ -288,7 +311,8 @@ class RWKV5(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.emb.weight.dtype
+        """The compute dtype (that of the vectors; the matrices may be narrower: see `_held`)."""
+        return self.ln_out.weight.dtype
 
     # -- state ---------------------------------------------------------------------------------------------------------
 
@@ -322,7 +346,7 @@ class RWKV5(nn.Module):
         self._check_state(state)
         token = int(token)
         self._check_tokens(torch.tensor([token]))
-        x = self.blocks[0].ln0(self.emb.weight[token])
+        x = self.blocks[0].ln0(self.emb.weight[token].to(self.dtype))
         new = {k: [] for k in STATE_KEYS}
         for i, block in enumerate(self.blocks):
             x, layer_state = block.step(x, *(state[k][i] for k in STATE_KEYS))
@@ -348,7 +372,7 @@ class RWKV5(nn.Module):
         if tokens.dim() != 1 or tokens.numel() == 0:
             raise ValueError(f"tokens must be 1-D with at least one token, got shape {tuple(tokens.shape)}")
         self._check_tokens(tokens)
-        x = self.blocks[0].ln0(self.emb(tokens))  # [T, C]
+        x = self.blocks[0].ln0(self.emb(tokens).to(self.dtype))  # [T, C]
         new = {k: [] for k in STATE_KEYS}
         for i, block in enumerate(self.blocks):
             x, layer_state = block.forward_seq(x, *(state[k][i] for k in STATE_KEYS))

@@ -140,6 +140,14 @@ def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape))
 
 
+
+class Linear(nn.Linear):
+    """nn.Linear whose weight stays in the checkpoint's dtype and is cast to the input's dtype per call (a no-op when
+    they are the same, as in training): see "Memory" below `_held`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
 class TimeMix(nn.Module):
     """The attention-like half of a block ("att"): token shift, r/w/k/v/a/g, the WKV delta rule, GroupNorm, gate."""
 
@@ -155,10 +163,10 @@ class TimeMix(nn.Module):
             self.v0, self.v1, self.v2 = _param(1, 1, C), _param(C, cfg.d_mv), _param(cfg.d_mv, C)
         self.g1, self.g2 = _param(C, cfg.d_gate), _param(cfg.d_gate, C)
         self.r_k = _param(H, N)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.key = Linear(C, C, bias=False)
+        self.value = Linear(C, C, bias=False)
+        self.output = Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=GROUPNORM_EPS)
 
     def _inputs(self, x, prev, v_first):
@@ -221,8 +229,8 @@ class ChannelMix(nn.Module):
     def __init__(self, C: int, Fd: int):
         super().__init__()
         self.x_k = _param(1, 1, C)
-        self.key = nn.Linear(C, Fd, bias=False)
-        self.value = nn.Linear(Fd, C, bias=False)
+        self.key = Linear(C, Fd, bias=False)
+        self.value = Linear(Fd, C, bias=False)
 
     def _mlp(self, x, prev):
         return self.value(torch.relu(self.key(x + (prev - x) * self.x_k.view(-1))) ** 2)
@@ -254,6 +262,20 @@ class Block(nn.Module):
         return x + out, v_first, (att_x, att_kv, ffn_x)
 
 
+def _held(t: torch.Tensor, dtype: torch.dtype, per_use: bool) -> torch.Tensor:
+    """How the model holds a checkpoint tensor.
+
+    Memory: the embedding and the blocks' linear weights (nearly all the bytes) are held as the checkpoint gives them,
+    the very tensors (bf16, fp16 or fp32: each exact in fp32 and fp64), and cast to the compute dtype where they are
+    used (`Linear`; the embedding casts only the rows it looks up): the same values in the same layout reach the same
+    kernels, so the results are the same bits as with every weight stored in `dtype`. The head and every other tensor
+    are cast once, here: every call uses the whole head, and a fresh [V, C] tensor per step costs more in page faults
+    than the cast itself. An fp64 model of a bf16 checkpoint so holds its head in fp64 and no copy of the rest."""
+    if per_use and t.element_size() <= torch.finfo(dtype).bits // 8:
+        return t.to(device="cpu")
+    return t.to(device="cpu", dtype=dtype, copy=True)
+
+
 class RWKV7(nn.Module):
     """RWKV-7 language model built from a BlinkDL x070 state dict, computing in `dtype` (fp32 or fp64)."""
 
@@ -269,9 +291,10 @@ class RWKV7(nn.Module):
             self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd, _weight=torch.empty(cfg.vocab_size, cfg.n_embd))
             self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
             self.ln_out = nn.LayerNorm(cfg.n_embd)
-            self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        weights = {k: v.to(device="cpu", dtype=dtype, copy=True) for k, v in state_dict.items()}
-        self.load_state_dict(weights, strict=True, assign=True)
+            self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # held in `dtype`: see `_held`
+        per_use = {f"{n}.weight" for n, m in self.named_modules() if isinstance(m, (Linear, nn.Embedding))}
+        self.load_state_dict({k: _held(v, dtype, k in per_use) for k, v in state_dict.items()}, strict=True,
+                             assign=True)
         self.requires_grad_(False)
         self.eval()
 
@@ -317,7 +340,8 @@ class RWKV7(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.emb.weight.dtype
+        """The compute dtype (that of the vectors; the matrices may be narrower: see `_held`)."""
+        return self.ln_out.weight.dtype
 
     # -- state ---------------------------------------------------------------------------------------------------------
 
@@ -357,7 +381,7 @@ class RWKV7(nn.Module):
         self._check_state(state)
         token = int(token)
         self._check_tokens(torch.tensor([token]))
-        x, new = self._run(self.blocks[0].ln0(self.emb.weight[token]), state, seq=False)
+        x, new = self._run(self.blocks[0].ln0(self.emb.weight[token].to(self.dtype)), state, seq=False)
         return self.head(self.ln_out(x)), new
 
     def forward_seq(self, tokens, state: dict, all_logits: bool = False) -> tuple[torch.Tensor, dict]:
@@ -377,7 +401,7 @@ class RWKV7(nn.Module):
         if tokens.dim() != 1 or tokens.numel() == 0:
             raise ValueError(f"tokens must be 1-D with at least one token, got shape {tuple(tokens.shape)}")
         self._check_tokens(tokens)
-        x, new = self._run(self.blocks[0].ln0(self.emb(tokens)), state, seq=True)  # x [T, C]
+        x, new = self._run(self.blocks[0].ln0(self.emb(tokens).to(self.dtype)), state, seq=True)  # x [T, C]
         return self.ln_out(x), new
 
     def forward(self, tokens, state: dict, all_logits: bool = False) -> tuple[torch.Tensor, dict]:

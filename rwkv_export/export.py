@@ -89,8 +89,16 @@ def _graph_entry(root: Path, file: str, variant: str, files: list[str], info: di
     }
     if info:
         entry["quantization"] = info
-    entry["backends"] = web_backends(variant, info)  # which onnxruntime-web backends it suits (quantize.py)
+    entry["backends"] = web_backends(variant, info)  # which web backends it suits (quantize.py); see _record_backends
     return entry
+
+
+def _record_backends(manifest: dict) -> None:
+    """The step graphs' "backends" again, now with the model's RWKV version (webgpu-native runs RWKV-4 only)."""
+    version = manifest["model"].get("rwkv_version")
+    for g in manifest["graphs"]:
+        if g.get("kind") == "step" and g.get("format") == "onnx":
+            g["backends"] = web_backends(g["variant"], g.get("quantization"), version)
 
 
 def _make_variant(variant: str, root: Path, ckpt, options: QuantOptions, opset: int, progress: Progress,
@@ -104,14 +112,14 @@ def _make_variant(variant: str, root: Path, ckpt, options: QuantOptions, opset: 
         from .targets import onnx_seq
 
         info = ckpt.arch.fp16_info()
-        module = step_module(ckpt, "fp16", embedding)
-        reread(ckpt, keep=[module])
+        module = _graph_module(ckpt, "fp16", embedding)
         rescale = f", rescale every {info['rescale_every']} layers" if info.get("rescale_every") else ""
         seq = PREFILL_FILES[variant] if prefill else None
         step_label = f"writing {file} (fp16 weights and activations, fp32 state{rescale})"
         files, seq_files = _write_graphs(module, root, file, seq, opset, None, progress, step_label,
                                          f"writing {seq} (fp16 prompt graph)")
         del module
+        reread(ckpt)  # writing read every page of the checkpoint: not held through the next stages
         if seq_files is None:
             return [_graph_entry(root, file, variant, files, info)]
         if len(files) > 1 and seq_files[1:] == files[1:]:  # written into one data file from the start
@@ -134,6 +142,19 @@ def _make_variant(variant: str, root: Path, ckpt, options: QuantOptions, opset: 
         entries.append({**onnx_seq.graph_entry(root / seq, files=[seq, *infos[1]["data_files"]], variant=variant),
                         "quantization": infos[1]})
     return entries
+
+
+def _graph_module(ckpt, variant: str, embedding: bool):
+    """The step module the ONNX graphs are written from: lazy where the architecture has it (each weight made when
+    it is written, arch/rwkv4/step.py), else whole and the checkpoint re-read (its pages are then in the module)."""
+    from .embed import with_embedding
+
+    if ckpt.arch.lazy_step:
+        module = ckpt.arch.step_module(ckpt, variant, lazy=True)
+    else:
+        module = ckpt.arch.step_module(ckpt, variant)
+        reread(ckpt, keep=[module])
+    return with_embedding(module) if embedding else module
 
 
 def _share(root: Path, step_file: str, seq_file: str, progress: Progress) -> list[str]:
@@ -206,8 +227,7 @@ def export_onnx(
     src, ckpt, tok = load_source(source, tokenizer, progress)
     with staged_output_dir(out, force, inputs=(source, tokenizer)) as tmp:
         with progress.stage(f"building the {ckpt.arch.title} step graph"):
-            module = step_module(ckpt, "fp32", embedding)
-        reread(ckpt, keep=[module])  # the module holds the weights now: the file's pages need not stay resident
+            module = _graph_module(ckpt, "fp32", embedding)
         # with the prompt graph, both graphs' weights end in one shared data file: written there as external data
         # from the start (streamed tensor by tensor), not serialized into a >600 MB proto in memory first
         external = True if prefill and external_data is None else external_data
@@ -216,6 +236,7 @@ def export_onnx(
                                          f"writing {STEP_FILE} (step graph, opset {opset})",
                                          f"writing {seq} (prompt graph: T tokens per call, GPT mode)")
         del module
+        reread(ckpt)  # writing read every page of the checkpoint: not held through the next stages
         if simplify:
             with progress.stage("simplifying with onnxslim"):
                 onnx_target.simplify(tmp / STEP_FILE)
@@ -232,6 +253,7 @@ def export_onnx(
             manifest["graphs"].append(seq_entry)
         for variant in quant:
             manifest["graphs"] += _make_variant(variant, tmp, ckpt, quant_options, opset, progress, prefill, embedding)
+        _record_backends(manifest)
         reports = []
         if check:
             from .check import check_graphs
@@ -288,6 +310,7 @@ def add_variants(folder: str | Path, quant: list[str], *, checkpoint: str | None
             reports = check_graphs(stage, staged, ckpt, progress=progress, raise_on_fail=True, variants=list(quant))
             new = staged["graphs"]  # now with their parity and quality reports
         manifest["graphs"] = [g for g in manifest["graphs"] if g["variant"] not in quant] + new
+        _record_backends(manifest)
         with signals_blocked():  # the files and the manifest that lists them land together
             for f in dict.fromkeys(f for g in new for f in [g["file"], *g["data_files"]]):  # a shared data file once
                 os.replace(stage / f, folder / f)
@@ -309,9 +332,15 @@ def build_target(target: str, root: Path, src: Source, ckpt, tok, *, quant: list
         from .targets import tflite
 
         tflite.check_variants(variants, ckpt.dims)
-        with progress.stage(f"converting with litert-torch ({', '.join(variants)}"
-                            f"{', step and prompt graphs' if prefill else ''})"):
-            graphs = tflite.export_tflite(module, root, variants, tflite.PREFILL_CHUNK if prefill else None)
+        chunk = tflite.PREFILL_CHUNK if prefill else None
+        tflite.check_quantizer(variants)  # fail before the fp32 files are written
+        with progress.stage(f"writing the fp32 TFLite files (step{' and prompt graphs' if prefill else ' graph'}, "
+                            "from our ONNX graphs)"):
+            fp32 = tflite.write_fp32(module, root, chunk)
+        states = [t.name for t in module.state_spec]
+        module = None  # not needed to quantize: its memory goes before ai-edge-quantizer's comes
+        with progress.stage(f"deriving the TFLite variants ({', '.join(variants)})"):
+            graphs = tflite.derive_variants(root, fp32, variants, states, chunk)
     elif target == "tfjs":
         from .targets import tfjs
 
@@ -359,8 +388,7 @@ def _check_target_installed(target: str, check: bool = True) -> None:
     if target == "tflite":
         import importlib.util
 
-        for mod, pkg in (("litert_torch", "litert-torch"), ("ai_edge_litert", "ai-edge-litert"),
-                         ("ai_edge_quantizer", "ai-edge-quantizer")):
+        for mod, pkg in (("ai_edge_litert", "ai-edge-litert"), ("ai_edge_quantizer", "ai-edge-quantizer")):
             if importlib.util.find_spec(mod) is None:
                 raise MissingExtraError(pkg, "tflite")
     if target == "tfjs" and check:

@@ -7,10 +7,10 @@ the node list is the one we chose (no exporter passes to undo). The weights stil
 step module (its parameters are the prepared tensors: LN0 folded in, matrices transposed, fp16 rescaled), so the
 module stays the one place where weights are prepared, and each `onnx_graph.py` mirrors its module's `forward`.
 
-- `Graph.param(name, tensor)` adds a weight (a torch tensor or numpy array) as an initializer named as the module's
-  parameter; with a `WeightStore` it is written to the external-data file at once (streamed: no copy of the model is
-  held), and a second graph adding the same name reuses the bytes already written (the step and prompt graphs of a
-  variant share one data file from the start).
+- `Graph.param(name, tensor)` adds a weight (a torch tensor or numpy array, or a function that makes one) as an
+  initializer named as the module's parameter; with a `WeightStore` it is written to the external-data file at once
+  (streamed: no copy of the model is held), and a second graph adding the same name reuses the bytes already written
+  (the step and prompt graphs of a variant share one data file from the start; a function is then not called).
 - `Graph.const(value, dtype)` adds a small constant (cached, so equal constants are one initializer).
 - `Graph.op(op_type, *inputs, **attrs)` appends a node and returns its output name(s); `Graph.output` names a value
   as a graph output.
@@ -78,10 +78,9 @@ class WeightStore:
         if pad:
             self._f.write(b"\0" * pad)
             off += pad
-        data = a.tobytes()
-        self._f.write(data)
-        self.placed[name] = (off, len(data), *key)
-        return off, len(data)
+        self._f.write(np.ascontiguousarray(a).data)  # the array's own buffer: no bytes copy of a 150 MB matrix
+        self.placed[name] = (off, a.nbytes, *key)
+        return off, a.nbytes
 
     def close(self) -> None:
         """Flush and close the file; a store nothing was placed in removes its (empty) file: no graph names it."""
@@ -148,10 +147,15 @@ class Graph:
 
     # -- initializers -----------------------------------------------------------------------------------------------
     def param(self, name: str, tensor, dtype=None) -> str:
-        """A weight initializer named `name` (a module parameter's name), optionally cast to `dtype` first."""
+        """A weight initializer named `name` (a module parameter's name), optionally cast to `dtype` first. `tensor`
+        may be a function that makes it (onnx_graph's `_params`): called unless the store holds `name` already."""
         if name in self._inits:
             return name
-        a = to_numpy(tensor)
+        if callable(tensor) and self.store is not None and name in self.store.placed:
+            off, length, dims, dt = self.store.placed[name]
+            self._register(self._external(self._proto(name, dt, dims), off, length))
+            return name
+        a = to_numpy(tensor() if callable(tensor) else tensor)
         if dtype is not None:
             a = a.astype(np.dtype(str(dtype).removeprefix("torch.")), copy=False)
         self._add_init(name, a)
@@ -160,21 +164,35 @@ class Graph:
     def _add_init(self, name: str, a: np.ndarray, external: bool = True) -> None:
         """external=False keeps the bytes in the graph: constants are named per graph (const_N), and the store
         shares by name, so a constant must never go to a store another graph reads."""
+        t = self._proto(name, onnx_dtype(a.dtype), a.shape)
+        if external and self.store is not None and a.nbytes >= EXTERNAL_MIN_BYTES:
+            self._external(t, *self.store.place(name, a))
+        else:
+            t.raw_data = a.tobytes()
+        self._register(t)
+
+    @staticmethod
+    def _proto(name: str, data_type: int, dims):
         from onnx import TensorProto
 
         t = TensorProto()
         t.name = name
-        t.data_type = onnx_dtype(a.dtype)
-        t.dims.extend(a.shape)
-        if external and self.store is not None and a.nbytes >= EXTERNAL_MIN_BYTES:
-            off, length = self.store.place(name, a)
-            t.data_location = TensorProto.EXTERNAL
-            for k, v in (("location", self.store.path.name), ("offset", str(off)), ("length", str(length))):
-                e = t.external_data.add()
-                e.key, e.value = k, v
-        else:
-            t.raw_data = a.tobytes()
-        self._inits[name] = t
+        t.data_type = data_type
+        t.dims.extend(dims)
+        return t
+
+    def _external(self, t, off: int, length: int):
+        """Point initializer `t` at its bytes in the store's data file."""
+        from onnx import TensorProto
+
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.store.path.name), ("offset", str(off)), ("length", str(length))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        return t
+
+    def _register(self, t) -> None:
+        self._inits[t.name] = t
         self.initializers.append(t)
 
     def const(self, value, dtype="float32") -> str:

@@ -99,17 +99,28 @@ class QuantizeError(RwkvExportError):
 # the dynamic int8 formulations' DynamicQuantizeMatMul has no WebGPU kernel and runs on the CPU (~3 tok/s at 169M);
 # fp16 computes in fp16 and needs the adapter's shader-f16 ("webgpu-f16"). On wasm, MatMulNBits has no fast kernel
 # (2-4 tok/s at 169M) and the dynamic int8 is the fastest.
-def web_backends(variant: str, info: dict | None = None) -> list[str]:
-    method = (info or {}).get("method")
+# "webgpu-native" is the demo's own WGSL runtime (web_demo/rt_webgpu.js, RWKV-4 only, so only with rwkv_version "4"):
+# fp32, fp16 (f32 arithmetic: no shader-f16 needed), int8 "dynamic-int7" (the same integer arithmetic as onnxruntime,
+# on the GPU) and int4 MatMulNBits with int8-row embeddings; not the other int8 formulations nor a 4-bit embedding.
+def web_backends(variant: str, info: dict | None = None, rwkv_version: str | int | None = None) -> list[str]:
+    info = info or {}
+    method = info.get("method")
+    options = info.get("options") or {}
     if variant == "fp32":
-        return ["wasm", "webgpu"]
-    if variant == "fp16":
-        return ["wasm", "webgpu-f16"]
-    if method == "matmul-nbits":
-        return ["webgpu"]
-    if method in DYNAMIC_METHODS:
-        return ["wasm"]
-    return []  # not measured (qdq)
+        out = ["wasm", "webgpu"]
+    elif variant == "fp16":
+        out = ["wasm", "webgpu-f16"]
+    elif method == "matmul-nbits":
+        out = ["webgpu"]
+    elif method in DYNAMIC_METHODS:
+        out = ["wasm"]
+    else:
+        out = []  # not measured (qdq)
+    native = (variant in ("fp32", "fp16") or (info.get("bits") == 8 and method == "dynamic-int7")
+              or (info.get("bits") == 4 and method == "matmul-nbits" and options.get("embedding_bits", 8) == 8))
+    if native and str(rwkv_version) == "4":
+        out.append("webgpu-native")
+    return out
 
 
 # -- public API -------------------------------------------------------------------------------------------------------

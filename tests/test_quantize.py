@@ -286,6 +286,16 @@ def test_web_backends_follow_what_runs_where():
     assert web_backends("int8", {"method": "matmul-nbits"}) == ["webgpu"]
     assert web_backends("int4", {"method": "matmul-nbits"}) == ["webgpu"]
     assert web_backends("int8", {"method": "qdq"}) == []
+    # webgpu-native (web_demo/rt_webgpu.js): RWKV-4 only; int8 dynamic-int7 and int4 with int8 embedding rows
+    assert web_backends("fp32", None, "4") == ["wasm", "webgpu", "webgpu-native"]
+    assert web_backends("fp16", {"method": "fp16", "rescale_every": 6}, "4") == ["wasm", "webgpu-f16", "webgpu-native"]
+    assert web_backends("int8", {"bits": 8, "method": "dynamic-int7"}, "4") == ["wasm", "webgpu-native"]
+    assert web_backends("int8", {"bits": 8, "method": "dynamic-uint8"}, "4") == ["wasm"]
+    assert web_backends("int4", {"bits": 4, "method": "matmul-nbits", "options": {"embedding_bits": 8}}, "4") == [
+        "webgpu", "webgpu-native"]
+    assert web_backends("int4", {"bits": 4, "method": "matmul-nbits", "options": {"embedding_bits": 4}}, "4") == [
+        "webgpu"]
+    assert web_backends("fp32", None, "7") == ["wasm", "webgpu"]
 
 
 # A tiny RWKV-7 with a large vocab: like the 0.1B model (65536 x 768), most of the fp32 bytes are the embedding and

@@ -473,3 +473,102 @@ def test_heads_prompt_graph_matches_steps_and_reference(heads):
     quantized = {w["name"] for w in mj["weightsManifest"][0]["weights"] if "quantization" in w}
     assert "emb" in quantized and "head" in quantized
     assert not any(n.startswith("wkv_consts") for n in quantized)
+
+
+# -- the streaming writer (targets/tfjs.py: weights from the module's arrays, encoded into the shards block by block)
+
+def _whole_tensor_shards(weights, variant, quantizable, shard_bytes):
+    """The shards and specs as the writer made them before it streamed (its own code, kept here as the reference):
+    every weight encoded whole by numpy, the encodings concatenated, the concatenation cut into shards."""
+    from rwkv_export.targets.tfjs import QUANTIZE_MIN_ELEMENTS
+
+    blobs, specs = [], []
+    for name, arr in weights:
+        spec = {"name": name, "shape": list(arr.shape), "dtype": arr.dtype.name}
+        if (variant != "fp32" and arr.dtype == np.float32 and arr.ndim == 2 and arr.size >= QUANTIZE_MIN_ELEMENTS
+                and name in quantizable):
+            if variant == "fp16":
+                spec["quantization"] = {"dtype": "float16", "original_dtype": "float32"}
+                blobs.append(arr.astype(np.float16).tobytes())
+            else:
+                lo, hi = float(min(arr.min(), 0.0)), float(max(arr.max(), 0.0))
+                scale = (hi - lo) / 255.0 if hi > lo else 1.0
+                lo = -round(-lo / scale) * scale
+                spec["quantization"] = {"dtype": "uint8", "min": lo, "scale": scale, "original_dtype": "float32"}
+                blobs.append(np.clip(np.round((arr - lo) / scale), 0, 255).astype(np.uint8).tobytes())
+        else:
+            blobs.append(np.ascontiguousarray(arr).tobytes())
+        specs.append(spec)
+    data = b"".join(blobs)
+    return [data[i:i + shard_bytes] for i in range(0, max(len(data), 1), shard_bytes)], specs
+
+
+def test_streamed_shards_equal_whole_tensor_encoding(tmp_path, ckpt, monkeypatch):
+    """write_graph_model's shards, with blocks that split rows and cross shard boundaries (a block of 1000 elements,
+    shards of 10,000 bytes), are byte for byte the whole-tensor encoding's, and model.json lists the same specs."""
+    from rwkv_export.targets import tfjs
+
+    monkeypatch.setattr(tfjs, "ENCODE_BLOCK", 1000)
+    nodes, weights, signature, quantizable, meta = tfjs.build_graph_model(RWKV4Step(ckpt), None, tmp_path, True)
+    for variant in VARIANTS:
+        folder = tmp_path / variant
+        paths = tfjs.write_graph_model(nodes, weights, signature, folder, variant, 10_000, quantizable=quantizable,
+                                       metadata=meta)
+        want, specs = _whole_tensor_shards(weights, variant, quantizable, 10_000)
+        assert len(paths) == len(want) > 2
+        assert [(folder / p).read_bytes() for p in paths] == want, variant
+        assert json.loads((folder / tfjs.MODEL_FILE).read_text())["weightsManifest"][0]["weights"] == specs
+
+
+def test_weights_are_the_modules_own_arrays(tmp_path, ckpt):
+    """build_graph_model reads no weight back from a file: every step-graph parameter that onnx_build stores outside
+    the graph (all but the few under EXTERNAL_MIN_BYTES, kept in the graph) is a view of the module's parameter in
+    its weights (no copy of the model is made), and the prompt graph adds none of them a second time."""
+    from rwkv_export.onnx_build import EXTERNAL_MIN_BYTES
+    from rwkv_export.targets.tfjs import build_graph_model
+
+    module = RWKV4Step(ckpt)
+    _, weights, _, _, _ = build_graph_model(module, None, tmp_path, True)
+    by_name = dict(weights)
+    assert len(by_name) == len(weights)
+    params = dict(module.named_parameters())
+    big = [n for n, p in params.items() if p.numel() * p.element_size() >= EXTERNAL_MIN_BYTES]
+    assert sum(params[n].numel() for n in big) > 0.95 * sum(p.numel() for p in params.values())
+    for name in big:
+        assert np.shares_memory(by_name[name], params[name].detach().numpy()), name
+
+
+def test_given_onnx_step_graph_gives_the_same_files(tmp_path, ckpt):
+    """export_tfjs from an ONNX step graph with its weights inside (onnx_path: read back with the weights, the path
+    before the in-memory store) writes the same bytes as from the module's arrays."""
+    from rwkv_export.targets.onnx import export_step
+    from rwkv_export.targets.tfjs import export_tfjs
+
+    module = RWKV4Step(ckpt)
+    export_step(module, tmp_path / "model.onnx")
+    a = export_tfjs(module, tmp_path / "a", VARIANTS, shard_bytes=TEST_SHARD_BYTES)
+    b = export_tfjs(module, tmp_path / "b", VARIANTS, shard_bytes=TEST_SHARD_BYTES, onnx_path=tmp_path / "model.onnx")
+    assert a == b
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) > 6
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+
+
+def test_float16_storage_is_numpys_cast_bit_for_bit():
+    """_to_float16 (torch's cast) gives numpy's float16 bits: ties to even, fp16 subnormals and below, overflow
+    to inf, -0.0, and random float32 bit patterns; a block with a NaN goes through numpy (NaN payloads differ)."""
+    from rwkv_export.targets.tfjs import _to_float16
+
+    rng = np.random.default_rng(0)
+    f16 = np.arange(0, 2**16, dtype=np.uint16).view(np.float16)
+    f16 = f16[np.isfinite(f16)].astype(np.float32)
+    ties = (f16[:-1] + (f16[1:] - f16[:-1]) / 2).astype(np.float32)  # halfway between neighbours (sorted by bits)
+    special = np.array([0.0, -0.0, 65504.0, 65519.99, 65520.0, 1e6, -1e6, np.inf, -np.inf, 2.0**-24, 2.0**-25,
+                        2.0**-26, 1e-30, -1e-30], np.float32)
+    bits = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    finite = np.concatenate([f16, ties, special, bits[~np.isnan(bits)]])
+    with np.errstate(over="ignore"):
+        assert np.array_equal(_to_float16(finite).view(np.uint16), finite.astype(np.float16).view(np.uint16))
+        with_nan = bits[:5000].copy()
+        assert np.isnan(with_nan).any()
+        assert np.array_equal(_to_float16(with_nan).view(np.uint16), with_nan.astype(np.float16).view(np.uint16))

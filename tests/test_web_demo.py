@@ -703,16 +703,21 @@ def test_quantized_variant_in_the_page_equals_onnxruntime_in_python(page, pydoc_
 
 
 def test_variant_follows_the_backend_from_the_manifest(page, pydoc_quant):
-    """The manifest records which onnxruntime-web backends each variant suits (quantize.web_backends): the page offers
-    the smallest suitable variant for the chosen backend (wasm: int8; WebGPU: int4, whose MatMulNBits runs on the
-    GPU), says so under the controls, keeps a variant the user picked, and warns when it does not suit the backend."""
+    """The manifest records which web backends each variant suits (quantize.web_backends; webgpu-native, the demo's
+    own WGSL runtime, runs all three of this RWKV-4 folder): the page offers the smallest suitable variant for the
+    chosen backend (wasm: int8; WebGPU: int4, whose MatMulNBits runs on the GPU; webgpu-native: int4), says so under
+    the controls, keeps a variant the user picked, and warns when it does not suit the backend. (This Chromium has no
+    WebGPU: the page says webgpu-native will not load, and names no GPU alternative for int8.)"""
     m = read_manifest(pydoc_quant)
     assert {g["variant"]: g["backends"] for g in m["graphs"] if g["kind"] == "step"} == {
-        "fp32": ["wasm", "webgpu"], "int8": ["wasm"], "int4": ["webgpu"]}
+        "fp32": ["wasm", "webgpu", "webgpu-native"], "int8": ["wasm", "webgpu-native"],
+        "int4": ["webgpu", "webgpu-native"]}
     with served(pydoc_quant) as url:
         open_demo(page, url)
         state = lambda: (page.input_value("#variant"), page.inner_text("#variant-note"))  # noqa: E731
         on_wasm = state()
+        page.select_option("#backend", "webgpu-native")
+        on_native = state()
         page.select_option("#backend", "webgpu")
         on_gpu = state()
         page.select_option("#variant", "int8")
@@ -724,6 +729,10 @@ def test_variant_follows_the_backend_from_the_manifest(page, pydoc_quant):
         notices = page.evaluate("window.rwkvDemo.notices")
     assert on_wasm[0] == "int8" and "int8 suits wasm" in on_wasm[1], on_wasm
     assert on_gpu[0] == "int4" and "int4 suits webgpu" in on_gpu[1], on_gpu
+    assert on_native[0] == "int4" and on_native[1].startswith(
+        "int4 runs on webgpu-native (the smallest variant here that it runs)"), on_native
+    assert "WebGPU is unavailable here" in on_native[1], on_native
+    assert "choose WebGPU native" not in picked[1], picked
     assert picked[0] == "int8" and "int8 does not suit webgpu" in picked[1] and "int4" in picked[1], picked
     assert kept[0] == "int8" and "int8 suits wasm" in kept[1], kept
     assert info["variant"] == "int8"

@@ -4,10 +4,9 @@
 #   bash tools/install_edge_extras.sh            # uses `python` on PATH (activate the project's venv first)
 #   PYTHON=.venv/bin/python bash tools/install_edge_extras.sh
 #
-# TFLite: litert-torch converts the torch step module directly (no TensorFlow); ai-edge-quantizer makes the
-# fp16/int8/int4 variants; ai-edge-litert is the interpreter the parity check runs. The pins are the ones measured
-# beside torch==2.13.0 on Python 3.11 (same as the [tflite] extra). litert-torch lowers pydantic to 2.11 and
-# typing_extensions to 4.12; the core suite passes with them.
+# TFLite: our writer packs the .tflite files with ai-edge-litert's schema (no converter, no TensorFlow);
+# ai-edge-quantizer makes the fp16/int8/int4 variants; ai-edge-litert is the interpreter the parity check runs. The
+# pins are the ones measured beside torch==2.13.0 on Python 3.11 (same as the [tflite] extra).
 # TF.js: nothing in Python (our writer only needs onnx, a core dependency). The parity check runs the model in Node
 # with @tensorflow/tfjs, pinned in rwkv_export/js/package-lock.json.
 set -euo pipefail
@@ -15,7 +14,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-"$PY" -m pip install -q "litert-torch==0.10.0" "ai-edge-litert==2.3.0" "ai-edge-quantizer==0.10.0"
+"$PY" -m pip install -q "ai-edge-litert==2.3.0" "ai-edge-quantizer==0.10.0" "flatbuffers>=24.3"
 
 if ! command -v node >/dev/null || [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 20 ]; then
   echo "error: Node >= 20 is needed for the TF.js parity check (apt-get install nodejs npm)" >&2
@@ -25,8 +24,8 @@ npm ci --prefix rwkv_export/js --no-audit --no-fund
 
 # smoke check: every piece imports / loads
 "$PY" - <<'PY'
-import ai_edge_litert.interpreter, ai_edge_quantizer, litert_torch  # noqa: F401
+import ai_edge_litert.interpreter, ai_edge_quantizer, flatbuffers  # noqa: F401
 from importlib.metadata import version
-print("python edge extras: ok (" + ", ".join(f"{p} {version(p)}" for p in ("litert-torch", "ai-edge-litert", "ai-edge-quantizer")) + ")")
+print("python edge extras: ok (" + ", ".join(f"{p} {version(p)}" for p in ("ai-edge-litert", "ai-edge-quantizer", "flatbuffers")) + ")")
 PY
 (cd rwkv_export/js && node --input-type=module -e "import('@tensorflow/tfjs-converter').then(m => console.log('node tfjs: ok (converter', m.version_converter + ')'))")

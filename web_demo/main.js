@@ -15,6 +15,7 @@ import {
 } from './manifest.js';
 import { checkParams } from './sampling.js';
 import { BACKEND as NATIVE, nativeWorker, unsupported as nativeUnsupported } from './rt_webgpu.js';
+import { BACKEND as WASM_NATIVE, unsupported as wasmNativeUnsupported } from './rt_wasm.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -186,6 +187,13 @@ function defaultPrompt(m) {
   return 'The quick brown fox';
 }
 
+// On the GPU, int8 and int4 run fast in webgpu-native (onnxruntime-web's WebGPU EP runs int8's DynamicQuantizeMatMul
+// on the CPU): the hint the page gives where a variant does not suit the chosen onnxruntime-web backend.
+function nativeHint(m, variant, backend) {
+  if (backend !== 'webgpu' || demo.webgpu?.available === false || nativeUnsupported(m, variant)) return '';
+  return `; on the GPU, ${NATIVE} runs ${variant} (choose WebGPU native)`;
+}
+
 // Variant per backend: unless the user picked one, the variant list follows the backend (the smallest variant that
 // suits it, from the manifest's "backends"); the note under the controls says which and why.
 let variantChosen = false;
@@ -193,12 +201,27 @@ function followBackend() {
   const m = demo.manifest;
   const backend = $('backend').value;
   const features = { shaderF16: demo.webgpu?.shaderF16 === true };
+  if (backend === WASM_NATIVE) {
+    // rt_wasm.js runs the int8 variant (dynamic-int7) of RWKV-4 (its own check, rt_wasm.js unsupported(), decides)
+    if (!variantChosen && !wasmNativeUnsupported(m, 'int8')) $('variant').value = 'int8';
+    const v = $('variant').value;
+    const why = wasmNativeUnsupported(m, v);
+    $('variant-note').textContent = why ? `${why}.` : `${v} runs on ${WASM_NATIVE}: hand-written wasm SIMD kernels ` +
+      '(rt_wasm.js), no onnxruntime, exact integer dot products.';
+    demo.variantFit = !why;
+    return;
+  }
   if (backend === NATIVE) {
-    // rt_webgpu.js runs fp32 and fp16 (f32 arithmetic either way): the smaller one unless the user picked
+    // rt_webgpu.js runs fp32, fp16, int8 (dynamic-int7: onnxruntime's integers) and int4 (MatMulNBits) of RWKV-4: the
+    // smallest of them unless the user picked (its own check, rt_webgpu.js unsupported(), decides: older manifests
+    // do not list "webgpu-native")
     const runs = stepGraphs(m).filter((x) => !nativeUnsupported(m, x.variant));
     if (!variantChosen && runs.length) $('variant').value = runs.reduce((a, x) => (graphBytes(m, x) < graphBytes(m, a) ? x : a)).variant;
-    const why = nativeUnsupported(m, $('variant').value);
-    $('variant-note').textContent = why ? `${why}.` : `${$('variant').value} runs on ${NATIVE}: hand-written WGSL kernels (rt_webgpu.js), no onnxruntime.`;
+    const v = $('variant').value;
+    const why = nativeUnsupported(m, v);
+    const gpu = demo.webgpu?.available === false ? ` WebGPU is unavailable here (${demo.webgpu.why}): it will not load.` : '';
+    $('variant-note').textContent = why ? `${why}.` : `${v} runs on ${NATIVE}${variantChosen ? '' : ' (the smallest variant here that it runs)'}: ` +
+      `hand-written WGSL kernels (rt_webgpu.js), no onnxruntime, the state on the GPU.${gpu}`;
     demo.variantFit = !why;
     return;
   }
@@ -212,7 +235,7 @@ function followBackend() {
   $('variant-note').textContent = fit === null ? '' : fit
     ? `${g.variant} suits ${backend}${variantChosen ? '' : ' (the smallest variant here that does)'}.`
     : `${g.variant} does not suit ${backend} (the manifest lists it for ${g.backends.join(', ') || 'no web backend'})` +
-      (others.length ? `; for ${backend}: ${others.join(', ')}.` : '.');
+      (others.length ? `; for ${backend}: ${others.join(', ')}` : '') + nativeHint(m, g.variant, backend) + '.';
   demo.variantFit = fit;
 }
 
@@ -293,7 +316,8 @@ function onProgress(p) {
 // webgpu-native runs in the page (rt_webgpu.js's nativeWorker speaks worker.js's messages): its work is on the GPU.
 function newWorker(backend) {
   if (worker) worker.terminate();
-  worker = backend === NATIVE ? nativeWorker() : new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+  worker = backend === NATIVE ? nativeWorker()
+    : new Worker(new URL(backend === WASM_NATIVE ? './wasm_native_worker.js' : './worker.js', import.meta.url), { type: 'module' });
   worker.onmessage = (e) => onWorkerMessage(e.data);
   worker.onerror = (e) => {
     e.preventDefault();
@@ -317,6 +341,7 @@ function failPending(message) {
 const IO_TEXT = {
   capture: 'graph capture, state on the GPU', gpu: 'state on the GPU', cpu: 'state through the CPU',
   native: 'rt_webgpu.js: hand-written WGSL kernels, no onnxruntime, state on the GPU',
+  'wasm-native': 'rt_wasm.js: hand-written wasm SIMD kernels, no onnxruntime',
 };
 
 const HINTS = {
@@ -340,7 +365,8 @@ function onWorkerMessage(msg) {
       stopPhaseClock();
       const i = msg.info;
       demo.loadInfo = i;
-      const how = i.backend === 'wasm' ? ` (${i.numThreads} thread${i.numThreads > 1 ? 's' : ''})` : ` (${IO_TEXT[i.io]}` +
+      const threads = ` (${i.numThreads} thread${i.numThreads > 1 ? 's' : ''}`;
+      const how = i.backend === 'wasm' ? `${threads})` : i.backend === WASM_NATIVE ? `${threads}, ${IO_TEXT[i.io]}, kernel ${i.kernel})` : ` (${IO_TEXT[i.io]}` +
         (i.backend === NATIVE ? `; ${i.nodes.step.dispatches} dispatches a token${i.adapter ? ` on ${i.adapter}` : ''})` : ')');
       showPhase(`Ready: ${i.variant} on ${i.backend}${how}`,
         { loaded: 1, total: 1 });
@@ -393,8 +419,8 @@ demo.load = function load(opts = {}) {
   $('notices').replaceChildren();
   demo.notices = [];
   const g = stepGraph(demo.manifest, variant);
-  if (backend !== NATIVE && suits(g, backend, { shaderF16: demo.webgpu?.shaderF16 === true }) === false) {
-    notice(`${variant} does not suit ${backend} (the manifest lists it for ${g.backends.join(', ') || 'no web backend'}): expect it to be slow.`, 'warn');
+  if (backend !== NATIVE && backend !== WASM_NATIVE && suits(g, backend, { shaderF16: demo.webgpu?.shaderF16 === true }) === false) {
+    notice(`${variant} does not suit ${backend} (the manifest lists it for ${g.backends.join(', ') || 'no web backend'}): expect it to be slow${nativeHint(demo.manifest, variant, backend)}.`, 'warn');
   }
   demo.loadInfo = null;
   $('load-info').textContent = '';

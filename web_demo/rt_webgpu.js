@@ -8,6 +8,19 @@
 // "layers.0.att_key", ...) with a minimal protobuf reader; the graph's nodes are not read: the kernels below are
 // RWKV4Step.forward. Matrices stay as the file stores them ([in, out], fp32 or packed fp16 read as u32 and unpacked
 // with unpack2x16float: the H200's adapter has no shader-f16); all arithmetic is f32.
+// int8 (model_int8.onnx, quantize.py's default "dynamic-int7") and int4 (model_q4.onnx, MatMulNBits bits 4) are
+// repacked at load so that a thread's 16-byte load holds 4 outputs x 4 (int8) or 8 (int4) inputs, read once and
+// coalesced as the fp32 kernel's. int8 computes onnxruntime's integers (MATVEC_I8's note): on tiny-pydoc in SwiftShader
+// its logits equal onnxruntime's bit for bit (greedy ids: 512 of 512); on the H200 they equal them to 3e-6 until some activation's f32 value
+// (the GPU's exp / LayerNorm differ in the last bit) falls on the other side of a quantization step, after which the
+// state carries that (169M synthetic, teacher-forced: the first 5 steps within 3e-6, then ~0.15; top-1 38 of 40 the
+// same), as onnxruntime-web and native onnxruntime part. int4 dequantizes to f32 (MatMulNBits' accuracy_level 0)
+// rather than emulating accuracy_level 4's int8 activations, whose kernel (MLAS) differs per CPU: against onnxruntime
+// at level 4 it agreed as well (tiny-pydoc: 512 of 512 greedy ids; 169M synthetic on the H200, teacher-forced: top-1 40
+// of 40, logits within 0.17) and against level 0 within f32 rounding; it needs no activation pass (the int8-activation
+// formulation was not built, so not measured).
+// H200, Chromium 156, 169M shapes, 2026-12-01: fp32 810 tok/s, int8 890, int4 1153 (decode batch 16; prompt 16k,
+// 40k tok/s).
 //
 // One token = one command buffer of 7 dispatches per layer + 3 (embedding; per layer LN1 + token-shift mix, the k/v/r
 // matvec, WKV, output matvec + residual, LN2 + mix, FFN key + receptance, value + gate + residual; ln_out, head) and
@@ -20,7 +33,9 @@
 //
 // nativeWorker() speaks worker.js's message protocol in the page, so main.js drives this runtime like the others.
 
-import { checkFileName, float16BitsToFloat32, graphFiles, stepGraph } from './manifest.js';
+import { fetchGraphFiles, yieldToEvents } from './fetch_files.js';
+import { float16BitsToFloat32, stepGraph, stepGraphs } from './manifest.js';
+import { DTYPE_CODES, onnxInitializers, tensorBytes } from './onnx_weights.js';
 import { checkParams, makeRng, sampleToken } from './sampling.js';
 
 export const BACKEND = 'webgpu-native';
@@ -30,139 +45,42 @@ export const PROMPT_CHUNK = 512; // tokens per prompt call (activation buffers a
 const ADAPTER_TIMEOUT_MS = 5000;
 const WG = 256; // threads per workgroup in every kernel
 const STATE_NAMES = ['att_x', 'att_aa', 'att_bb', 'att_pp', 'ffn_x'];
-const SUPPORTED = { fp32: 'float32', fp16: 'float16' }; // variant -> weight dtype
+const FLOAT_MODES = { fp32: 'f32', fp16: 'f16' }; // variant -> how its matrices are stored (also 'i8', 'q4')
+const RUNS = "the fp32, fp16, int8 (dynamic-int7) and int4 (MatMulNBits 4-bit) variants";
 
 export class NativeError extends Error {}
 const fail = (msg) => { throw new NativeError(msg); };
 
-// ---- ONNX initializers: a minimal protobuf reader -------------------------------------------------------------
-
-// Fields read (onnx.proto): ModelProto.graph = 7; GraphProto.initializer = 5; TensorProto dims = 1, data_type = 2,
-// name = 8, raw_data = 9, external_data = 13 (StringStringEntryProto key = 1, value = 2), data_location = 14.
-class Pb {
-  constructor(bytes, start = 0, end = bytes.length) {
-    Object.assign(this, { b: bytes, i: start, end });
-  }
-
-  varint() {
-    let x = 0;
-    let mul = 1;
-    for (;;) {
-      if (this.i >= this.end) fail('the .onnx file is truncated (a protobuf varint runs past its end)');
-      const byte = this.b[this.i++];
-      x += (byte & 0x7f) * mul; // Numbers, not bit ops: offsets and lengths pass 2^31
-      if (byte < 0x80) return x;
-      mul *= 128;
-    }
-  }
-
-  // Calls fn(field, wire, pb) for each field; fn reads the value or returns false to have it skipped.
-  fields(fn) {
-    while (this.i < this.end) {
-      const key = this.varint();
-      const field = Math.floor(key / 8);
-      const wire = key & 7;
-      if (fn(field, wire, this) !== false) continue;
-      if (wire === 0) this.varint();
-      else if (wire === 1) this.i += 8;
-      else if (wire === 2) { const n = this.varint(); this.i += n; } // (not this.i += this.varint(): i is read first)
-      else if (wire === 5) this.i += 4;
-      else fail(`the .onnx file is not a valid protobuf (wire type ${wire})`);
-    }
-    if (this.i !== this.end) fail('the .onnx file is not a valid protobuf (a field runs past its message)');
-  }
-
-  sub() {
-    const n = this.varint();
-    const p = new Pb(this.b, this.i, this.i + n);
-    if (p.end > this.end) fail('the .onnx file is truncated');
-    this.i += n;
-    return p;
-  }
-
-  bytes() {
-    const p = this.sub();
-    return this.b.subarray(p.i, p.end);
-  }
-
-  string() {
-    return new TextDecoder().decode(this.bytes());
-  }
-}
-
-function readTensor(p) {
-  const t = { dims: [], dtype: 0, name: '', raw: null, external: {}, location: 0 };
-  p.fields((f, wire, q) => {
-    if (f === 1 && wire === 2) { const s = q.sub(); while (s.i < s.end) t.dims.push(s.varint()); } // packed
-    else if (f === 1 && wire === 0) t.dims.push(q.varint());
-    else if (f === 2 && wire === 0) t.dtype = q.varint();
-    else if (f === 8 && wire === 2) t.name = q.string();
-    else if (f === 9 && wire === 2) t.raw = q.bytes();
-    else if (f === 13 && wire === 2) {
-      let key = '';
-      let value = '';
-      q.sub().fields((g, w2, r) => {
-        if (g === 1 && w2 === 2) key = r.string();
-        else if (g === 2 && w2 === 2) value = r.string();
-        else return false;
-        return true;
-      });
-      t.external[key] = value;
-    } else if (f === 14 && wire === 0) t.location = q.varint();
-    else return false;
-    return true;
-  });
-  return t;
-}
-
-// name -> {dims, dtype (TensorProto code), raw | external {location, offset, length}} for every initializer.
-export function onnxInitializers(bytes) {
-  const out = new Map();
-  new Pb(bytes).fields((f, wire, p) => {
-    if (f !== 7 || wire !== 2) return false;
-    p.sub().fields((g, w2, q) => {
-      if (g !== 5 || w2 !== 2) return false;
-      const t = readTensor(q.sub());
-      out.set(t.name, t);
-      return true;
-    });
-    return true;
-  });
-  if (!out.size) fail('the .onnx file has no graph initializers (not an rwkv-export step graph?)');
-  return out;
-}
-
-const DTYPE_CODES = { 1: 'float32', 10: 'float16' };
-
-// The bytes of an initializer: inline raw_data or a slice of an external data file (files: Map name -> bytes).
-function tensorBytes(t, graph, files) {
-  if (t.location !== 1) {
-    if (!t.raw) fail(`initializer ${t.name} has no raw_data (this runtime reads raw_data and external data only)`);
-    return t.raw;
-  }
-  const dir = graph.file.includes('/') ? graph.file.slice(0, graph.file.lastIndexOf('/') + 1) : '';
-  const file = checkFileName(dir + t.external.location, graph.file);
-  const data = files.get(file);
-  if (!data) fail(`initializer ${t.name} lives in ${file}, which the manifest does not list for ${graph.file}`);
-  const offset = Number(t.external.offset ?? 0);
-  const length = Number(t.external.length ?? data.length - offset);
-  if (offset + length > data.length) fail(`${file} is too short for initializer ${t.name}: damaged or truncated`);
-  return data.subarray(offset, offset + length);
-}
-
 // ---- what this runtime runs -----------------------------------------------------------------------------------
+
+// How a variant's matrices are stored: 'f32', 'f16', 'i8' (dynamic-int7: DynamicQuantizeLinear + MatMulInteger),
+// 'q4' (MatMulNBits bits 4), or {why} for a variant this runtime does not run.
+export function weightMode(manifest, variant) {
+  const g = stepGraphs(manifest).find((x) => x.variant === variant);
+  if (!g) return { why: `this folder has no step graph of variant '${variant}'` };
+  if (FLOAT_MODES[variant] && !g.quantization?.bits) return FLOAT_MODES[variant];
+  const q = g.quantization ?? {};
+  const o = q.options ?? {};
+  if (q.bits === 8 && q.method === 'dynamic-int7') return 'i8';
+  if (q.bits === 8) return { why: `webgpu-native runs int8 as dynamic-int7 (DynamicQuantizeMatMul) only; this ${variant} is '${q.method}' (use wasm or webgpu for it)` };
+  if (q.bits === 4 && q.method === 'matmul-nbits') {
+    if (o.include_embedding || o.embedding_bits === 4) return { why: `webgpu-native runs int4 with an int8-row embedding only; ${variant} stores it as 4-bit blocks (GatherBlockQuantized; use wasm or webgpu for it)` };
+    return 'q4';
+  }
+  return { why: `webgpu-native runs ${RUNS}, not '${variant}' (use wasm or webgpu for it)` };
+}
 
 // One line for a folder/variant this runtime cannot run; null when it can.
 export function unsupported(manifest, variant) {
   const d = manifest.model;
   if (String(d.rwkv_version) !== '4') return `webgpu-native runs RWKV-4 only; this model is RWKV-${d.rwkv_version} (use wasm or webgpu)`;
-  if (!SUPPORTED[variant]) {
-    return `webgpu-native runs the fp32 and fp16 variants only, not '${variant}' (use wasm or webgpu for it)`;
-  }
+  const mode = weightMode(manifest, variant);
+  if (mode.why) return mode.why;
   const names = manifest.state.tensors.map((t) => t.name);
   if (names.join() !== STATE_NAMES.join()) return `webgpu-native expects the RWKV-4 state ${STATE_NAMES.join(', ')}; the manifest has ${names.join(', ')}`;
   const C = d.n_embd;
   if (C % 64 || d.ffn_dim % 64) return `webgpu-native needs n_embd and ffn_dim divisible by 64 (has ${C}, ${d.ffn_dim})`;
+  if (mode === 'i8' && Math.max(C, d.ffn_dim) > 4 * QX_WORDS) return `webgpu-native's int8 kernels take n_embd and ffn_dim up to ${4 * QX_WORDS} (has ${C}, ${d.ffn_dim})`;
   return null;
 }
 
@@ -186,12 +104,18 @@ const MATMUL_COMMON = `
 struct P { K: u32, N: u32, Np: u32, b1: u32, b2: u32, xs: u32, xseg: u32, ys: u32,
            act0: u32, act1: u32, act2: u32, gate: u32, scale: f32, p13: u32, p14: u32, p15: u32 }
 ${RUN}
+`;
+
+const FLOAT_BINDINGS = `
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<uniform> run: Run;
 @group(0) @binding(2) var<storage, read> X: array<f32>;
 @group(0) @binding(3) var<storage, read> W: array<W4>;
 @group(0) @binding(4) var<storage, read_write> Y: array<f32>;
+`;
 
+// (after the bindings)
+const MATMUL_EPI = `
 fn seg(j: u32) -> u32 { return select(0u, 1u, j >= p.b1) + select(0u, 1u, j >= p.b2); }
 
 fn epi(t: u32, j: u32, acc: f32) {
@@ -291,22 +215,388 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) l: vec3u
 }
 `;
 
-// x[t] = emb[ids[t]] (LN0 is folded into emb at export)
-function wgslEmbed(f16) {
+// ---- int8 (dynamic-int7) and int4 (MatMulNBits) matrices ----------------------------------------------------------
+
+// int8: onnxruntime's DynamicQuantizeLinear + MatMulInteger (fused there into DynamicQuantizeMatMul), computed with the
+// same integers: the matmul's input vector x (one token's, one segment's: k, v and r each have their own) is quantized
+// to uint8 with scale = (max(0, max x) - min(0, min x)) / 255, zero point zp = round-half-even(clamp(-min / scale,
+// 0, 255)), q = clamp(round-half-even(x / scale) + zp, 0, 255); the int32 dot sum_k (q_k - zp) * w_kj is exact (as
+// (q - 128) . w + (128 - zp) * colsum_j, so that both sides are signed bytes for dot4I8Packed); y_j = f32(dot) *
+// (scale * wscale_j), in onnxruntime's order. WGSL's f32 division may be 2.5 ulp off, and a quotient one ulp off
+// can round to the neighbouring integer: divx() divides exactly (integer long division, correctly rounded), used for
+// scale and zero point, and for x / scale wherever the fast quotient lies within 2^-10 of a rounding boundary.
+// Weights: [K / 4, Np] u32, word (k4, j) = w[4 k4 .. 4 k4 + 3, j] as 4 signed bytes (repacked from the file's [K, N]
+// at load: a thread's vec4u is 4 outputs x 4 inputs, and 8 lanes read 128 contiguous bytes, as the fp32 kernel).
+// CI: [2][Np] words: the column scales (f32 bits), then the column sums (i32).
+const QMATH = `
+// a / b correctly rounded (b > 0 and normal, a finite; a subnormal quotient is not rounded right, and is < 2^-126)
+fn divx(a: f32, b: f32) -> f32 {
+  if (a == 0.0) { return 0.0; }
+  let ua = bitcast<u32>(abs(a));
+  let ub = bitcast<u32>(b);
+  var ea = i32(ua >> 23u);
+  var ma = ua & 0x7fffffu;
+  if (ea == 0) { ea = 1; } else { ma |= 0x800000u; }
+  var eb = i32(ub >> 23u);
+  var mb = ub & 0x7fffffu;
+  if (eb == 0) { eb = 1; } else { mb |= 0x800000u; }
+  while (ma < 0x800000u) { ma <<= 1u; ea -= 1; }
+  while (mb < 0x800000u) { mb <<= 1u; eb -= 1; }
+  var q = 0u;
+  var r = ma;
+  var n = 25;
+  if (r >= mb) { q = 1u; r -= mb; n = 24; }
+  for (var i = 0; i < n; i++) {
+    r <<= 1u;
+    q <<= 1u;
+    if (r >= mb) { r -= mb; q |= 1u; }
+  }
+  var m = q >> 1u; // q has 25 significant bits: 24 of mantissa and the rounding bit; r != 0 is the sticky bit
+  if ((q & 1u) == 1u && (r != 0u || (m & 1u) == 1u)) { m += 1u; }
+  return sign(a) * ldexp(f32(m), ea - eb - n + 1);
+}
+
+// (scale, zp) of DynamicQuantizeLinear from the input's min and max
+fn qparams(lo: f32, hi: f32) -> vec2f {
+  let mn = min(lo, 0.0);
+  let mx = max(hi, 0.0);
+  var s = 1.0;
+  if (mx != mn) { s = divx(mx - mn, 255.0); }
+  return vec2f(s, round(clamp(-divx(mn, s), 0.0, 255.0)));
+}
+
+// x quantized, minus 128 (as a signed byte's bits): q - 128 in [-128, 127]
+fn quant(x: f32, qp: vec2f) -> u32 {
+  var d = x / qp.x;
+  if (abs(fract(d) - 0.5) < 0.0009765625) { d = divx(x, qp.x); }
+  let q = clamp(round(d), -qp.y, 255.0 - qp.y) + qp.y;
+  return u32(i32(q) - 128) & 0xffu;
+}
+
+fn quant4(x: vec4f, qp: vec2f) -> u32 {
+  return quant(x.x, qp) | (quant(x.y, qp) << 8u) | (quant(x.z, qp) << 16u) | (quant(x.w, qp) << 24u);
+}
+`;
+
+// dot4: WGSL's dot4I8Packed where the adapter's WGSL has packed_4x8_integer_dot_product, else the same sum unpacked
+function wgslI8Dot(dot4) {
+  return `
+fn dot4(a: u32, b: u32) -> i32 {
+  ${dot4 ? 'return dot4I8Packed(a, b);' : `var s = 0i;
+  for (var i = 0u; i < 32u; i += 8u) { s += extractBits(bitcast<i32>(a), i, 8u) * extractBits(bitcast<i32>(b), i, 8u); }
+  return s;`}
+}
+
+// y_j from the exact dot of (q - 128) . w
+fn deq(acc: i32, j: u32, qp: vec2f) -> f32 {
+  let t = acc + (128 - i32(qp.y)) * bitcast<i32>(CI[p.Np + j]);
+  return f32(t) * (qp.x * bitcast<f32>(CI[j]));
+}
+`;
+}
+
+const I8_BINDINGS = `
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<uniform> run: Run;
+@group(0) @binding(2) var<storage, read> X: array<f32>;
+@group(0) @binding(3) var<storage, read> W: array<vec4u>;
+@group(0) @binding(4) var<storage, read_write> Y: array<f32>;
+@group(0) @binding(5) var<storage, read> CI: array<u32>;
+`;
+
+// One token, int8: as MATVEC, after each workgroup quantizes its segment's input itself (min/max, then the K values
+// into workgroup memory as packed bytes: K / 4 words, at most QX_WORDS); the weights are read once, 16 bytes a load.
+const QX_WORDS = 2048;
+const MATVEC_I8 = `
+var<workgroup> qx: array<u32, ${QX_WORDS}>;
+var<workgroup> part: array<vec4i, ${WG}>;
+var<workgroup> lo: array<f32, ${WG}>;
+var<workgroup> hi: array<f32, ${WG}>;
+@compute @workgroup_size(8, 32)
+fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) l: vec3u) {
+  let li = l.y * 8u + l.x;
+  let xb = seg(wg.x * 32u) * p.xseg;
+  var a = 3.4e38;
+  var b = -3.4e38;
+  for (var k = li; k < p.K; k += ${WG}u) { let v = X[xb + k]; a = min(a, v); b = max(b, v); }
+  lo[li] = a;
+  hi[li] = b;
+  workgroupBarrier();
+  for (var h = ${WG / 2}u; h > 0u; h >>= 1u) {
+    if (li < h) { lo[li] = min(lo[li], lo[li + h]); hi[li] = max(hi[li], hi[li + h]); }
+    workgroupBarrier();
+  }
+  let qp = qparams(lo[0], hi[0]);
+  let K4 = p.K / 4u;
+  for (var k4 = li; k4 < K4; k4 += ${WG}u) {
+    let o = xb + 4u * k4;
+    qx[k4] = quant4(vec4f(X[o], X[o + 1u], X[o + 2u], X[o + 3u]), qp);
+  }
+  workgroupBarrier();
+  let j = (wg.x * 8u + l.x) * 4u;
+  let row = p.Np / 4u;
+  let c = j / 4u;
+  var a0 = vec4i(0);
+  var a1 = vec4i(0);
+  if (j < p.Np) {
+    var k = l.y;
+    for (; k + 32u < K4; k += 64u) {
+      let x0 = qx[k];
+      let w0 = W[k * row + c];
+      let x1 = qx[k + 32u];
+      let w1 = W[(k + 32u) * row + c];
+      a0 += vec4i(dot4(x0, w0.x), dot4(x0, w0.y), dot4(x0, w0.z), dot4(x0, w0.w));
+      a1 += vec4i(dot4(x1, w1.x), dot4(x1, w1.y), dot4(x1, w1.z), dot4(x1, w1.w));
+    }
+    for (; k < K4; k += 32u) {
+      let x0 = qx[k];
+      let w0 = W[k * row + c];
+      a0 += vec4i(dot4(x0, w0.x), dot4(x0, w0.y), dot4(x0, w0.z), dot4(x0, w0.w));
+    }
+  }
+  part[li] = a0 + a1;
+  workgroupBarrier();
+  for (var h = 16u; h > 0u; h >>= 1u) {
+    if (l.y < h) { part[li] += part[li + h * 8u]; }
+    workgroupBarrier();
+  }
+  if (l.y == 0u && j < p.Np) {
+    let r = part[l.x];
+    epi(0u, j, deq(r.x, j, qp)); epi(0u, j + 1u, deq(r.y, j + 1u, qp));
+    epi(0u, j + 2u, deq(r.z, j + 2u, qp)); epi(0u, j + 3u, deq(r.w, j + 3u, qp));
+  }
+}
+`;
+
+// T tokens, int8, pass 1: each token's segments quantized as MATVEC_I8 does (workgroup (t, segment)) into
+// QX[segment][t][K / 4] and its (scale, zp) into QP[segment][t].
+const QUANT_I8 = `
+struct P { K: u32, xs: u32, xseg: u32, Tmax: u32 }
+${RUN}
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<uniform> run: Run;
+@group(0) @binding(2) var<storage, read> X: array<f32>;
+@group(0) @binding(3) var<storage, read_write> QX: array<u32>;
+@group(0) @binding(4) var<storage, read_write> QP: array<vec2f>;
+var<workgroup> lo: array<f32, ${WG}>;
+var<workgroup> hi: array<f32, ${WG}>;
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) li: u32) {
+  let t = wg.x;
+  let s = wg.y;
+  let xb = s * p.xseg + t * p.xs;
+  var a = 3.4e38;
+  var b = -3.4e38;
+  for (var k = li; k < p.K; k += ${WG}u) { let v = X[xb + k]; a = min(a, v); b = max(b, v); }
+  lo[li] = a;
+  hi[li] = b;
+  workgroupBarrier();
+  for (var h = ${WG / 2}u; h > 0u; h >>= 1u) {
+    if (li < h) { lo[li] = min(lo[li], lo[li + h]); hi[li] = max(hi[li], hi[li + h]); }
+    workgroupBarrier();
+  }
+  let qp = qparams(lo[0], hi[0]);
+  let K4 = p.K / 4u;
+  let ob = (s * p.Tmax + t) * K4;
+  for (var k4 = li; k4 < K4; k4 += ${WG}u) {
+    let o = xb + 4u * k4;
+    QX[ob + k4] = quant4(vec4f(X[o], X[o + 1u], X[o + 2u], X[o + 3u]), qp);
+  }
+  if (li == 0u) { QP[s * p.Tmax + t] = qp; }
+}
+`;
+
+// T tokens, int8, pass 2: GEMM's tiles with exact i32 sums (x tile from QX, weight tile unpacked from the words).
+const GEMM_I8 = `
+@group(0) @binding(6) var<storage, read> QX: array<u32>;
+@group(0) @binding(7) var<storage, read> QP: array<vec2f>;
+var<workgroup> xt: array<i32, 1024>; // [k][t] of the tile
+var<workgroup> wt: array<i32, 1024>; // [k][j]
+@compute @workgroup_size(16, 16)
+fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) l: vec3u) {
+  let j0 = wg.x * 64u;
+  let t0 = wg.y * 64u;
+  let sg = seg(j0);
+  let tid = l.y * 16u + l.x;
+  let row = p.Np / 4u;
+  let K4 = p.K / 4u;
+  let Tmax = p.p13;
+  var acc: array<vec4i, 4>;
+  for (var k0 = 0u; k0 < p.K; k0 += 16u) {
+    let m = tid / 4u;
+    let kq = tid % 4u;
+    let t = t0 + m;
+    var xw = 0u; // past the last token (never written out)
+    if (t < run.T) { xw = QX[(sg * Tmax + t) * K4 + k0 / 4u + kq]; }
+    for (var q = 0u; q < 4u; q++) { xt[(kq * 4u + q) * 64u + m] = extractBits(bitcast<i32>(xw), q * 8u, 8u); }
+    let k4 = tid / 64u;
+    let jj = tid % 64u;
+    var ww = 0u;
+    if (j0 + jj < p.Np) { ww = W[(k0 / 4u + k4) * row + (j0 + jj) / 4u][jj % 4u]; }
+    for (var q = 0u; q < 4u; q++) { wt[(k4 * 4u + q) * 64u + jj] = extractBits(bitcast<i32>(ww), q * 8u, 8u); }
+    workgroupBarrier();
+    for (var kk = 0u; kk < 16u; kk++) {
+      let b = vec4i(wt[kk * 64u + l.x * 4u], wt[kk * 64u + l.x * 4u + 1u], wt[kk * 64u + l.x * 4u + 2u], wt[kk * 64u + l.x * 4u + 3u]);
+      for (var i = 0u; i < 4u; i++) { acc[i] += xt[kk * 64u + l.y * 4u + i] * b; }
+    }
+    workgroupBarrier();
+  }
+  for (var i = 0u; i < 4u; i++) {
+    let t = t0 + l.y * 4u + i;
+    let j = j0 + l.x * 4u;
+    if (t < run.T && j < p.Np) {
+      let qp = QP[sg * Tmax + t];
+      epi(t, j, deq(acc[i].x, j, qp)); epi(t, j + 1u, deq(acc[i].y, j + 1u, qp));
+      epi(t, j + 2u, deq(acc[i].z, j + 2u, qp)); epi(t, j + 3u, deq(acc[i].w, j + 3u, qp));
+    }
+  }
+}
+`;
+
+// int4 (MatMulNBits, bits 4): the weights dequantized to f32, w = (q - zp) * scale per block of `bs` inputs, and an
+// f32 dot (see the module doc for why not int8 activations). Weights: [K / 8, Np] u32, word (k8, j) = the 8 nibbles
+// of w[8 k8 .. 8 k8 + 7, j], low nibble first (the file's column-major blocks, transposed at load); SZ: [K / bs][Np]
+// (scale, zp) pairs.
+const Q4_BINDINGS = `
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<uniform> run: Run;
+@group(0) @binding(2) var<storage, read> X: array<f32>;
+@group(0) @binding(3) var<storage, read> W: array<vec4u>;
+@group(0) @binding(4) var<storage, read_write> Y: array<f32>;
+@group(0) @binding(5) var<storage, read> SZ: array<vec4f>;
+
+// 8 inputs x 4 outputs: x[0..8] . dequantized word column
+fn dot8(x0: vec4f, x1: vec4f, w: vec4u, s: vec4f, z: vec4f) -> vec4f {
+  var r = vec4f(0.0);
+  for (var i = 0u; i < 4u; i++) {
+    let u = w[i];
+    let a = vec4f(f32(u & 15u), f32((u >> 4u) & 15u), f32((u >> 8u) & 15u), f32((u >> 12u) & 15u)) - z[i];
+    let b = vec4f(f32((u >> 16u) & 15u), f32((u >> 20u) & 15u), f32((u >> 24u) & 15u), f32(u >> 28u)) - z[i];
+    r[i] = (dot(x0, a) + dot(x1, b)) * s[i];
+  }
+  return r;
+}
+`;
+
+// p.p13 = log2(bs / 8): k8 rows per block
+const MATVEC_Q4 = `
+var<workgroup> part: array<vec4f, ${WG}>;
+@compute @workgroup_size(8, 32)
+fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) l: vec3u) {
+  let j = (wg.x * 8u + l.x) * 4u;
+  let xb = seg(wg.x * 32u) * p.xseg;
+  let row = p.Np / 4u;
+  let c = j / 4u;
+  let K8 = p.K / 8u;
+  var a0 = vec4f(0.0);
+  var a1 = vec4f(0.0);
+  if (j < p.Np) {
+    var k = l.y;
+    for (; k + 32u < K8; k += 64u) {
+      let w0 = W[k * row + c];
+      let w1 = W[(k + 32u) * row + c];
+      let b0 = (k >> p.p13) * row + c;
+      let b1 = ((k + 32u) >> p.p13) * row + c;
+      let s0 = SZ[2u * b0]; let z0 = SZ[2u * b0 + 1u];
+      let s1 = SZ[2u * b1]; let z1 = SZ[2u * b1 + 1u];
+      a0 += dot8(vec4f(X[xb + 8u * k], X[xb + 8u * k + 1u], X[xb + 8u * k + 2u], X[xb + 8u * k + 3u]),
+                 vec4f(X[xb + 8u * k + 4u], X[xb + 8u * k + 5u], X[xb + 8u * k + 6u], X[xb + 8u * k + 7u]), w0, s0, z0);
+      let o = xb + 8u * (k + 32u);
+      a1 += dot8(vec4f(X[o], X[o + 1u], X[o + 2u], X[o + 3u]), vec4f(X[o + 4u], X[o + 5u], X[o + 6u], X[o + 7u]), w1, s1, z1);
+    }
+    for (; k < K8; k += 32u) {
+      let w0 = W[k * row + c];
+      let b0 = (k >> p.p13) * row + c;
+      let o = xb + 8u * k;
+      a0 += dot8(vec4f(X[o], X[o + 1u], X[o + 2u], X[o + 3u]), vec4f(X[o + 4u], X[o + 5u], X[o + 6u], X[o + 7u]), w0, SZ[2u * b0], SZ[2u * b0 + 1u]);
+    }
+  }
+  let li = l.y * 8u + l.x;
+  part[li] = a0 + a1;
+  workgroupBarrier();
+  for (var h = 16u; h > 0u; h >>= 1u) {
+    if (l.y < h) { part[li] += part[li + h * 8u]; }
+    workgroupBarrier();
+  }
+  if (l.y == 0u) {
+    let r = part[l.x];
+    epi(0u, j, r.x); epi(0u, j + 1u, r.y); epi(0u, j + 2u, r.z); epi(0u, j + 3u, r.w);
+  }
+}
+`;
+
+// T tokens, int4: GEMM with the weight tile dequantized from the words (16 inputs = 2 word rows of 64 outputs)
+const GEMM_Q4 = `
+var<workgroup> xt: array<f32, 1024>; // [k][t] of the tile
+var<workgroup> wt: array<f32, 1024>; // [k][j]
+@compute @workgroup_size(16, 16)
+fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) l: vec3u) {
+  let j0 = wg.x * 64u;
+  let t0 = wg.y * 64u;
+  let xb = seg(j0) * p.xseg;
+  let tid = l.y * 16u + l.x;
+  let row = p.Np / 4u;
+  var acc: array<vec4f, 4>;
+  for (var k0 = 0u; k0 < p.K; k0 += 16u) {
+    let m = tid / 4u;
+    let kq = (tid % 4u) * 4u;
+    let t = t0 + m;
+    for (var q = 0u; q < 4u; q++) {
+      xt[(kq + q) * 64u + m] = select(0.0, X[xb + t * p.xs + k0 + kq + q], t < run.T);
+    }
+    if (tid < 128u) {
+      let k8 = k0 / 8u + tid / 64u;
+      let jj = tid % 64u;
+      var u = 0u;
+      var s = 0.0;
+      var z = 0.0;
+      if (j0 + jj < p.Np) {
+        u = W[k8 * row + (j0 + jj) / 4u][jj % 4u];
+        let b = (k8 >> p.p13) * row + (j0 + jj) / 4u;
+        s = SZ[2u * b][jj % 4u];
+        z = SZ[2u * b + 1u][jj % 4u];
+      }
+      for (var q = 0u; q < 8u; q++) { wt[((tid / 64u) * 8u + q) * 64u + jj] = (f32((u >> (4u * q)) & 15u) - z) * s; }
+    }
+    workgroupBarrier();
+    for (var kk = 0u; kk < 16u; kk++) {
+      let b = vec4f(wt[kk * 64u + l.x * 4u], wt[kk * 64u + l.x * 4u + 1u], wt[kk * 64u + l.x * 4u + 2u], wt[kk * 64u + l.x * 4u + 3u]);
+      for (var i = 0u; i < 4u; i++) { acc[i] += xt[kk * 64u + l.y * 4u + i] * b; }
+    }
+    workgroupBarrier();
+  }
+  for (var i = 0u; i < 4u; i++) {
+    let t = t0 + l.y * 4u + i;
+    if (t < run.T) {
+      let j = j0 + l.x * 4u;
+      epi(t, j, acc[i].x); epi(t, j + 1u, acc[i].y); epi(t, j + 2u, acc[i].z); epi(t, j + 3u, acc[i].w);
+    }
+  }
+}
+`;
+
+// x[t] = emb[ids[t]] (LN0 is folded into emb at export); int8 rows: DequantizeLinear's f32(q) * row scale
+function wgslEmbed(mode) {
+  const read = {
+    f32: 'x[g.x] = E[e];',
+    f16: 'x[g.x] = unpack2x16float(E[e / 2u])[e % 2u];',
+    i8: 'x[g.x] = f32(extractBits(bitcast<i32>(E[e / 4u]), (e % 4u) * 8u, 8u)) * ES[ids[t]];',
+  }[mode === 'f16' || mode === 'f32' ? mode : 'i8'];
   return `
 struct P { C: u32, p1: u32, p2: u32, p3: u32 }
 ${RUN}
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<uniform> run: Run;
 @group(0) @binding(2) var<storage, read> ids: array<u32>;
-@group(0) @binding(3) var<storage, read> E: array<${f16 ? 'u32' : 'f32'}>;
+@group(0) @binding(3) var<storage, read> E: array<${mode === 'f32' ? 'f32' : 'u32'}>;
 @group(0) @binding(4) var<storage, read_write> x: array<f32>;
+${mode === 'f32' || mode === 'f16' ? '' : '@group(0) @binding(5) var<storage, read> ES: array<f32>;'}
 @compute @workgroup_size(${WG})
 fn main(@builtin(global_invocation_id) g: vec3u) {
   if (g.x >= run.T * p.C) { return; }
   let t = g.x / p.C;
   let e = ids[t] * p.C + g.x % p.C;
-  ${f16 ? 'x[g.x] = unpack2x16float(E[e / 2u])[e % 2u];' : 'x[g.x] = E[e];'}
+  ${read}
 }`;
 }
 
@@ -474,8 +764,9 @@ export async function requestDevice() {
 }
 
 export class RwkvWebGPU {
-  // device: a GPUDevice; files: Map file name -> bytes holding the graph's .onnx and its data files.
-  constructor(device, manifest, variant, files) {
+  // device: a GPUDevice; files: Map file name -> bytes holding the graph's .onnx and its data files; opts.dot4: false
+  // computes int8 dots with unpacked bytes even where dot4I8Packed exists (tests compare the two).
+  constructor(device, manifest, variant, files, opts = {}) {
     const why = unsupported(manifest, variant);
     if (why) fail(why);
     const graph = stepGraph(manifest, variant);
@@ -484,24 +775,67 @@ export class RwkvWebGPU {
     const C = d.n_embd;
     const F = d.ffn_dim;
     const V = d.vocab_size;
-    Object.assign(this, { device, manifest, variant, graph, L, C, F, V, buffers: [] });
+    Object.assign(this, { device, manifest, variant, graph, L, C, F, V, buffers: [], opts });
     const onnx = files.get(graph.file);
     if (!onnx) fail(`${graph.file} was not downloaded`);
     const inits = onnxInitializers(onnx);
-    const wdtype = SUPPORTED[variant];
-    this.f16 = wdtype === 'float16';
+    this.mode = weightMode(manifest, variant);
+    const wdtype = this.mode === 'f16' ? 'float16' : 'float32';
+    this.f16 = this.mode === 'f16';
     const every = graph.quantization?.rescale_every ?? 0;
-    const tensor = (name, dims) => {
+    // an initializer: dims checked (a number per dimension, or null: any; dims null: any shape), dtype one of `dtypes`
+    const raw = (name, dims, dtypes) => {
       const t = inits.get(name);
-      if (!t) fail(`${graph.file} has no initializer '${name}': not an rwkv-export RWKV-4 step graph of this version`);
-      if (JSON.stringify(t.dims) !== JSON.stringify(dims)) fail(`${graph.file}: ${name} has shape ${JSON.stringify(t.dims)}, expected ${JSON.stringify(dims)}`);
-      if (!DTYPE_CODES[t.dtype]) fail(`${graph.file}: ${name} has ONNX data type ${t.dtype}; webgpu-native reads float32 and float16`);
-      return { ...t, dtype: DTYPE_CODES[t.dtype], bytes: tensorBytes(t, graph, files) };
+      if (!t) fail(`${graph.file} has no initializer '${name}': not an rwkv-export RWKV-4 ${variant} step graph of this version`);
+      if (dims && (t.dims.length !== dims.length || dims.some((n, i) => n !== null && n !== t.dims[i]))) fail(`${graph.file}: ${name} has shape ${JSON.stringify(t.dims)}, expected ${JSON.stringify(dims)}`);
+      const dtype = DTYPE_CODES[t.dtype];
+      if (!dtypes.includes(dtype)) fail(`${graph.file}: ${name} has ONNX data type ${dtype ?? t.dtype}; webgpu-native expects ${dtypes.join(' or ')} here`);
+      return { ...t, dtype, bytes: tensorBytes(t, graph, files) };
     };
-    const matrix = (names, K, widths) => this.matrixBuffer(names.map((n, i) => tensor(n, [K, widths[i]])), wdtype, K);
+    const tensor = (name, dims) => raw(name, dims, ['float32', 'float16']);
+    const matrix = (names, K, widths) => {
+      if (this.mode === 'i8') return this.int8Matrix(names.map((n, i) => int8Weight(n, K, widths[i])), K);
+      if (this.mode === 'q4') return this.int4Matrix(names.map((n, i) => int4Weight(n, K, widths[i])), K);
+      return this.matrixBuffer(names.map((n, i) => tensor(n, [K, widths[i]])), wdtype, K);
+    };
     const vector = (name, dims) => this.upload(toF32(tensor(name, dims)), U.STORAGE, name);
+    // int8 (dynamic-int7): NAME_quantized [K, N] int8, NAME_scale [N] (or one for all), NAME_zero_point all 0
+    const int8Weight = (name, K, N) => {
+      const q = raw(`${name}_quantized`, [K, N], ['int8']);
+      const sc = raw(`${name}_scale`, null, ['float32']); // [N] per column, or one value (per_channel off)
+      const zp = raw(`${name}_zero_point`, null, ['int8']);
+      const n = sc.bytes.byteLength / 4;
+      if (![1, N].includes(n) || zp.bytes.byteLength !== n) fail(`${graph.file}: ${name}_scale has ${n} values for ${N} columns`);
+      if (zp.bytes.some((b) => b !== 0)) fail(`${graph.file}: ${name} has nonzero weight zero points; webgpu-native runs symmetric int8 weights (dynamic-int7)`);
+      const scale = new Float32Array(sc.bytes.slice().buffer);
+      return { name, N, q: new Int8Array(q.bytes.buffer, q.bytes.byteOffset, q.bytes.byteLength), scale: scale.length === 1 ? new Float32Array(N).fill(scale[0]) : scale };
+    };
+    // int4 (MatMulNBits bits 4): NAME_Q4 [N, blocks, bs / 2] uint8, NAME_scales [N * blocks], NAME_zero_points
+    // [N, ceil(blocks / 2)] uint8 (absent: 8, symmetric)
+    const int4Weight = (name, K, N) => {
+      const q = raw(`${name}_Q4`, [N, null, null], ['uint8']);
+      const [, nb, blob] = q.dims;
+      const bs = 2 * blob;
+      if (nb !== Math.ceil(K / bs) || bs < 16 || bs & (bs - 1)) fail(`${graph.file}: ${name}_Q4 has shape ${JSON.stringify(q.dims)}, not MatMulNBits 4-bit blocks of a power of two >= 16 over K = ${K}`);
+      const sc = raw(`${name}_scales`, null, ['float32']);
+      if (sc.bytes.byteLength !== 4 * N * nb) fail(`${graph.file}: ${name}_scales has ${sc.bytes.byteLength / 4} values, expected ${N * nb}`);
+      const zpt = inits.has(`${name}_zero_points`) ? raw(`${name}_zero_points`, null, ['uint8']) : null;
+      if (zpt && zpt.bytes.byteLength !== N * Math.ceil(nb / 2)) fail(`${graph.file}: ${name}_zero_points has ${zpt.bytes.byteLength} bytes, expected ${N * Math.ceil(nb / 2)}`);
+      return { name, N, nb, bs, q: q.bytes, scale: new Float32Array(sc.bytes.slice().buffer), zp: zpt?.bytes ?? null };
+    };
 
-    this.emb = this.upload(weightBytes(tensor('emb', [V, C]), wdtype), U.STORAGE, 'emb');
+    if (inits.has('emb_qint8')) { // int8 rows and a scale per row (Gather + DequantizeLinear)
+      const e = raw('emb_qint8', [V, C], ['int8']);
+      this.emb = this.upload(e.bytes, U.STORAGE, 'emb (int8 rows)');
+      this.embScale = this.upload(raw('emb_row_scale', [V], ['float32']).bytes, U.STORAGE, 'emb row scales');
+      this.embMode = 'i8';
+    } else {
+      if (this.mode === 'q4' || this.mode === 'i8') {
+        if (!inits.has('emb')) fail(`${graph.file} stores its embedding in a form webgpu-native does not read (not emb_qint8 int8 rows, not an fp32 emb)`);
+      }
+      this.embMode = this.f16 ? 'f16' : 'f32';
+      this.emb = this.upload(weightBytes(tensor('emb', [V, C]), this.f16 ? 'float16' : 'float32'), U.STORAGE, 'emb');
+    }
     this.layers = [];
     for (let i = 0; i < L; i++) {
       const p = `layers.${i}.`;
@@ -530,6 +864,10 @@ export class RwkvWebGPU {
     this.x = this.buffer(4 * T * C, U.STORAGE, 'x');
     this.mixed = this.buffer(4 * 3 * T * C, U.STORAGE, 'mixed');
     this.big = this.buffer(4 * T * Math.max(3 * C, F + C), U.STORAGE, 'kvr / ffn k,r');
+    if (this.mode === 'i8') { // the prompt path's quantized activations (QUANT_I8)
+      this.qx = this.buffer(T * Math.max(3 * C, F), U.STORAGE, 'quantized activations');
+      this.qp = this.buffer(8 * 3 * T, U.STORAGE, 'activation scales, zero points');
+    }
     this.rwkv = this.buffer(4 * T * C, U.STORAGE, 'r*wkv');
     this.h = this.buffer(4 * C, U.STORAGE, 'ln_out');
     this.logits = this.buffer(4 * align(V, 4), U.STORAGE | U.COPY_SRC, 'logits');
@@ -579,12 +917,83 @@ export class RwkvWebGPU {
     return { buffer: this.upload(bytes, U.STORAGE, tensors.map((t) => t.name).join('|')), N, Np, bounds, K };
   }
 
+  // int8: the tensors side by side along the outputs as [K / 4, Np] words of 4 signed bytes (4 inputs of one output:
+  // MATVEC_I8 reads a vec4u = 4 outputs x 4 inputs), and CI = column scales (f32 bits), column sums (i32).
+  int8Matrix(ws, K) {
+    const N = ws.reduce((a, w) => a + w.N, 0);
+    const Np = align(N, 4);
+    const words = new Uint32Array((K / 4) * Np);
+    const b8 = new Uint8Array(words.buffer);
+    const ci = new Uint32Array(2 * Np);
+    const scales = new Float32Array(ci.buffer, 0, Np);
+    const sums = new Int32Array(ci.buffer, 4 * Np, Np);
+    let off = 0;
+    for (const w of ws) {
+      const { q, N: n } = w;
+      for (let k = 0; k < K; k++) {
+        const base = (k >> 2) * Np + off;
+        const r = k * n;
+        for (let j = 0; j < n; j++) {
+          const v = q[r + j];
+          b8[4 * (base + j) + (k & 3)] = v;
+          sums[off + j] += v;
+        }
+      }
+      scales.set(w.scale, off);
+      off += n;
+    }
+    const label = ws.map((w) => w.name).join('|');
+    const bounds = [ws[0].N, ws[0].N + (ws[1]?.N ?? 0)];
+    return { buffer: this.upload(b8, U.STORAGE, label), ci: this.upload(new Uint8Array(ci.buffer), U.STORAGE, `${label} scales, sums`), N, Np, bounds, K };
+  }
+
+  // int4: [K / 8, Np] words of 8 nibbles (8 inputs of one output, low nibble first: the file's bytes of one column,
+  // transposed), and SZ = [blocks][Np / 4] pairs of vec4 (4 outputs' scales, then their zero points).
+  int4Matrix(ws, K) {
+    const N = ws.reduce((a, w) => a + w.N, 0);
+    const Np = align(N, 4);
+    const { nb, bs } = ws[0];
+    if (ws.some((w) => w.bs !== bs)) fail(`${ws.map((w) => w.name).join(', ')} have different block sizes`);
+    const K8 = K / 8;
+    const words = new Uint32Array(K8 * Np);
+    const row = Np / 4;
+    const sz = new Float32Array(nb * row * 8);
+    const per = bs / 8; // word rows per block
+    let off = 0;
+    for (const w of ws) {
+      const { q, N: n, scale, zp } = w;
+      const blob = bs / 2;
+      for (let j = 0; j < n; j++) {
+        const col = j * nb * blob;
+        for (let k8 = 0; k8 < K8; k8++) {
+          const at = col + Math.floor(k8 / per) * blob + 4 * (k8 % per);
+          words[k8 * Np + off + j] = (q[at] | (q[at + 1] << 8) | (q[at + 2] << 16) | (q[at + 3] << 24)) >>> 0;
+        }
+        const jj = off + j;
+        for (let b = 0; b < nb; b++) {
+          const i = 8 * (b * row + (jj >> 2)) + (jj & 3);
+          sz[i] = scale[j * nb + b];
+          sz[i + 4] = zp ? (zp[j * Math.ceil(nb / 2) + (b >> 1)] >> (4 * (b & 1))) & 15 : 8;
+        }
+      }
+      off += n;
+    }
+    const label = ws.map((w) => w.name).join('|');
+    const bounds = [ws[0].N, ws[0].N + (ws[1]?.N ?? 0)];
+    return { buffer: this.upload(new Uint8Array(words.buffer), U.STORAGE, label), ci: this.upload(new Uint8Array(sz.buffer), U.STORAGE, `${label} scales, zero points`), N, Np, bounds, K, log2Rows: Math.log2(per) };
+  }
+
   // Pipelines, uniforms and bind groups of every dispatch, once: a step only encodes them.
   build() {
     const dev = this.device;
     const { L, C, F, V } = this;
     const Tmax = PROMPT_CHUNK;
     const w = wgslWeights(this.f16);
+    const mode = this.mode;
+    // packed_4x8_integer_dot_product: dot4I8Packed (DP4A where the GPU has it); without it, the bytes unpacked
+    this.dot4 = mode === 'i8' && this.opts.dot4 !== false && navigator.gpu?.wgslLanguageFeatures?.has('packed_4x8_integer_dot_product') === true;
+    const i8 = (body) => (this.dot4 ? 'requires packed_4x8_integer_dot_product;\n' : '') + MATMUL_COMMON + I8_BINDINGS + MATMUL_EPI + QMATH + wgslI8Dot(this.dot4) + body;
+    const q4 = (body) => MATMUL_COMMON + Q4_BINDINGS + MATMUL_EPI + body;
     const layoutOf = (kinds) => dev.createBindGroupLayout({
       entries: [...kinds].map((k, binding) => ({
         binding, visibility: 4, // GPUShaderStage.COMPUTE
@@ -596,12 +1005,18 @@ export class RwkvWebGPU {
       compute: { module: dev.createShaderModule({ code, label }), entryPoint: 'main' },
     });
     const lay = {
-      embed: layoutOf('uurrw'), mm: layoutOf('uurrw'), ln: layoutOf('uurwrrrw'), wkv: layoutOf('uurwrrw'), am: layoutOf('urww'),
+      embed: layoutOf(this.embMode === 'i8' ? 'uurrwr' : 'uurrw'), mm: layoutOf({ i8: 'uurrwr', q4: 'uurrwr' }[mode] ?? 'uurrw'),
+      gemm: layoutOf(mode === 'i8' ? 'uurrwrrr' : { q4: 'uurrwr' }[mode] ?? 'uurrw'), quant: layoutOf('uurww'),
+      ln: layoutOf('uurwrrrw'), wkv: layoutOf('uurwrrw'), am: layoutOf('urww'),
     };
+    const mmCode = {
+      i8: [i8(MATVEC_I8), i8(GEMM_I8)], q4: [q4(MATVEC_Q4), q4(GEMM_Q4)],
+    }[mode] ?? [w + MATMUL_COMMON + FLOAT_BINDINGS + MATMUL_EPI + MATVEC, w + MATMUL_COMMON + FLOAT_BINDINGS + MATMUL_EPI + GEMM];
     this.pipes = {
-      embed: pipe(wgslEmbed(this.f16), lay.embed, 'embed'),
-      matvec: pipe(w + MATMUL_COMMON + MATVEC, lay.mm, 'matvec'),
-      gemm: pipe(w + MATMUL_COMMON + GEMM, lay.mm, 'gemm'),
+      embed: pipe(wgslEmbed(this.embMode), lay.embed, 'embed'),
+      matvec: pipe(mmCode[0], lay.mm, `matvec (${mode})`),
+      gemm: pipe(mmCode[1], lay.gemm, `gemm (${mode})`),
+      ...(mode === 'i8' ? { quant: pipe(QUANT_I8 + QMATH, lay.quant, 'quantize activations') } : {}),
       ln: pipe(LN_MIX, lay.ln, 'ln+mix'),
       wkv: pipe(WKV, lay.wkv, 'wkv'),
       argmax: pipe(ARGMAX, lay.am, 'argmax'),
@@ -618,15 +1033,24 @@ export class RwkvWebGPU {
     });
     // ops: {group, at(T) -> [pipeline, workgroups x, y]}: the grid follows the call's token count T
     const ops = [];
-    const embed = group(lay.embed, [uniform([C]), this.run, this.ids, this.emb, this.x]);
+    const embed = group(lay.embed, [uniform([C]), this.run, this.ids, this.emb, this.x, ...(this.embMode === 'i8' ? [this.embScale] : [])]);
     ops.push({ kind: 'embed', group: embed, at: (T) => ['embed', Math.ceil((T * C) / WG), 1] });
     // a matmul: one token through the matvec, T tokens through the tiled kernel; the head always takes one row
+    // (int8: T tokens are quantized by a dispatch of their own first, QUANT_I8; its at(1) is null: not dispatched)
     const mm = (X, Wm, Y, { xs, xseg = 0, ys, acts, gate = 0, scale = 1, oneRow = false }) => {
-      const p = uniform([Wm.K, Wm.N, Wm.Np, Wm.bounds[0], Wm.bounds[1], xs, xseg, ys, ...acts, gate, { f: scale }]);
-      return {
-        group: group(lay.mm, [p, this.run, X, Wm.buffer, Y]),
-        at: (T) => (T === 1 || oneRow ? ['matvec', Math.ceil(Wm.Np / 32), 1] : ['gemm', Math.ceil(Wm.Np / 64), Math.ceil(T / 64)]),
+      const p13 = mode === 'i8' ? Tmax : mode === 'q4' ? Wm.log2Rows : 0;
+      const p = uniform([Wm.K, Wm.N, Wm.Np, Wm.bounds[0], Wm.bounds[1], xs, xseg, ys, ...acts, gate, { f: scale }, p13]);
+      const extra = mode === 'i8' || mode === 'q4' ? [Wm.ci] : [];
+      const mv = group(lay.mm, [p, this.run, X, Wm.buffer, Y, ...extra]);
+      const gm = mode === 'i8' ? group(lay.gemm, [p, this.run, X, Wm.buffer, Y, Wm.ci, this.qx, this.qp]) : mv;
+      const op = {
+        group: mv,
+        at: (T) => (T === 1 || oneRow ? ['matvec', Math.ceil(Wm.Np / 32), 1] : ['gemm', Math.ceil(Wm.Np / 64), Math.ceil(T / 64), gm]),
       };
+      if (mode !== 'i8' || oneRow) return [op];
+      const nseg = 1 + (Wm.bounds[0] < Wm.N) + (Wm.bounds[1] < Wm.N);
+      const q = group(lay.quant, [uniform([Wm.K, xs, xseg, Tmax]), this.run, X, this.qx, this.qp]);
+      return [{ group: q, at: (T) => (T === 1 ? null : ['quant', T, nseg]) }, op];
     };
     const lnMix = (sIndex, i, lw, lb, mix, nmix) => {
       const p = uniform([C, nmix, (sIndex * L + i) * C, Tmax * C]);
@@ -637,26 +1061,37 @@ export class RwkvWebGPU {
       return { group: group(lay.wkv, [p, this.run, this.big, this.state, ly.first, ly.decay, this.rwkv]), at: () => ['wkv', Math.ceil(C / WG), 1] };
     };
     for (const [i, ly] of this.layers.entries()) {
-      const kind = (k, op) => Object.assign(op, { kind: k });
-      ops.push(kind('ln1+mix', lnMix(0, i, ly.ln1w, ly.ln1b, ly.attMix, 3)));
-      ops.push(kind('att k/v/r', mm(this.mixed, ly.kvr, this.big, { xs: C, xseg: Tmax * C, ys: 3 * C, acts: [0, 0, 1] })));
-      ops.push(kind('wkv', wkv(i, ly)));
-      ops.push(kind('att out', mm(this.rwkv, ly.out, this.x, { xs: C, ys: C, acts: [3, 3, 3] })));
-      ops.push(kind('ln2+mix', lnMix(4, i, ly.ln2w, ly.ln2b, ly.ffnMix, 2)));
-      ops.push(kind('ffn k/r', mm(this.mixed, ly.kr, this.big, { xs: C, xseg: Tmax * C, ys: F + C, acts: [2, 1, 1] })));
-      ops.push(kind('ffn v', mm(this.big, ly.val, this.x, { xs: F + C, ys: C, acts: [4, 4, 4], gate: F, scale: ly.scale })));
+      const kind = (k, op) => [op].flat().map((o) => Object.assign(o, { kind: k }));
+      ops.push(...kind('ln1+mix', lnMix(0, i, ly.ln1w, ly.ln1b, ly.attMix, 3)));
+      ops.push(...kind('att k/v/r', mm(this.mixed, ly.kvr, this.big, { xs: C, xseg: Tmax * C, ys: 3 * C, acts: [0, 0, 1] })));
+      ops.push(...kind('wkv', wkv(i, ly)));
+      ops.push(...kind('att out', mm(this.rwkv, ly.out, this.x, { xs: C, ys: C, acts: [3, 3, 3] })));
+      ops.push(...kind('ln2+mix', lnMix(4, i, ly.ln2w, ly.ln2b, ly.ffnMix, 2)));
+      ops.push(...kind('ffn k/r', mm(this.mixed, ly.kr, this.big, { xs: C, xseg: Tmax * C, ys: F + C, acts: [2, 1, 1] })));
+      ops.push(...kind('ffn v', mm(this.big, ly.val, this.x, { xs: F + C, ys: C, acts: [4, 4, 4], gate: F, scale: ly.scale })));
     }
     // ln_out of the last token (the mix input is unused with nmix = 0), then the head
     const last = group(lay.ln, [uniform([C, 0, 0, 0]), this.run, this.x, this.state, this.lnOutW, this.lnOutB, this.lnOutW, this.h]);
     ops.push({ kind: 'ln_out', group: last, at: () => ['ln', 1, 1] });
-    ops.push({ kind: 'head', ...mm(this.h, this.head, this.logits, { xs: C, ys: 0, acts: [0, 0, 0], oneRow: true }) });
+    ops.push({ kind: 'head', ...mm(this.h, this.head, this.logits, { xs: C, ys: 0, acts: [0, 0, 0], oneRow: true })[0] });
     this.ops = ops;
+    this.stepOps = ops.filter((op) => op.at(1)); // a token's dispatches (the int8 prompt path's quantize passes are not)
     this.argmaxOp = { kind: 'argmax', group: group(lay.am, [uniform([V, MAX_DECODE_BATCH]), this.logits, this.ids, this.gen]), at: () => ['argmax', 1, 1] };
-    this.dispatchesPerStep = ops.length + 1;
+    this.dispatchesPerStep = this.stepOps.length + 1;
   }
 
   reset() {
     this.device.queue.writeBuffer(this.state, 0, this.stateInit);
+  }
+
+  // One line: how this variant's matmuls compute (loadInfo.weights)
+  describeWeights() {
+    return {
+      f32: 'fp32 weights, f32 arithmetic',
+      f16: 'fp16 weights unpacked to f32, f32 arithmetic',
+      i8: `int8 weights, activations quantized to uint8 per token on the GPU, exact int32 dots (${this.dot4 ? 'dot4I8Packed' : 'bytes unpacked: no packed_4x8_integer_dot_product'}), as onnxruntime's DynamicQuantizeMatMul`,
+      q4: 'int4 blocks dequantized to f32, f32 dots (MatMulNBits at accuracy_level 0)',
+    }[this.mode] + (this.embMode === 'i8' ? '; int8 embedding rows' : '');
   }
 
   // Runs tokens `ids` (1..PROMPT_CHUNK) from the current state; want: 'argmax' -> the greedy id, 'logits' -> the last
@@ -685,9 +1120,11 @@ export class RwkvWebGPU {
 
   encode(pass, ops, T) {
     for (const op of ops) {
-      const [pipeline, x, y] = op.at(T);
+      const at = op.at(T);
+      if (!at) continue;
+      const [pipeline, x, y, grp = op.group] = at;
       pass.setPipeline(this.pipes[pipeline]);
-      pass.setBindGroup(0, op.group);
+      pass.setBindGroup(0, grp);
       pass.dispatchWorkgroups(x, y);
     }
   }
@@ -704,7 +1141,7 @@ export class RwkvWebGPU {
     for (let left = n; left > 0; left -= batch) sizes.push(Math.min(batch, left));
     const q = this.device.queue;
     q.writeBuffer(this.run, 0, new Uint32Array([1, 0, 0, 0]));
-    const steps = [...this.ops, this.argmaxOp];
+    const steps = [...this.stepOps, this.argmaxOp];
     const submit = (b) => {
       const k = sizes[b];
       const rb = this.genRead[b % 2];
@@ -751,7 +1188,7 @@ export class RwkvWebGPU {
       await once(1);
       return Math.round((1000 * (await once(repeats))) / repeats);
     };
-    const steps = [...this.ops, this.argmaxOp];
+    const steps = [...this.stepOps, this.argmaxOp];
     const out = { repeats, token_us: await time(steps), empty_us: await time([]), kinds: {} };
     for (const k of new Set(steps.map((op) => op.kind))) {
       const ops = steps.filter((op) => op.kind === k);
@@ -790,64 +1227,10 @@ function toF32(t) {
 
 // ---- the demo's worker protocol, in the page ----------------------------------------------------------------------
 
-// Lets queued events (Stop) be handled between tokens.
-function yieldToEvents() {
-  return new Promise((resolve) => {
-    const ch = new MessageChannel();
-    ch.port1.onmessage = () => { ch.port1.close(); resolve(); };
-    ch.port2.postMessage(0);
-  });
-}
-
-async function download(url, size, onBytes) {
-  let res;
-  try {
-    res = await fetch(url, { cache: 'no-cache' });
-  } catch (e) {
-    fail(`cannot fetch ${url}: ${e.message}`);
-  }
-  if (!res.ok) fail(`${url}: HTTP ${res.status} ${res.statusText}`);
-  const chunks = [];
-  let n = 0;
-  const reader = res.body.getReader();
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    chunks.push(value);
-    n += value.length;
-    onBytes(value.length);
-  }
-  if (size != null && n !== size) fail(`${url} has ${n} bytes but the manifest lists ${size}: damaged or truncated`);
-  const buf = new Uint8Array(n);
-  let at = 0;
-  for (const c of chunks) { buf.set(c, at); at += c.length; }
-  return buf;
-}
-
-const hex = (digest) => Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, '0')).join('');
-
-// The graph's files (size, and sha256 when verify), with worker.js-style progress messages through post.
+// The graph's files (size, and sha256 when verify), with worker.js's progress messages through post.
 async function fetchGraph(manifest, modelBase, graph, verify, post = () => {}) {
-  const files = graphFiles(manifest, graph);
-  const total = files.every((f) => f.size != null) ? files.reduce((a, f) => a + f.size, 0) : null;
-  let loaded = 0;
-  let verifyMs = 0;
-  const bytes = new Map();
-  const t0 = performance.now();
-  for (const f of files) {
-    const report = () => post({ type: 'progress', phase: 'download', file: f.file, loaded, total, seconds: (performance.now() - t0) / 1000 });
-    report();
-    const data = await download(new URL(f.file, modelBase).href, f.size, (k) => { loaded += k; report(); });
-    if (verify && f.sha256 && globalThis.crypto?.subtle) {
-      post({ type: 'progress', phase: 'verify', file: f.file });
-      const tv = performance.now();
-      const got = hex(await crypto.subtle.digest('SHA-256', data));
-      verifyMs += performance.now() - tv;
-      if (got !== f.sha256) fail(`${f.file} does not match the manifest (sha256 ${got.slice(0, 12)}… ≠ ${f.sha256.slice(0, 12)}…): damaged or edited`);
-    }
-    bytes.set(f.file, data);
-  }
-  return { bytes, loaded, verifyMs, downloadSeconds: (performance.now() - t0 - verifyMs) / 1000 };
+  const r = await fetchGraphFiles(manifest, modelBase, [graph], verify, post);
+  return { bytes: r.files, loaded: r.bytes, verifyMs: r.verifySeconds * 1000, downloadSeconds: r.seconds };
 }
 
 // runtimes.html's adapter interface (rt_common.js): a runner over this runtime, logits read back at every call.
@@ -858,7 +1241,7 @@ export async function open({ manifest, modelBase, graph, verify }) {
   const { bytes, loaded } = await fetchGraph(manifest, modelBase, graph, verify);
   const rt = new RwkvWebGPU(device, manifest, graph.variant, bytes);
   return {
-    backend: BACKEND, threads: null, bytes: loaded, notes: [`${rt.dispatchesPerStep - 1} dispatches a token on ${adapterName}`],
+    backend: BACKEND, threads: null, bytes: loaded, notes: [`${rt.dispatchesPerStep - 1} dispatches a token on ${adapterName}; ${rt.describeWeights()}`],
     promptInfo: { graph: 'batched WGSL kernels', chunk: PROMPT_CHUNK, fixed: false },
     reset: () => rt.reset(),
     step: (id) => rt.forward([id], 'logits'),
@@ -920,6 +1303,7 @@ export function nativeWorker() {
         bytes: loaded, downloadSeconds, verifySeconds: verifyMs / 1000, sessionSeconds, warmupSeconds, warmupSteps: 0,
         totalSeconds: (performance.now() - t0) / 1000, crossOriginIsolated: globalThis.crossOriginIsolated === true,
         decodeBatch: w.decodeBatch, profile, offGpu: [], stateBytesOnGpu: rt.bytes, adapter: dev.adapterName, runtime: 'rt_webgpu.js (hand-written WGSL, no onnxruntime)',
+        weights: rt.describeWeights(),
         nodes: { step: { dispatches: rt.dispatchesPerStep }, prompt: null },
       },
     });

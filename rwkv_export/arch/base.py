@@ -105,6 +105,9 @@ class Architecture:
     presets: ClassVar[dict]
     # the manifest tokenizer kind a checkpoint of this vocab size gets by default (see tokenizer.resolve_tokenizer)
     world_vocab: ClassVar[bool] = False
+    # step_module(..., lazy=True) gives a module whose weights are made when its `prepared(name)` asks (arch/rwkv4/
+    # step.py): what the ONNX graphs are written from, so that no full copy of the prepared weights is ever held
+    lazy_step: ClassVar[bool] = False
 
     # -- identification and mapping (torch-free except where tensors are read) --------------------------------------
 

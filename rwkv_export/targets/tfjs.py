@@ -71,6 +71,9 @@ VARIANTS = {
 SHARD_BYTES = 4 * 1024 * 1024
 # weights with at least this many elements and rank 2 are quantized; vectors stay float32 (see the module docstring)
 QUANTIZE_MIN_ELEMENTS = 1024
+# weights are encoded into the shards this many elements at a time: the float16 or uint8 copy of one block (and
+# uint8's float32 temporaries) is all an export holds beside the module, not a copy of a 0.15 GB embedding matrix
+ENCODE_BLOCK = 1 << 20
 
 
 def folder_name(variant: str) -> str:
@@ -147,7 +150,8 @@ class _Graph:
 
         if name in self.params:
             tf_name, have = self.params[name]
-            if have.shape == value.shape and have.dtype == value.dtype and np.array_equal(have, value):
+            if have.shape == value.shape and have.dtype == value.dtype and (_same_memory(have, value) or
+                                                                            np.array_equal(have, value)):
                 return tf_name
         tf_name = self.const(value, name)
         self.params.setdefault(name, (tf_name, value))
@@ -173,6 +177,53 @@ class _Graph:
         return [n for n in self.nodes if n["name"] in keep], [(n, a) for n, a in self.weights if n in keep]
 
 
+def _same_memory(a, b) -> bool:
+    """Whether two arrays of the same shape and dtype are views of the same bytes (the same module parameter, as
+    both graphs' initializers are when their weights come from an _ArrayStore): equal without reading them."""
+    ia, ib = a.__array_interface__, b.__array_interface__
+    return ia["data"][0] == ib["data"][0] and ia["strides"] == ib["strides"]
+
+
+class _ArrayStore:
+    """onnx_build.WeightStore's interface for the graphs we translate and never save with their weights: each
+    weight is kept as the array it was given (a view of the module's parameter, no copy) and its initializer points
+    at it (external data at location LOCATION, offset = its index here), so the ONNX files written and read back on
+    the way hold no weights (protobuf serializing and shape inference over 0.7 GB at 169M shapes took most of
+    this export's time) and every weight is in memory once, as the module holds it. Like a WeightStore it shares a
+    name placed twice (the step and prompt graphs' same parameter), unless the second array is another one."""
+
+    LOCATION = "rwkv-export-tfjs-weights-in-memory"
+
+    def __init__(self):
+        self.path = Path(self.LOCATION)  # onnx_build names the external-data location after it; nothing is written
+        self.arrays: list = []
+        self.placed: dict[str, tuple[int, int, tuple, int]] = {}  # as WeightStore's: name -> (offset, length, ...)
+
+    def place(self, name: str, a) -> tuple[int, int]:
+        from ..onnx_build import onnx_dtype
+
+        have = self.placed.get(name)
+        if have is None or not (self.arrays[have[0]].shape == a.shape and self.arrays[have[0]].dtype == a.dtype
+                                and _same_memory(self.arrays[have[0]], a)):
+            have = self.placed[name] = (len(self.arrays), int(a.nbytes), tuple(a.shape), onnx_dtype(a.dtype))
+            self.arrays.append(a)
+        return have[0], have[1]
+
+    def array(self, init):
+        """The array of an initializer placed here, or None for one stored any other way."""
+        from onnx import TensorProto
+
+        if init.data_location != TensorProto.EXTERNAL:
+            return None
+        info = {e.key: e.value for e in init.external_data}
+        if info.get("location") != self.LOCATION:
+            return None
+        return self.arrays[int(info["offset"])]
+
+    def close(self) -> None:
+        pass
+
+
 def _shape(shape) -> dict:
     """A TF TensorShapeProto; None or a negative size is a dimension of unknown size (-1)."""
     return {"dim": [{"size": str(-1 if d is None or int(d) < 0 else int(d))} for d in shape]} if len(shape) else {}
@@ -192,7 +243,7 @@ class _Translation:
     """One ONNX graph translated into a _Graph: each ONNX value's TF tensor in `names`, constants made on first use
     (an int64 constant that does not fit int32, such as Slice's "to the end", is read here and never stored)."""
 
-    def __init__(self, g: _Graph, model, prefix: str = ""):
+    def __init__(self, g: _Graph, model, prefix: str = "", store: _ArrayStore | None = None):
         from onnx import numpy_helper, shape_inference
 
         try:
@@ -200,7 +251,10 @@ class _Translation:
         except Exception:  # noqa: BLE001 - ranks and dtypes are then unknown where needed, which errors clearly
             pass
         self.g, self.prefix = g, prefix
-        self.consts = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+        self.consts = {}
+        for init in model.graph.initializer:
+            arr = store.array(init) if store is not None else None
+            self.consts[init.name] = numpy_helper.to_array(init) if arr is None else arr
         self.initializers = set(self.consts)
         self.shapes: dict[str, list] = {}  # value -> static shape, None for a dimension of unknown size
         self.types: dict[str, str] = {}  # value -> numpy dtype name as TF.js holds it
@@ -551,18 +605,52 @@ def onnx_to_graph(onnx_path: Path) -> tuple[list[dict], list, dict]:
 def _affine_uint8(w):
     """TF.js's uint8 format: q = round((w - min) / scale), value = q * scale + min, with 0.0 exactly representable
     (as tensorflowjs_converter does), so zeros stay zeros."""
-    import numpy as np
+    lo, scale, spec = _affine_params(w)
+    return _affine_q(w, lo, scale), spec
 
+
+def _affine_params(w) -> tuple[float, float, dict]:
+    """(min, scale, the weight spec's quantization entry) of _affine_uint8, from the whole tensor's range."""
     lo, hi = float(min(w.min(), 0.0)), float(max(w.max(), 0.0))
     scale = (hi - lo) / 255.0 if hi > lo else 1.0
     zero_point = round(-lo / scale)
     lo = -zero_point * scale
-    q = np.clip(np.round((w - lo) / scale), 0, 255).astype(np.uint8)
-    return q, {"dtype": "uint8", "min": lo, "scale": scale, "original_dtype": "float32"}
+    return lo, scale, {"dtype": "uint8", "min": lo, "scale": scale, "original_dtype": "float32"}
 
 
-def _encode(name: str, arr, variant: str, quantizable=None) -> tuple[bytes, dict]:
-    """A weight's bytes and spec. `quantizable`: the names a storage variant may quantize (None: any that qualifies)."""
+def _affine_q(w, lo: float, scale: float):
+    """_affine_uint8's codes of `w`: clip(round((w - min) / scale), 0, 255), in float32 as numpy computes that
+    expression, in place in one temporary (elementwise: any part of the tensor gives its part of the bytes)."""
+    import numpy as np
+
+    t = np.subtract(w, lo, dtype=np.float32)
+    np.divide(t, scale, out=t)
+    np.rint(t, out=t)  # np.round with no decimals: half to even
+    np.clip(t, 0, 255, out=t)
+    return t.astype(np.uint8)
+
+
+def _to_float16(w):
+    """w (float32) as float16. torch's cast (F16C) is ~9x numpy's on the 2-core box and gives numpy's bytes for every
+    float32 that is not a NaN (round to nearest even, subnormals, overflow to inf; tests/test_tfjs.py checks); NaN
+    payloads differ, so a block with a NaN is cast by numpy."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    with warnings.catch_warnings():  # a read-only array: torch warns that it may write to it, which it does not here
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        t = torch.from_numpy(w)
+    if bool(torch.isnan(t).any()):
+        return w.astype(np.float16)
+    return t.to(torch.float16).numpy()
+
+
+def _weight_spec(name: str, arr, variant: str, quantizable=None) -> tuple[dict, str | None, int]:
+    """(spec, storage, bytes) of one weight: storage None (as it is), "float16" or "uint8"; the uint8 spec's
+    min and scale are added when it is encoded (_encoded). `quantizable`: the names a storage variant may quantize
+    (None: any that qualifies)."""
     import numpy as np
 
     spec = {"name": name, "shape": [int(d) for d in arr.shape], "dtype": arr.dtype.name}
@@ -570,31 +658,85 @@ def _encode(name: str, arr, variant: str, quantizable=None) -> tuple[bytes, dict
         raise RwkvExportError(f"weight {name} has dtype {arr.dtype}; TF.js weights are float32, int32 or bool")
     quantize = variant != "fp32" and arr.dtype == np.float32 and arr.ndim == 2 and arr.size >= QUANTIZE_MIN_ELEMENTS
     if not quantize or (quantizable is not None and name not in quantizable):
-        return np.ascontiguousarray(arr).tobytes(), spec
+        return spec, None, int(arr.nbytes)
     if variant == "fp16":
         spec["quantization"] = {"dtype": "float16", "original_dtype": "float32"}
-        return arr.astype(np.float16).tobytes(), spec
+        return spec, "float16", int(arr.size) * 2
     if variant == "uint8":
-        q, spec["quantization"] = _affine_uint8(arr)
-        return q.tobytes(), spec
+        return spec, "uint8", int(arr.size)
     raise ValueError(variant)
+
+
+def _encoded(arr, spec: dict, storage: str | None, block: int):
+    """The stored bytes of one weight as uint8 arrays, `block` elements at a time (a float16 or uint8 copy of one
+    block is all that is made; float32 and int32 weights are their own bytes, not copied)."""
+    import numpy as np
+
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    if storage is None:
+        yield flat.view(np.uint8)
+        return
+    if storage == "uint8":
+        lo, scale, spec["quantization"] = _affine_params(flat)
+    for i in range(0, flat.size, block):
+        part = flat[i:i + block]
+        yield (_to_float16(part) if storage == "float16" else _affine_q(part, lo, scale)).view(np.uint8)
+
+
+class _ShardFiles:
+    """`total` bytes written in order into files of `shard_bytes` each (the last one shorter): the shards of one
+    concatenation of every weight's bytes, written as they come (never the concatenation itself)."""
+
+    def __init__(self, out_dir: Path, total: int, shard_bytes: int):
+        n = max(1, -(-total // shard_bytes))
+        self.names = [f"group1-shard{i + 1}of{n}.bin" for i in range(n)]
+        self.out_dir, self.total, self.shard_bytes = out_dir, total, shard_bytes
+        self._f, self._opened, self._room, self.written = None, 0, 0, 0
+
+    def write(self, data) -> None:
+        """Write `data` (a uint8 array) at the current place, across shard boundaries."""
+        mv = memoryview(data)
+        while len(mv):
+            if self._room == 0:
+                self._next()
+            k = min(self._room, len(mv))
+            self._f.write(mv[:k])
+            mv, self._room, self.written = mv[k:], self._room - k, self.written + k
+
+    def _next(self) -> None:
+        if self._f is not None:
+            self._f.close()
+        if self._opened == len(self.names):
+            raise RwkvExportError(f"the weights came to more than the {self.total} bytes their specs give")
+        self._f = open(self.out_dir / self.names[self._opened], "wb")
+        self._opened, self._room = self._opened + 1, self.shard_bytes
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None and self._f is None:  # no bytes at all: one empty shard, as the manifest names one
+            self._next()
+        if self._f is not None:
+            self._f.close()
+        if exc_type is None and self.written != self.total:
+            raise RwkvExportError(f"wrote {self.written} bytes of weights, not the {self.total} their specs give")
 
 
 def write_graph_model(nodes, weights, signature, out_dir: Path, variant: str, shard_bytes: int = SHARD_BYTES,
                       producer: str = "rwkv-export", *, quantizable=None, metadata: dict | None = None) -> list[str]:
     """Write model.json and its shards into out_dir; return the shard file names. `metadata`: more entries for
-    userDefinedMetadata.rwkv_export (the prompt graph's signature)."""
+    userDefinedMetadata.rwkv_export (the prompt graph's signature). The weights are encoded and written one at a
+    time, ENCODE_BLOCK elements at a time: the bytes are the concatenation of every weight's (in order) cut into
+    shards of `shard_bytes`, without holding that concatenation or a whole encoded copy of the model."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    specs, blobs = [], []
-    for name, arr in weights:
-        b, spec = _encode(name, arr, variant, quantizable)
-        specs.append(spec)
-        blobs.append(b)
-    data = b"".join(blobs)
-    n = max(1, -(-len(data) // shard_bytes))
-    paths = [f"group1-shard{i + 1}of{n}.bin" for i in range(n)]
-    for i, p in enumerate(paths):
-        (out_dir / p).write_bytes(data[i * shard_bytes:(i + 1) * shard_bytes])
+    plan = [(arr, *_weight_spec(name, arr, variant, quantizable)) for name, arr in weights]
+    with _ShardFiles(out_dir, sum(n for *_, n in plan), shard_bytes) as shards:
+        for arr, spec, storage, _ in plan:
+            for part in _encoded(arr, spec, storage, ENCODE_BLOCK):
+                shards.write(part)
+    paths = shards.names
+    specs = [spec for _, spec, _, _ in plan]
     model = {
         "format": "graph-model",
         "generatedBy": producer,
@@ -628,11 +770,16 @@ def build_graph_model(module, onnx_path: Path | None, tmp: Path, prefill: bool) 
 
     if getattr(getattr(module, "options", None), "dtype", "float32") != "float32":
         raise RwkvExportError("the TF.js writer needs the float32 step module (variants only change storage)")
+    # the graphs are written without their weights, which stay the module's arrays (_ArrayStore)
+    store = _ArrayStore()
     if onnx_path is None:
-        onnx_path = tmp / "step.onnx"
-        onnx_target.export_step(module, onnx_path)
+        onnx_target.export_step(module, tmp / "step.onnx", store=store)
+        step = onnx.load(str(tmp / "step.onnx"), load_external_data=False)
+    else:
+        step = onnx.load(str(onnx_path))
     g = _Graph()
-    signature = _Translation(g, onnx.load(str(onnx_path))).run()
+    signature = _Translation(g, step, store=store).run()
+    del step
     states = [t.name for t in module.state_spec]
     _check_signature(signature, states)
     # the step graph's matrices are what a storage variant quantizes; the prompt graph's own constants (its scan's
@@ -641,8 +788,8 @@ def build_graph_model(module, onnx_path: Path | None, tmp: Path, prefill: bool) 
     meta = {}
     if prefill:
         path = tmp / "prefill.onnx"
-        onnx_seq.export_sequence(module, path)
-        seq = _Translation(g, onnx.load(str(path)), PREFIX)
+        onnx_seq.export_sequence(module, path, store=store)
+        seq = _Translation(g, onnx.load(str(path), load_external_data=False), PREFIX, store)
         prompt = seq.run()
         _check_signature(prompt, states, TOKENS_INPUT)
         meta = {"signatures": {PREFILL: prompt}, **onnx_seq.graph_meta(path)}
@@ -670,13 +817,14 @@ def export_tfjs(module, out_dir: Path, variants=("fp32",), *, onnx_path: Path | 
         shards = write_graph_model(nodes, weights, signature, out_dir / folder, variant, shard_bytes,
                                    quantizable=quantizable, metadata=meta)
         files = {"file": f"{folder}/{MODEL_FILE}", "data_files": [f"{folder}/{p}" for p in shards]}
-        inputs, outputs = io_spec(out_dir / folder / MODEL_FILE, states)
+        # the signatures just written into model.json (io_spec would read them back)
+        inputs, outputs = signature_io(signature, states)
         entries.append({
             "name": "step", "kind": "step", "format": NAME, "variant": variant, **files,
             "quantization": VARIANTS[variant], "inputs": inputs, "outputs": outputs, "parity": None,
         })
         if prefill:
-            inputs, outputs = io_spec(out_dir / folder / MODEL_FILE, states, PREFILL)
+            inputs, outputs = signature_io(meta["signatures"][PREFILL], states, PREFILL)
             entries.append({
                 "name": PREFILL, "kind": "sequence", "format": NAME, "variant": variant, **files,
                 "signature": PREFILL, "quantization": VARIANTS[variant], "max_chunk": meta["max_chunk"],
@@ -716,7 +864,11 @@ def io_spec(model_json: Path, states: list[str] | None = None, graph: str = "ste
     """Manifest inputs/outputs read from model.json's signature of `graph` ("step" or "prefill"): `name` is the
     signature key a client looks up, `tensor` the TF tensor it resolves to. States in `states` order (the state
     spec's); without it, every input NAME with an output NAME_out. The prompt graph's token dimension is SEQ_DIM."""
-    sig = model_signature(json.loads(Path(model_json).read_text()), graph)
+    return signature_io(model_signature(json.loads(Path(model_json).read_text()), graph), states, graph)
+
+
+def signature_io(sig: dict, states: list[str] | None = None, graph: str = "step") -> tuple[list[dict], list[dict]]:
+    """io_spec from the signature itself (model_signature's value)."""
 
     def describe(key, spec, role, state=None):
         shape = [int(d["size"]) for d in spec["tensorShape"].get("dim", [])]

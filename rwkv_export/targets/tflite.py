@@ -2,10 +2,12 @@
 signature: `step` (one token, RNN mode; `model*.tflite`) and `prefill` (a prompt chunk of exactly PREFILL_CHUNK
 tokens, GPT mode; `prefill*.tflite`).
 
-Chain: litert-torch converts our torch step module (the architecture's) directly — one model definition for every target, no
-TensorFlow install, no ONNX round trip. Quantized variants are derived from the converted fp32 flatbuffer with
-ai-edge-quantizer (the quantizer litert-torch itself calls for its recipes), so the slow torch conversion runs once
-however many variants are asked for.
+Chain: our own ONNX graphs (the architecture's onnx_graph.py, written node by node: targets/onnx.py's step graph and
+onnx_seq.py's prompt graph) translated op by op into TFLite flatbuffers of builtin ops (targets/tflite_write.py), each
+weight streamed from the ONNX external-data file into its place in the file. No converter: litert-torch
+(torch.export -> TFLite) took 265 of the 291 s of a 169M export and most of its 4.55 GB (issue 19). Quantized variants
+are derived from the fp32 files with ai-edge-quantizer (the quantizer litert-torch itself calls for its recipes),
+file to file (quantize_file), so neither model is held whole in memory.
 
 Contract (same as ONNX, read from the file into the manifest): signature `step`, inputs `token` [1] int32 and the
 state tensors of the architecture's state spec (float32) under their names; outputs `logits` [1, V] float32 and `<state>_out`.
@@ -13,15 +15,14 @@ Every variant keeps float32 I/O; only the weights change. Signature `prefill`: i
 plus the same states; outputs the last token's `logits` [1, V] and the states after the chunk (the
 architecture's sequence module). TFLite wants static shapes, so the chunk is fixed: the manifest entry (kind "sequence") says
 `"fixed_chunk": true`, and a runner feeds whole chunks through `prefill` and the rest token by token through `step`.
-Why one signature per file, though the converter would keep one copy of the weights for both signatures of one
-file: tfjs-tflite's model runner has no signature API and runs a file's first subgraph only, so a prompt graph behind
+Why one signature per file, though one file could hold both signatures over one copy of the weights: tfjs-tflite's model runner has no signature API and runs a file's first subgraph only, so a prompt graph behind
 the step graph could never be called in a browser. Each graph leads its own file instead, at the cost of a second
 copy of the weights in the prompt graph's file (a client that never feeds prompts in one call ships the step file
 alone).
 
-Token dtype: int32. LiteRT's converter lowers int64 to int32 unless told otherwise, TF.js has no int64 at all, and the
-mobile APIs (Kotlin/Java IntBuffer, Swift Int32) are int32-native; a vocabulary of 50,277 is far below 2^31. The
-wrapper takes int32 explicitly so the signature says what it is instead of relying on a silent downcast.
+Token dtype: int32 (the ONNX graphs' int64 token input is written as int32). TFLite kernels index with int32, TF.js
+has no int64 at all, and the mobile APIs (Kotlin/Java IntBuffer, Swift Int32) are int32-native; a vocabulary of
+50,277 is far below 2^31.
 """
 
 from __future__ import annotations
@@ -70,13 +71,18 @@ def state_output_name(state: str) -> str:
     return f"{state}_out"
 
 
-def _import_litert_torch():
+def _import_litert():
     try:
-        with _quiet():  # its import prints torchao's optional-kernel notices
-            import litert_torch
+        from ai_edge_litert import schema_py_generated  # noqa: F401  (the flatbuffer schema the writer packs)
+        import flatbuffers  # noqa: F401
     except ImportError:
-        raise MissingExtraError("litert-torch", "tflite", "then run tools/install_edge_extras.sh") from None
-    return litert_torch
+        raise MissingExtraError("ai-edge-litert", "tflite") from None
+
+
+def check_quantizer(variants) -> None:
+    """Fail (MissingExtraError) before any slow work when a variant needs ai-edge-quantizer and it is missing."""
+    if any(v != "fp32" for v in variants):
+        _import_quantizer()
 
 
 def _import_quantizer():
@@ -90,105 +96,106 @@ def _import_quantizer():
 
 @contextlib.contextmanager
 def _quiet():
-    """litert-torch prints a progress tree and ai-edge-quantizer prints sizes and tqdm bars: keep our CLI's output ours."""
-    old = os.environ.get("LITERT_TORCH_SHOW_PROGRESS")
-    os.environ["LITERT_TORCH_SHOW_PROGRESS"] = "n"
+    """ai-edge-quantizer prints sizes and tqdm bars: keep our CLI's output ours."""
     sink = io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        if old is None:
-            os.environ.pop("LITERT_TORCH_SHOW_PROGRESS", None)
-        else:
-            os.environ["LITERT_TORCH_SHOW_PROGRESS"] = old
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        warnings.simplefilter("ignore")
+        yield
 
 
-def _named_outputs(logits, names, states) -> dict:
-    """A graph's outputs as the converter's dict (its keys become the signature's output names)."""
-    return {LOGITS_OUTPUT: logits, **{state_output_name(n): s for n, s in zip(names, states)}}
+def _graph_shapes(module, token_input: str, n_tokens: int) -> dict[str, list]:
+    """The static shape of every input of a step or prompt graph: the token(s) and the state spec's tensors."""
+    return {token_input: [n_tokens], **{t.name: [int(d) for d in t.shape] for t in module.state_spec}}
 
 
-def _signature(inner, token_input: str):
-    """Named I/O for the converter around a step or sequence module: keyword inputs (the token input and one per
-    state tensor, by the state spec's names), a dict of outputs (names become the signature's names; a module made
-    with embedding adds its `hidden` outputs after the states)."""
-    import torch
+def write_fp32(module, out_dir: Path, prefill_chunk: int | None = PREFILL_CHUNK) -> dict[str, Path]:
+    """A step module -> {signature name: the fp32 .tflite written in `out_dir` with that one signature}: `step`
+    (file_name("fp32")) and, unless prefill_chunk is None, `prefill` (prefill_file_name("fp32")) for chunks of exactly
+    prefill_chunk tokens. The ONNX graphs and their one shared weight file are written to a temporary folder first
+    (the weights once; each .tflite then holds its own copy, read from there as it is built)."""
+    import tempfile
 
-    from ..embed import output_names
+    import onnx
 
-    names = [t.name for t in inner.state_spec]
-    extra = output_names(inner)
+    from ..onnx_build import WeightStore
+    from . import onnx as onnx_target
+    from . import onnx_seq
+    from .tflite_write import translate, write_tflite
 
-    class Signature(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, **inputs):
-            logits, *rest = self.inner(inputs[token_input], *(inputs[n] for n in names))
-            states, hidden = rest[:len(names)], rest[len(names):]
-            return {**_named_outputs(logits, names, states), **dict(zip(extra, hidden))}
-
-    return Signature().eval()
-
-
-def _prefill_module(module, chunk: int):
-    """The prompt graph over `module`'s very parameters, for calls of `chunk` tokens. The architecture is asked for
-    exactly `chunk`: what it builds from that is its own (RWKV-4's scan rounds up to 2**m - 1 tokens, RWKV-5/6 unroll
-    chunk / 8 blocks, RWKV-7's solve takes log2(chunk) levels), so the chunk costs no more than it needs."""
-    seq = module.arch.sequence_module(module, max_chunk=chunk)
-    if seq.max_chunk < chunk:
-        raise RwkvExportError(f"the {module.arch.title} prompt graph holds {seq.max_chunk} tokens per call, "
-                              f"fewer than the prefill chunk of {chunk}")
-    return seq
-
-
-def convert_fp32(module, prefill_chunk: int | None = PREFILL_CHUNK) -> dict[str, bytes]:
-    """A step module -> {signature name: fp32 .tflite flatbuffer bytes with that one signature}: `step` and, unless
-    prefill_chunk is None, `prefill` for chunks of exactly prefill_chunk tokens."""
-    import torch
-
-    lt = _import_litert_torch()
+    _import_litert()
     if prefill_chunk is not None and prefill_chunk < 1:
         raise RwkvExportError(f"the prefill chunk must be a positive number of tokens, got {prefill_chunk}")
-    state = module.new_state()
-    states = {t.name: state[t.name] for t in module.state_spec}
-    token_dtype = getattr(torch, TOKEN_DTYPE)
-    graphs = {SIGNATURE: (_signature(module, TOKEN_INPUT), {TOKEN_INPUT: torch.zeros(1, dtype=token_dtype), **states})}
-    if prefill_chunk is not None:
-        graphs[PREFILL_SIGNATURE] = (_signature(_prefill_module(module, prefill_chunk), TOKENS_INPUT),
-                                     {TOKENS_INPUT: torch.zeros(prefill_chunk, dtype=token_dtype), **states})
-    out = {}
-    with _quiet(), torch.no_grad():
-        for name, (wrapper, sample) in graphs.items():
-            out[name] = bytes(lt.signature(name, wrapper, sample_kwargs=sample).convert().model_content())
+    if getattr(getattr(module, "options", None), "dtype", "float32") != "float32":
+        raise RwkvExportError("the TFLite writer needs the float32 step module (variants are made from its file)")
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="rwkv-tflite-") as tmp:
+        tmp = Path(tmp)
+        graphs = {SIGNATURE: (tmp / "step.onnx", TOKEN_INPUT, 1, file_name("fp32"))}
+        with WeightStore(tmp / "weights.data") as store:
+            onnx_target.export_step(module, graphs[SIGNATURE][0], store=store)
+            if prefill_chunk is not None:
+                # the architecture is asked for exactly this chunk: what it builds from that is its own (RWKV-4's
+                # scan rounds up to 2**m - 1 tokens, RWKV-5/6 unroll chunk / 8 blocks, RWKV-7's solve takes
+                # log2(chunk) levels), so the chunk costs no more than it needs
+                path = tmp / "prefill.onnx"
+                onnx_seq.export_sequence(module, path, max_chunk=prefill_chunk, store=store)
+                held = onnx_seq.graph_meta(path)["max_chunk"]
+                if held < prefill_chunk:
+                    raise RwkvExportError(f"the {module.arch.title} prompt graph holds {held} tokens per call, "
+                                          f"fewer than the prefill chunk of {prefill_chunk}")
+                graphs[PREFILL_SIGNATURE] = (path, TOKENS_INPUT, prefill_chunk, prefill_file_name("fp32"))
+        out = {}
+        for sig, (path, token_input, n, name) in graphs.items():
+            model = translate(onnx.load(str(path), load_external_data=False), tmp, sig,
+                              _graph_shapes(module, token_input, n))
+            write_tflite(model, out_dir / name)
+            del model
+            out[sig] = out_dir / name
     return out
 
 
-def unblockable_scopes(fp32_model: bytes, block: int = INT4_BLOCK) -> list[str]:
+def unblockable_scopes(fp32_model: bytes | Path, block: int = INT4_BLOCK) -> list[str]:
     """The op scopes (ai-edge-quantizer's name for an op: its output tensor names) of the weight ops whose blockwise
     quantized dimension (the input dim of a FULLY_CONNECTED, the row of an EMBEDDING_LOOKUP table) is not a multiple
     of `block`, in every signature. int4 cannot quantize those in blocks; they get int8 channelwise instead. A LoRA
     up-projection's input is its rank: 16 and 8 in RWKV-7's tiny preset (10 ops over the step and prompt graphs);
     the released RWKV-6/7 ranks (32 .. 128) are multiples of 32, so real models have none."""
+    from ai_edge_litert import schema_py_generated as schema
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fu
 
-    model = fu.read_model(bytearray(fp32_model))
-    scopes = []
-    for sg in model.subgraphs:
-        for op in sg.operators:
-            name = fu.TFL_OP_CODE_TO_NAME.get(model.operatorCodes[op.opcodeIndex].builtinCode)
-            dim = fu.TFL_OP_TO_BLOCKWISE_WEIGHT_QUANTIZED_DIM.get(name)
-            if dim is None or len(op.inputs) < 2 or op.inputs[1] < 0:
-                continue
-            w = sg.tensors[op.inputs[1]]
-            if model.buffers[w.buffer].data is None or w.shape is None or len(w.shape) <= dim:
-                continue
-            if int(w.shape[dim]) % block:
-                scopes.append(fu.get_op_scope(op, sg.tensors))
-    return scopes
+    def scan(data) -> list[str]:  # its flatbuffer views die with it, before a mapped file is closed
+        model = schema.Model.GetRootAs(data, 0)
+        codes = [model.OperatorCodes(i).BuiltinCode() for i in range(model.OperatorCodesLength())]
+        scopes = []
+        for g in range(model.SubgraphsLength()):
+            sg = schema.SubGraphT.InitFromObj(model.Subgraphs(g))
+            for op in sg.operators:
+                name = fu.TFL_OP_CODE_TO_NAME.get(codes[op.opcodeIndex])
+                dim = fu.TFL_OP_TO_BLOCKWISE_WEIGHT_QUANTIZED_DIM.get(name)
+                if dim is None or len(op.inputs) < 2 or op.inputs[1] < 0:
+                    continue
+                w = sg.tensors[op.inputs[1]]
+                buf = model.Buffers(w.buffer)
+                if (buf.DataLength() == 0 and buf.Offset() <= 1) or w.shape is None or len(w.shape) <= dim:
+                    continue
+                if int(w.shape[dim]) % block:
+                    scopes.append(str(fu.get_op_scope(op, sg.tensors)))
+        return scopes
+
+    with _model_bytes(fp32_model) as data:  # the flatbuffer read in place: the graph's objects, not the weights
+        return scan(data)
+
+
+@contextlib.contextmanager
+def _model_bytes(model: bytes | Path):
+    """A model's bytes: as given, or its file memory-mapped (read-only) for the duration."""
+    if not isinstance(model, Path):
+        yield model
+        return
+    import mmap
+
+    with open(model, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        yield m
 
 
 def _recipe(variant: str, fp32_model: bytes | None = None):
@@ -236,15 +243,17 @@ def _recipe(variant: str, fp32_model: bytes | None = None):
     raise ValueError(f"no quantization recipe for variant '{variant}'")
 
 
-def quantize(fp32_model: bytes, variant: str) -> bytes:
-    """Derive a quantized variant from the fp32 flatbuffer."""
+def quantize(fp32_model: bytes | Path, variant: str) -> bytes:
+    """Derive a quantized variant from the fp32 flatbuffer: its bytes, or its file (which ai-edge-quantizer
+    memory-maps instead of copying)."""
     if variant == "fp32":
-        return fp32_model
+        return fp32_model.read_bytes() if isinstance(fp32_model, Path) else fp32_model
     rec = _recipe(variant, fp32_model)
     from ai_edge_quantizer import quantizer
 
+    src = fp32_model if isinstance(fp32_model, Path) else bytearray(fp32_model)
     with _quiet():
-        return inline_buffers(bytes(quantizer.Quantizer(bytearray(fp32_model), rec).quantize().quantized_model))
+        return inline_buffers(bytes(quantizer.Quantizer(src, rec).quantize().quantized_model))
 
 
 BUFFER_ALIGN = 16  # what TFLite's own converter aligns weight buffers to (SIMD loads)
@@ -271,12 +280,40 @@ class _InlineBuffer:
         return schema.BufferEnd(builder)
 
 
+def quantize_file(fp32_path: Path, variant: str, out: Path) -> None:
+    """quantize() file to file: ai-edge-quantizer memory-maps the fp32 file and serializes into a mapped file of its
+    own layout (weights at offsets), whose weights tflite_write.inline_file then streams into `out`'s flatbuffer.
+    Neither model is ever held whole in memory."""
+    import tempfile
+
+    from ai_edge_litert import schema_py_generated as schema
+
+    from .tflite_write import inline_file
+
+    out = Path(out)
+    rec = _recipe(variant, Path(fp32_path))
+    from ai_edge_quantizer import quantizer
+
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=out.parent) as tmp:
+        q = Path(tmp) / out.name
+        with _quiet():
+            quantizer.Quantizer(Path(fp32_path), rec).quantize(serialize_to_path=q)
+        with _model_bytes(q) as data:
+            root = schema.Model.GetRootAs(data, 0)
+            offsets = any(root.Buffers(i).Offset() > 1 for i in range(root.BuffersLength()))
+            del root
+        if offsets and q.stat().st_size <= INLINE_LIMIT:
+            inline_file(q, out)
+        else:
+            os.replace(q, out)
+
+
 def inline_buffers(model: bytes) -> bytes:
     """`model` with every weight inside the flatbuffer. ai-edge-quantizer writes a model's weights after the
     flatbuffer, each addressed by an offset (the layout TFLite added for models over 2 GB); a runtime older than that
     layout, such as tfjs-tflite's TFLite build, reads such a weight as a tensor without data and fails at the first op
     that reads one ("Input tensor 54 lacks data": the embedding table, whose lookup is not delegated to XNNPACK).
-    Written the way litert-torch writes the fp32 model, the file opens in old and new runtimes alike. Models of 2 GB
+    Written the way tflite_write writes the fp32 model, the file opens in old and new runtimes alike. Models of 2 GB
     and more keep the offsets (no flatbuffer can hold them; no browser runtime opens them either)."""
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
@@ -305,36 +342,42 @@ def check_variants(variants, dims=None) -> list[str]:
 
 
 def export_tflite(module, out_dir: Path, variants=("fp32",), prefill_chunk: int | None = PREFILL_CHUNK) -> list[dict]:
-    """Convert `module` (a step module) once, write the .tflite files of each variant into `out_dir`, return their
-    manifest graph entries (format "tflite", "parity": None until a check fills it in): per variant the step graph
-    and, unless prefill_chunk is None, the prompt graph (kind "sequence", its own file's `prefill` signature)."""
+    """Write `module`'s (a step module's) fp32 .tflite files once, derive each variant from them into `out_dir`, return
+    their manifest graph entries (format "tflite", "parity": None until a check fills it in): per variant the step
+    graph and, unless prefill_chunk is None, the prompt graph (kind "sequence", its own file's `prefill` signature).
+    write_fp32 then derive_variants: a caller that can let go of the module in between (it is not needed to quantize)
+    keeps the quantizer's memory from adding to the module's."""
     out_dir = Path(out_dir)
     variants = check_variants(variants, getattr(module, "dims", None))
-    if any(v != "fp32" for v in variants):
-        _import_quantizer()  # fail before the slow conversion
-    fp32 = convert_fp32(module, prefill_chunk)
-    states = [t.name for t in module.state_spec]
-    entries = []
-    for variant in variants:
-        path = out_dir / file_name(variant)
-        path.write_bytes(quantize(fp32[SIGNATURE], variant))
-        inputs, outputs = io_spec(path, SIGNATURE, states)
-        entries.append({
-            "name": "step", "kind": "step", "format": NAME, "variant": variant, "file": path.name,
-            "data_files": [], "signature": SIGNATURE, "quantization": VARIANTS[variant],
-            "inputs": inputs, "outputs": outputs, "parity": None,
-        })
-        if prefill_chunk is not None:
-            path = out_dir / prefill_file_name(variant)
-            path.write_bytes(quantize(fp32[PREFILL_SIGNATURE], variant))
-            inputs, outputs = io_spec(path, PREFILL_SIGNATURE, states)
-            entries.append({
-                "name": "prefill", "kind": "sequence", "format": NAME, "variant": variant, "file": path.name,
-                "data_files": [], "signature": PREFILL_SIGNATURE, "quantization": VARIANTS[variant],
-                "max_chunk": prefill_chunk, "fixed_chunk": True, "all_logits": False,
-                "inputs": inputs, "outputs": outputs, "parity": None,
-            })
-    return entries
+    check_quantizer(variants)  # fail before the fp32 files are written
+    fp32 = write_fp32(module, out_dir, prefill_chunk)
+    return derive_variants(out_dir, fp32, variants, [t.name for t in module.state_spec], prefill_chunk)
+
+
+def derive_variants(out_dir: Path, fp32: dict[str, Path], variants, states: list[str],
+                    prefill_chunk: int | None = PREFILL_CHUNK) -> list[dict]:
+    """The manifest entries of `variants` (fp32 and those quantized here from the fp32 files `fp32`, write_fp32's
+    result) in `out_dir`: per variant the step entry, then the prompt entry if `fp32` has one. An fp32 file is
+    removed when fp32 is not among the variants."""
+    out_dir = Path(out_dir)
+    variants = check_variants(variants)
+    graphs = [(SIGNATURE, file_name)] + ([(PREFILL_SIGNATURE, prefill_file_name)] if PREFILL_SIGNATURE in fp32 else [])
+    entries = {}
+    for signature, name_of in graphs:
+        for variant in variants:
+            path = out_dir / name_of(variant)
+            if variant != "fp32":
+                quantize_file(Path(fp32[signature]), variant, path)
+            inputs, outputs = io_spec(path, signature, states)
+            entry = {"name": "step", "kind": "step", "format": NAME, "variant": variant, "file": path.name,
+                     "data_files": [], "signature": signature, "quantization": VARIANTS[variant]}
+            if signature == PREFILL_SIGNATURE:
+                entry.update(name="prefill", kind="sequence", max_chunk=prefill_chunk, fixed_chunk=True,
+                             all_logits=False)
+            entries[(variant, signature)] = {**entry, "inputs": inputs, "outputs": outputs, "parity": None}
+        if "fp32" not in variants:
+            Path(fp32[signature]).unlink()
+    return [entries[(v, sig)] for v in variants for sig, _ in graphs]
 
 
 def _interpreter(path_or_bytes, threads: int | None = None):

@@ -13,6 +13,7 @@ class RWKV4Arch(Architecture):
     markers = ("att.time_first",)
     # none are known for RWKV-4 releases; adding one is a reviewed one-line change, never a silent skip
     ignored = ()
+    lazy_step = True
     state_layout = spec.STATE_LAYOUT
 
     def matches(self, keys: set[str]) -> bool:
@@ -34,10 +35,10 @@ class RWKV4Arch(Architecture):
     def state(self, dims: ModelDims) -> list[StateTensor]:
         return spec.state(dims)
 
-    def step_module(self, ckpt: Checkpoint, variant: str = "fp32"):
+    def step_module(self, ckpt: Checkpoint, variant: str = "fp32", lazy: bool = False):
         from .step import RWKV4Step, StepOptions
 
-        return RWKV4Step(ckpt, StepOptions.for_variant(variant))
+        return RWKV4Step(ckpt, StepOptions.for_variant(variant), lazy=lazy)
 
     def sequence_module(self, step, *, all_logits: bool = False, max_chunk: int | None = None):
         from .sequence import DEFAULT_MAX_CHUNK, RWKV4Sequence

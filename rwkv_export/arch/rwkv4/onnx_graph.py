@@ -19,6 +19,7 @@ interleaved rounds) 0.96x / 0.98x the traced graph's at T = 64 / 255.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -29,7 +30,9 @@ INT_MAX = np.iinfo(np.int64).max  # Slice's "to the end"
 
 
 def _params(module):
-    return dict(module.named_parameters())
+    """name -> the weight as Graph.param takes it: a function that makes it (the module's `prepared`, step.py), called
+    only when the weight is written, so that a lazy module's weights exist one at a time."""
+    return {name: partial(module.prepared, name) for name, _ in module.named_parameters()}
 
 
 def _dtypes(module) -> tuple[str, str, str]:
@@ -231,6 +234,7 @@ def build_sequence(module, g: Graph) -> None:
     `NAME_out`, and with the embedding flag `hidden` and `hidden_sum` [1, C]. More than max_chunk tokens give NaN
     logits (and hidden outputs): the chunk guard."""
     from ...embed import HIDDEN, HIDDEN_SUM
+    from ...eval_graph import last_row_for_logits
     from ...targets.onnx import LOGITS_OUTPUT, state_output_name
     from ...targets.onnx_seq import SEQ_DIM, TOKENS_INPUT
 
@@ -280,13 +284,10 @@ def build_sequence(module, g: Graph) -> None:
         # channel mix
         xx2 = ln(x, p + "ln2_w", p + "ln2_b")
         shifted = g.op("Concat", g.cast(shift_rows["ffn_x"][i], io, cdt), xx2, axis=0)
-        if i == L - 1 and not every_row:  # only the last row goes on: x[-1:], xx2[-1:] and the shift's row T - 1
-            x, xx2 = last_row(x), last_row(xx2)
-            prev2 = g.op("Slice", shifted, g.ints(-2), g.ints(-1), g.ints(0))
-            xx2_last = xx2
-        else:
-            prev2 = g.op("Slice", shifted, g.ints(0), g.ints(-1), g.ints(0))
-            xx2_last = last_row(xx2)
+        prev2 = g.op("Slice", shifted, g.ints(0), g.ints(-1), g.ints(0))
+        xx2_last = last_row(xx2)  # the state's row (its own node: the eval graph keeps it)
+        if i == L - 1 and not every_row:  # only the last row goes on (eval_graph.py finds these nodes by name)
+            x, xx2, prev2 = (last_row_for_logits(g, t) for t in (x, xx2, prev2))
         xk, xr = mix(xx2, prev2, p + "ffn_mix", 2)
         kk = g.op("Relu", g.op("MatMul", xk, w(p + "ffn_key")))
         x = g.op("Add", x, g.op("Mul", g.op("Sigmoid", g.op("MatMul", xr, w(p + "ffn_receptance"))),
@@ -303,7 +304,7 @@ def build_sequence(module, g: Graph) -> None:
         hidden = g.cast(x_last, cdt, io)
         hidden_sum = g.op("ReduceSum", g.cast(x, cdt, io), g.ints(0), keepdims=1)
         if not module.all_logits:
-            x = x_last
+            x = last_row_for_logits(g, x)
     logits = g.cast(g.op("MatMul", x, w("head")), cdt, io)
     # chunk guard: more than max_chunk tokens exceed the scan's reach; NaN rather than wrong numbers
     too_long = g.op("Greater", ch.n_tokens, g.const(module.max_chunk, "int64"))

@@ -205,6 +205,7 @@ class RWKV4Sequence(nn.Module):
         self.layers = step.layers
         self.ln_out_w, self.ln_out_b = step.ln_out_w, step.ln_out_b
         self.head = step.head
+        self.prepared = step.prepared  # a lazy step's weights (step.py): the prompt graph reads the same ones
         self._new_state = step.new_state
 
     def forward(self, tokens, att_x, att_aa, att_bb, att_pp, ffn_x):

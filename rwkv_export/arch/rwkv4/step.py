@@ -12,6 +12,12 @@ One readable module (nanoGPT style). Exporter-specific choices, each for a reaso
 - an fp16 variant (`StepOptions(dtype="float16")`): weights and activations in fp16 with ChatRWKV's rescaling
   (`rescale_every`) keeping activations inside fp16's range, while the WKV accumulators (aa, bb, pp) are computed in
   fp32; the graph's I/O (state and logits) stays fp32 for every variant, so clients never change with the variant.
+
+A lazy module (`RWKV4Step(ckpt, options, lazy=True)`, what the ONNX export builds from) holds every parameter on the
+meta device (names, shapes and dtypes only) and makes each one's values when `prepared(name)` asks, from the
+checkpoint's tensors, by the same code (a layer at a time): the graph builder writes each weight to the data file and
+lets it go, so the export never holds an fp32 copy of the model (680 MB at 169M shapes) beside the checkpoint.
+TFLite and TF.js convert a whole module (the default), whose parameters hold their values.
 """
 
 from __future__ import annotations
@@ -109,6 +115,17 @@ class _Layer(nn.Module):
         return r * (k @ self.ffn_value), self._f32(xx)
 
 
+def _top_weight(sd: dict, name: str, d: ModelDims, dt: torch.dtype) -> torch.Tensor:
+    """One of the step's weights outside the layers, from the checkpoint's tensors `sd`."""
+    if name == "emb":  # LN0 folded in
+        emb = sd["emb.weight"].float()
+        emb = F.layer_norm(emb, (d.n_embd,), sd["blocks.0.ln0.weight"].float(), sd["blocks.0.ln0.bias"].float())
+        return emb.to(dt).contiguous()
+    if name == "head":  # transposed in the file's dtype first: the largest transient is then a bf16 copy, not fp32
+        return sd["head.weight"].t().contiguous().float().to(dt)
+    return sd[{"ln_out_w": "ln_out.weight", "ln_out_b": "ln_out.bias"}[name]].to(dt)
+
+
 class RWKV4Step(nn.Module):
     """forward(token[1] int64, att_x, att_aa, att_bb, att_pp, ffn_x each [L, C] fp32)
     -> (logits [1, V], att_x, att_aa, att_bb, att_pp, ffn_x)"""
@@ -116,25 +133,64 @@ class RWKV4Step(nn.Module):
     # True (embed.with_embedding): the graph also outputs `hidden`, the final hidden state after ln_out [1, C] fp32
     embedding = False
 
-    def __init__(self, ckpt: Checkpoint, options: StepOptions = StepOptions()):
+    def __init__(self, ckpt: Checkpoint, options: StepOptions = StepOptions(), lazy: bool = False):
         super().__init__()
-        sd, d = ckpt.tensors, ckpt.dims
+        d = ckpt.dims
         self.arch = ckpt.arch
         self.dims: ModelDims = d
         self.state_spec = state(d)
         self.options = options
-        every = options.rescale_every
-        dt = getattr(torch, options.dtype)
-        emb = sd["emb.weight"].float()
-        emb = F.layer_norm(emb, (d.n_embd,), sd["blocks.0.ln0.weight"].float(), sd["blocks.0.ln0.bias"].float())
-        self.emb = nn.Parameter(emb.to(dt).contiguous(), requires_grad=False)
-        self.layers = nn.ModuleList(
-            _Layer(sd, i, float(2 ** (i // every)) if every else 1.0, dt) for i in range(d.n_layer)
-        )
-        self.ln_out_w = nn.Parameter(sd["ln_out.weight"].to(dt), requires_grad=False)
-        self.ln_out_b = nn.Parameter(sd["ln_out.bias"].to(dt), requires_grad=False)
-        # transposed in the file's dtype first: the largest transient at the build's peak is then a bf16 copy, not fp32
-        self.head = nn.Parameter(sd["head.weight"].t().contiguous().float().to(dt), requires_grad=False)
+        self._dt = getattr(torch, options.dtype)
+        self._ckpt, self._last = (ckpt if lazy else None), None
+        if lazy:  # shapes and dtypes only (the module docstring); `_meta_params` says how they are known
+            self._meta_params(ckpt.tensors)
+            return
+        sd = ckpt.tensors
+
+        def param(name):
+            return nn.Parameter(_top_weight(sd, name, d, self._dt), requires_grad=False)
+
+        self.emb = param("emb")
+        self.layers = nn.ModuleList(self._layer(sd, i) for i in range(d.n_layer))
+        self.ln_out_w, self.ln_out_b = param("ln_out_w"), param("ln_out_b")
+        self.head = param("head")
+
+    def _meta_params(self, sd: dict) -> None:
+        """A lazy module's parameters, on the meta device, registered as a whole module registers them: every layer
+        shaped as layer 0 (made once, for real, and moved to meta), the rest as `_top_weight` makes them. Not the
+        preparation run on meta tensors: its ops' meta kernels import torch._dynamo (10-40 s on the 2-core box)."""
+        import copy
+
+        d, dt = self.dims, self._dt
+
+        def meta(*shape):
+            return nn.Parameter(torch.empty(shape, dtype=dt, device="meta"), requires_grad=False)
+
+        self.emb = meta(d.vocab_size, d.n_embd)
+        layer = self._layer(sd, 0).to("meta")
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(d.n_layer))
+        self.ln_out_w, self.ln_out_b = meta(d.n_embd), meta(d.n_embd)
+        self.head = meta(d.n_embd, d.vocab_size)
+
+    def _layer(self, sd: dict, i: int) -> _Layer:
+        every = self.options.rescale_every
+        return _Layer(sd, i, float(2 ** (i // every)) if every else 1.0, self._dt)
+
+    def prepared(self, name: str) -> torch.Tensor:
+        """The parameter `name` with its values: a whole module's own; a lazy module's made now from the checkpoint's
+        tensors (read now: `checkpoint.reread` may have given them a fresh mapping), a layer at a time, the last layer
+        kept (the graph builders read a layer's weights together)."""
+        p = self.get_parameter(name)
+        if not p.is_meta:
+            return p
+        sd = self._ckpt.tensors
+        if not name.startswith("layers."):
+            return _top_weight(sd, name, self.dims, self._dt)
+        _, i, key = name.split(".", 2)
+        if self._last is None or self._last[0] != int(i):
+            self._last = None  # the previous layer goes first
+            self._last = (int(i), self._layer(sd, int(i)))  # a tuple: not registered as a submodule
+        return getattr(self._last[1], key)
 
     def forward(self, token, att_x, att_aa, att_bb, att_pp, ffn_x):
         every = self.options.rescale_every

@@ -272,6 +272,7 @@ def build_sequence(module, g: Graph, block_class=Block5) -> None:
     `<state>_out` (and `hidden` [1, C], `hidden_sum` [1, C] with the embedding flag); NaN in every output past
     max_chunk tokens (the chunk guard)."""
     from ...embed import HIDDEN, HIDDEN_SUM
+    from ...eval_graph import last_row_for_logits
     from ...targets.onnx import LOGITS_OUTPUT
     from ...targets.onnx_seq import SEQ_DIM, TOKENS_INPUT
 
@@ -293,20 +294,19 @@ def build_sequence(module, g: Graph, block_class=Block5) -> None:
         x = g.op("Add", x, blk.head_out(p, y, gate))
         xx2 = blk.ln(x, p, "ln2")
         prev2 = _token_shift(g, xx2, g.cast(rows["ffn_x"][i], io, cdt))
-        last_only = i == L - 1 and not every_row
-        if last_only:
-            x, xx2, prev2 = _last(g, x), _last(g, xx2), _last(g, prev2)
+        new["ffn_x"].append(g.cast(_last(g, xx2), cdt, io))  # the state's row (its own node: the eval graph keeps it)
+        if i == L - 1 and not every_row:  # only the last row goes on (eval_graph.py finds these nodes by name)
+            x, xx2, prev2 = (last_row_for_logits(g, t) for t in (x, xx2, prev2))
         x = rescaled(module, g, i, g.op("Add", x, blk.ffn(p, xx2, prev2, one_token=False)), cdt)
         new["att_x"].append(g.cast(_last(g, xx), cdt, io))
         new["att_kv"].append(S)
-        new["ffn_x"].append(g.cast(xx2 if last_only else _last(g, xx2), cdt, io))
     x = blk.ln(x, "", "ln_out")
     hidden = ()
     if module.embedding:  # the last token's final hidden state, and the sum over the chunk's tokens
         last = _last(g, x)
         hidden = (g.cast(last, cdt, io), g.op("ReduceSum", g.cast(x, cdt, io), g.ints(0), keepdims=1))
         if not module.all_logits:
-            x = last
+            x = last_row_for_logits(g, x)
     logits = g.cast(g.op("MatMul", x, blk.w("head")), cdt, io)
     # chunk guard: more than max_chunk tokens exceed the unrolled block steps: NaN in the logits and the state
     guard = g.op("Where", g.op("Greater", chunk.T, g.ints(module.max_chunk)), g.const(float("nan"), io),

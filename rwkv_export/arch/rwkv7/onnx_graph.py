@@ -238,6 +238,7 @@ def build_sequence(module, g: Graph) -> None:
     the states in; logits [1, V] ([T, V] with all_logits), the states `NAME_out` (and `hidden`, `hidden_sum`) out.
     The residual stream is [1, T, C] (the [6, T, C] mixes split into [1, T, C] rows without a reshape)."""
     from ...embed import HIDDEN, HIDDEN_SUM
+    from ...eval_graph import last_row_for_logits
     from ...targets.onnx import LOGITS_OUTPUT, state_output_name
     from ...targets.onnx_seq import SEQ_DIM, TOKENS_INPUT
 
@@ -284,9 +285,8 @@ def build_sequence(module, g: Graph) -> None:
         x = g.op("Add", x, g.op("MatMul", g.op("Mul", g.cast(y, acc, cdt), gate), w(p + "att_output")))
         xx2 = _ln(g, x, w, p + "ln2")
         prev2, xx2_last = shift(xx2, g.cast(ffn_x[i], io, cdt))
-        if i == last and not many:
-            tail = lambda t: g.op("Slice", t, g.ints(-1), g.ints(_INT64_MAX), g.ints(1))  # noqa: E731
-            x, xx2, prev2 = tail(x), xx2_last, tail(prev2)
+        if i == last and not many:  # only the last row goes on (eval_graph.py finds these nodes by name)
+            x, xx2, prev2 = (last_row_for_logits(g, t, axis=1) for t in (x, xx2, prev2))
         x = _ffn(g, w, i, x, xx2, prev2)
         new["att_x"].append(g.cast(xx_last, cdt, io))
         new["att_kv"].append(S)
@@ -298,7 +298,7 @@ def build_sequence(module, g: Graph) -> None:
         x_last = g.op("Slice", x, g.ints(-1), g.ints(_INT64_MAX), g.ints(1))
         hidden = (g.op("Reshape", g.cast(x_last, cdt, io), g.ints(1, C)), g.op("ReduceSum", xa, g.ints(1), keepdims=0))
         if not module.all_logits:
-            x = x_last
+            x = last_row_for_logits(g, x, axis=1)
     logits = g.op("Reshape", g.cast(g.op("MatMul", x, w("head")), cdt, io), g.ints(-1, V))
     # the chunk guard: more than max_chunk tokens answer NaN logits and state (sequence.py says why)
     nan = g.op("Where", g.op("Greater", ch.Tn, g.ints(module.max_chunk)), g.const([float("nan")], io),

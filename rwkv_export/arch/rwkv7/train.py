@@ -212,7 +212,9 @@ def _train_loop(cfg: TrainConfig, train_data: bytes, stream_len: int, init: dict
 
     from runtime_ref.rwkv7 import RWKV7
 
-    model = RWKV7(init if init is not None else init_state_dict(cfg), dtype=torch.float32)
+    # fp32 copies: the reference holds a matrix as it is given (cast per use), and training updates it in place
+    init = init_state_dict(cfg) if init is None else {k: v.to(torch.float32, copy=True) for k, v in init.items()}
+    model = RWKV7(init, dtype=torch.float32)
     model.requires_grad_(True)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8)
