@@ -96,7 +96,7 @@ res = {'s': dt, 'entries': [{'name': 'step', 'kind': 'step', 'format': 'onnx', '
 from rwkv_export.targets.tflite import export_tflite
 t0 = time.perf_counter(); ents = export_tflite(module, out, {TFLITE_VARIANTS!r}); res = {{'s': time.perf_counter() - t0, 'entries': ents}}
 """)
-    export_rows.append((f"TFLite {'+'.join(TFLITE_VARIANTS)} (litert-torch, ai-edge-quantizer)", r))
+    export_rows.append((f"TFLite {'+'.join(TFLITE_VARIANTS)} (our writer, ai-edge-quantizer)", r))
     graphs += r["entries"]
 
     print("export TF.js ...", file=sys.stderr)

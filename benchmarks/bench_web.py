@@ -270,7 +270,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="generated tokens measured (after a warm-up)")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     ap.add_argument("--repeats", type=int, default=3, help="generations per cell; the table shows the median one")
-    ap.add_argument("--backend", choices=["wasm", "webgpu"], default="wasm",
+    ap.add_argument("--backend", choices=["wasm", "webgpu", "wasm-native"], default="wasm",
                     help="webgpu starts Chromium with --enable-unsafe-webgpu (headless: SwiftShader's CPU adapter)")
     ap.add_argument("--variants", default=None, help="comma-separated variants to run (default: every step graph)")
     ap.add_argument("--cdp", action="store_true",

@@ -27,8 +27,8 @@ leaves wasm memory out), marked "heap".
 GPU machine (no Playwright, no Node; ../shared/tools/webgpu-device): here `--pack .wgpu/tf.tar.xz` writes the npm
 files the page loads (~8 MB); there `--unpack .wgpu/tf.tar.xz` puts them into web_demo/node_modules, and
 `bash .wgpu/B/device-b.sh python3 benchmarks/bench_web_runtimes.py --cdp` drives the Chromium that device-b.sh
-started, over the DevTools protocol (.wgpu/B/cdp.py), making the onnx and tfjs exports there (no litert-torch: no tflite
-cells unless the folder is in --cache).
+started, over the DevTools protocol (.wgpu/B/cdp.py), making the onnx and tfjs exports there (tflite cells need ai-edge-litert and
+ai-edge-quantizer there, or the folder in --cache).
 
 Needs here: pip install playwright; /usr/bin/chromium; npm ci --prefix web_demo.
 """

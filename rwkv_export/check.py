@@ -2,15 +2,17 @@
 
 - every step graph: the parity gate (parity.compare: shapes, finiteness, logits and greedy continuation vs the
   reference over N_TOKENS tokens, tolerance per (target, variant));
-- every variant other than fp32 also gets the quality gate (quality.evaluate_variant on the eval text, against the
-  reference in fp32: perplexity delta gated per variant kind, KL, top-1 and greedy agreement reported);
+- every variant other than fp32 also gets the quality gate (quality.evaluate_against on the eval text, against the
+  fp32 side: perplexity delta gated per variant kind, KL, top-1 and greedy agreement reported), read through the
+  variant's eval graph (eval_graph.py) in chunks where it has an ONNX prompt graph, else through its step graph;
 - every sequence (prompt) graph: parity.compare_sequence's gate (its logits and states vs T reference steps).
 
 What does not depend on the graph is computed once, in this process: the fp64 reference's side of the parity gate
 (its logits over the parity tokens in GPT mode, its greedy continuation: parity.record_reference) and the fp32
-baseline's side of the quality gate (quality.Baseline, GPT mode over the eval text). Then each step graph, with one
-session for its parity and quality gates, is checked in a pool of worker processes (one graph per worker at a time,
-its session closed after), which needs neither reference model in memory.
+baseline's side of the quality gate (quality.Baseline over the eval text: the fp32 eval graph, or runtime_ref fp32
+in GPT mode where there is none). Then each step graph, with its parity and quality gates (one session open at a
+time: step graph, then eval graph, then step graph for the link guard and greedy run), is checked in a pool of worker
+processes (one graph per worker at a time), which needs neither reference model in memory.
 """
 
 from __future__ import annotations
@@ -73,6 +75,20 @@ def make_runner(root: Path, manifest: dict, graph: dict, threads: int | None = N
 def _close(runner) -> None:
     if hasattr(runner, "close"):
         runner.close()
+    _give_back_freed_memory()
+
+
+def _give_back_freed_memory() -> None:
+    """Return the heap memory freed so far to the system (glibc's malloc_trim; elsewhere nothing). A closed
+    onnxruntime session's weights are freed into glibc's heap and stay in the process's RSS (measured at 169M
+    shapes: 439 MB after the fp16 prompt graph's session closed, 13 MB once trimmed) under every later stage."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 def eval_token_ids(root: Path, manifest: dict, max_tokens: int | None = None) -> list[int]:
@@ -227,19 +243,30 @@ def _check_graphs(root: Path, manifest: dict, ckpt, progress: Progress, variants
     kept: dict[str, object] = {}  # file -> the open runner of a graph in `here`, for its quality gate
     try:
         recorded = _reference_side(root, manifest, ckpt, graphs, here, kept, progress)
+        # the reference read every page of the checkpoint (340 MB at 169M shapes): not held through the rest
+        from .checkpoint import reread
+
+        reread(ckpt)
         with tempfile.TemporaryDirectory(prefix="rwkv-check-") as tmp:
             base = None
-            if any(g["variant"] != "fp32" for g in steps):
-                base = _baseline(root, manifest, ckpt, Path(tmp) / "fp32_logits.bin", eval_tokens, progress)
+            variants = [g for g in steps if g["variant"] != "fp32"]
+            if variants:
+                # the sequential gate reads fp32 only as far as a variant needs; a variant read token by token (no
+                # eval graph) needs all of it
+                stepwise = any(eval_graph_entry(manifest, g) is None for g in variants)
+                base = _baseline(root, manifest, ckpt, Path(tmp) / "fp32_logits.bin", eval_tokens, progress,
+                                 sequential=not stepwise)
             jobs = [g for g in steps if not has_embedding(g)]
             for graph, quality in zip(jobs, _run_jobs(root, manifest, jobs, recorded, base, processes, progress)):
                 _judge(graph, quality)
             for graph in here:
                 if graph["variant"] != "fp32":
-                    from .quality import evaluate_against
-
                     with progress.stage(f"quality {graph['format']}/{graph['variant']} vs fp32"):
-                        _judge(graph, evaluate_against(kept[graph["file"]], base))
+                        quality = _quality(root, manifest, graph, kept[graph["file"]], base)
+                        while isinstance(quality, _pending()):
+                            _extend_baseline(root, manifest, base, quality.need, progress)
+                            quality = _quality(root, manifest, graph, kept[graph["file"]], base, quality)
+                        _judge(graph, quality)
     finally:
         for runner in kept.values():
             _close(runner)
@@ -269,6 +296,8 @@ def _reference_side(root: Path, manifest: dict, ckpt, graphs: list, here: list, 
                     runs[graph["file"]] = run_sequence(runner, tokens)
             finally:
                 _close(runner)
+                del runner  # the name held the session under the next one's and the reference's (0.85 GB, fp16 169M)
+                _give_back_freed_memory()
     with progress.stage(f"reference fp64 ({ckpt.arch.title}): the parity tokens in GPT mode, {N_GREEDY} greedy steps"):
         ref = SharedReference(ckpt.arch.reference(ckpt.tensors, torch.float64))
         fed = []
@@ -298,14 +327,114 @@ def _reference_side(root: Path, manifest: dict, ckpt, graphs: list, here: list, 
     return recorded
 
 
-def _baseline(root: Path, manifest: dict, ckpt, path: Path, eval_tokens, progress: Progress):
-    """The fp32 side of every quality gate (quality.Baseline), computed once; the fp32 reference is freed after."""
-    from .quality import Baseline
+def eval_graph_entry(manifest: dict, graph: dict) -> dict | None:
+    """The ONNX prompt graph of a step graph's variant, which quality.evaluate_against reads the eval text through
+    as an eval graph (eval_graph.py), or None (--no-prompt, TFLite, TF.js: the text goes through the step graph)."""
+    for g in manifest["graphs"]:
+        if (g["kind"] == "sequence" and g["variant"] == graph["variant"] and g["format"] == graph["format"]
+                and g["format"] in ("onnx", "ort") and str(g["file"]).endswith(".onnx") and "parts" not in g):
+            return g
+    return None
+
+
+def _fp32_entries(manifest: dict) -> tuple:
+    """(the fp32 ONNX step graph's entry, its prompt graph's, which the baseline's eval graph is made from), or None."""
+    step = next((g for g in manifest["graphs"] if g["kind"] == "step" and g["variant"] == "fp32"
+                 and g["format"] in ("onnx", "ort")), None)
+    return step, (eval_graph_entry(manifest, step) if step is not None else None)
+
+
+def _pending():
+    from .quality import Pending
+
+    return Pending
+
+
+def _extend_baseline(root: Path, manifest: dict, base, rows: int, progress: Progress) -> None:
+    """Read the fp32 eval graph on to row `rows` from the baseline's state (a variant's sequential gate reads on)."""
+    from .eval_graph import EvalGraphRunner
+    from .quality import EVAL_CHUNK
+
+    if rows <= base.read:
+        return
+    _, seq = _fp32_entries(manifest)
+    with contextlib.closing(EvalGraphRunner(root, manifest, seq, threads=CHECK_THREADS)) as evals:
+        with progress.stage(f"quality baseline: the fp32 eval graph on eval tokens {base.read}-{min(rows, base.fed)}"):
+            base.extend(evals, rows, chunk=min(EVAL_CHUNK, evals.max_chunk))
+    _give_back_freed_memory()
+
+
+def _baseline(root: Path, manifest: dict, ckpt, path: Path, eval_tokens, progress: Progress,
+              sequential: bool = False):
+    """The fp32 side of every quality gate (quality.Baseline), computed once: by the fp32 prompt graph's eval graph
+    where the folder has one (parity-gated against the fp64 reference at 1e-5 of std; the same cost as runtime_ref's
+    fp32 GPT mode at 169M shapes, 26 s of CPU against 28 s, but the same session kind the variants are read by), its
+    greedy continuation by the fp32 step graph; else by runtime_ref fp32 in GPT mode (freed after). `sequential`:
+    the eval graph reads only the sequential gate's first level (parity.SEQ_LEVELS), the rest when a variant reads
+    on (_extend_baseline)."""
+    from .parity import SEQ_LEVELS
+    from .quality import DEFAULT_PROMPT_LEN, EVAL_CHUNK, Baseline, level_rows
     from .runners import ReferenceRunner
 
     ids = eval_token_ids(root, manifest, eval_tokens)
-    with progress.stage(f"quality baseline: runtime_ref fp32 on {len(ids)} tokens of eval text (GPT mode)"):
-        return Baseline.compute(ReferenceRunner(ckpt, "float32"), ids, path)
+    step, seq = _fp32_entries(manifest)
+    upto = level_rows(len(ids) - 1, min(DEFAULT_PROMPT_LEN, len(ids)), SEQ_LEVELS)[0] if sequential else None
+    if seq is None:
+        with progress.stage(f"quality baseline: runtime_ref fp32 on {len(ids)} tokens of eval text (GPT mode)"):
+            base = Baseline.compute(ReferenceRunner(ckpt, "float32"), ids, path)
+            base.source = "runtime_ref fp32"
+            return base
+    from .eval_graph import EvalGraphRunner
+
+    def open_greedy():  # the fp32 step graph, once the eval graph's session is closed
+        evals.close()
+        return _opened(root, manifest, step)
+
+    evals = EvalGraphRunner(root, manifest, seq, threads=CHECK_THREADS)
+    try:
+        chunk = min(EVAL_CHUNK, evals.max_chunk)
+        read = len(ids) if upto is None else min(len(ids), upto + 1)
+        with progress.stage(f"quality baseline: the fp32 eval graph ({seq['file']}, every token's logits) on "
+                            f"{read} of {len(ids)} tokens of eval text in chunks of {chunk}"):
+            base = Baseline.compute(evals, ids, path, chunk=chunk, open_greedy=open_greedy, upto=upto)
+            base.source = f"{seq['file']} (fp32 eval graph)"
+            return base
+    finally:
+        evals.close()
+
+
+def _quality(root: Path, manifest: dict, graph: dict, runner, base, resume=None):
+    """quality.evaluate_against of one step graph: through its variant's eval graph where it has one (then one
+    session at a time: `runner`, an open step runner, or None to open one when needed), sequentially (a
+    quality.Pending where it must read on past the baseline's rows: go on with resume=it)."""
+    from .parity import quality_gate
+    from .quality import evaluate_against, evaluate_in_chunks
+
+    seq = eval_graph_entry(manifest, graph)
+    if seq is None:
+        if runner is not None:
+            return evaluate_against(runner, base)
+        with _opened(root, manifest, graph) as runner:
+            return evaluate_against(runner, base)
+    from .eval_graph import EvalGraphRunner
+
+    def open_step():
+        return contextlib.nullcontext(runner) if runner is not None else _opened(root, manifest, graph)
+
+    def open_eval():
+        return contextlib.closing(EvalGraphRunner(root, manifest, seq, threads=CHECK_THREADS))
+
+    gate = quality_gate(QUALITY_KIND.get(graph["variant"], graph["variant"]))
+    return evaluate_in_chunks(open_step, open_eval, base, gate=gate, resume=resume)
+
+
+@contextlib.contextmanager
+def _opened(root: Path, manifest: dict, graph: dict):
+    runner = make_runner(root, manifest, graph, threads=CHECK_THREADS)
+    try:
+        yield runner
+    finally:
+        _close(runner)
 
 
 def _judge(graph: dict, quality: dict | None) -> None:
@@ -316,32 +445,39 @@ def _judge(graph: dict, quality: dict | None) -> None:
     kind = QUALITY_KIND.get(graph["variant"], graph["variant"])
     graph["quality"] = {"kind": "quality", "target": graph["format"], **judge_quality(quality, kind),
                         "variant": graph["variant"], "gate": kind, "eval_text": "tiny-pydoc-eval.txt",
-                        "baseline": "runtime_ref fp32"}
+                        "baseline": quality.get("baseline", "runtime_ref fp32")}
 
 
 def _run_jobs(root: Path, manifest: dict, graphs: list, recorded, base, processes: int,
               progress: Progress) -> list:
     """Each step graph's parity and (for a variant other than fp32) raw quality report, in `processes` worker
-    processes or here; the parity report goes into its graph entry, the quality reports are returned in order."""
+    processes or here; the parity report goes into its graph entry, the quality reports are returned in order.
+    In rounds: a variant whose sequential quality gate must read on past the baseline's rows comes back pending;
+    the baseline reads on (in this process, from its state) and the variant goes on from its own, in a new job."""
     if not graphs:
         return []
     processes = min(processes, len(graphs))
     # the graphs with a quality gate take far longer (thousands of steps, not 96): started first
-    order = sorted(range(len(graphs)), key=lambda i: graphs[i]["variant"] == "fp32")
-    results = [None] * len(graphs)
+    todo = sorted(range(len(graphs)), key=lambda i: graphs[i]["variant"] == "fp32")
+    parity, quality, resume = [None] * len(graphs), [None] * len(graphs), {}
     what = f"{len(graphs)} step graph(s): parity" + (", quality" if base is not None else "")
     with progress.stage(f"checking {what}, in {processes} process(es)"):
-        if processes == 1:
-            for i in order:
-                results[i] = _report_done(progress, _graph_job(root, manifest, graphs[i], recorded, base))
-        else:
-            with _Workers(processes, (recorded, base)) as workers:
-                for i, res in workers.map([(i, (root, manifest, graphs[i])) for i in order]):
-                    results[i] = _report_done(progress, res, "in a worker process, ")
-    quality = []
-    for graph, (parity, qual, _, _, _) in zip(graphs, results):
-        graph["parity"] = parity
-        quality.append(qual)
+        while todo:
+            jobs = [(i, (root, manifest, graphs[i], base, resume.get(i))) for i in todo]
+            if processes == 1:
+                done = ((i, _graph_job(*args, recorded=recorded)) for i, args in jobs)
+            else:  # a fresh process each job: a process's peak is one graph's sessions, not every one it ran
+                done = _Workers(min(processes, len(jobs)), recorded).map(jobs)
+            for i, res in done:
+                _report_done(progress, res, "" if processes == 1 else "in a worker process, ")
+                parity[i] = res[0] if res[0] is not None else parity[i]
+                quality[i] = res[1]
+            todo = [i for i in todo if isinstance(quality[i], _pending())]
+            resume = {i: quality[i] for i in todo}
+            if todo:  # as far as the farthest needs (all stand at the same level: they started together)
+                _extend_baseline(root, manifest, base, max(quality[i].need for i in todo), progress)
+    for graph, p in zip(graphs, parity):
+        graph["parity"] = p
     return quality
 
 
@@ -351,24 +487,39 @@ def _report_done(progress: Progress, result: tuple, where: str = "") -> tuple:
     return result
 
 
-def _graph_job(root: Path, manifest: dict, graph: dict, recorded, base) -> tuple:
-    """One step graph, one session: (parity report, raw quality report or None, what was done, seconds, peak RSS
-    of this process)."""
+def _graph_job(root: Path, manifest: dict, graph: dict, base, resume=None, *, recorded) -> tuple:
+    """One step graph, one session: (parity report or None where resumed, raw quality report (or quality.Pending)
+    or None, what was done, seconds, peak RSS of this process). `resume`: a quality.Pending to go on from (its
+    parity was done)."""
     import time
 
-    from .quality import evaluate_against
-
     t0 = time.perf_counter()
-    runner = make_runner(root, manifest, graph, threads=CHECK_THREADS)
-    try:
-        parity = compare(runner, recorded, target=graph["format"], variant=graph["variant"])
-        quality = None
-        if graph["variant"] != "fp32" and base is not None:
-            quality = evaluate_against(runner, base)
-    finally:
-        _close(runner)
-    desc = f"parity {graph['format']}/{graph['variant']}" + (
-        f" + quality on {quality['tokens'] + 1} tokens of eval text" if quality else "")
+    stepwise = eval_graph_entry(manifest, graph) is None
+    parity = quality = None
+    judged = graph["variant"] != "fp32" and base is not None
+    if resume is None:
+        with _opened(root, manifest, graph) as runner:
+            parity = compare(runner, recorded, target=graph["format"], variant=graph["variant"])
+            if judged and stepwise:
+                quality = _quality(root, manifest, graph, runner, base)
+        # the name held the session past the `with` (closing a runner only trims): under the eval graph's session
+        # it doubled a job's peak (measured at 169M shapes: fp16 step 0.6 GB + eval graph 0.75 GB, 2.0 GB in all)
+        del runner
+        _give_back_freed_memory()
+    if judged and not stepwise:  # its sessions one at a time
+        quality = _quality(root, manifest, graph, None, base, resume)
+    name = f"{graph['format']}/{graph['variant']}"
+    desc = f"parity {name}" + (" + quality" if quality else "") if parity is not None else f"quality {name} (read on)"
+    if isinstance(quality, _pending()):
+        look = quality.look
+        desc += (f" on {look['tokens_read']} tokens of eval text: {look['gated_on']} {look['q']:.4g} "
+                 f"+- {look['se']:.2g} against {look['gate']:g}, {look['why']}")
+    elif quality:
+        look = quality.get("sequential")
+        desc += f" on {quality['tokens'] + 1} tokens of eval text" + (
+            f" (eval graph, chunks of {quality['chunk']})" if "chunk" in quality else "") + (
+            f": {look['gated_on']} {look['q']:.4g} +- {look['se']:.2g}, {look['stop']} at level {look['level']} "
+            f"({look['why']})" if look else "")
     return parity, quality, desc, time.perf_counter() - t0, _own_peak_rss()
 
 
@@ -385,98 +536,90 @@ def _own_peak_rss() -> int:
 
 
 class _Workers:
-    """Worker processes for _graph_job: each a fresh interpreter (`python -c`, not multiprocessing, whose spawn
-    re-imports the caller's main script and hangs on one without a __main__ guard) reading pickled jobs on stdin and
-    writing pickled results on stdout, started with the job's shared arguments (the recorded reference and the
-    quality baseline, sent once). An error in a job is raised here as itself."""
+    """Worker processes for _graph_job, a fresh one for each job and at most `n` at a time: each a fresh interpreter
+    (`python -c`, not multiprocessing, whose spawn re-imports the caller's main script and hangs on one without a
+    __main__ guard) reading the shared argument (the recorded reference) and then its one pickled job on stdin and
+    writing the pickled result on stdout. One job a process because a process that ran one graph's sessions keeps
+    memory from them (onnxruntime's arenas; measured at 169M shapes: a worker that checked fp32 and then fp16 peaked
+    at 2.16 GB, one graph's sessions at ~0.8 GB). An error in a job is raised here as itself."""
 
-    def __init__(self, n: int, shared: tuple):
-        import os
+    def __init__(self, n: int, shared):
         import pickle
+        import threading
+
+        self.n, self.shared = n, pickle.dumps(shared)
+        self.procs, self._lock, self._closed = set(), threading.Lock(), False
+
+    def _start(self):
+        import os
         import subprocess
         import sys
 
         # this rwkv_export, wherever it was imported from, first on the worker's path
         path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)
-        self.procs = []
-        try:
-            for _ in range(n):
-                proc = subprocess.Popen([sys.executable, "-c", "from rwkv_export.check import _worker_main; "
-                                         "_worker_main()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        env={**os.environ, "PYTHONPATH": path})
-                self.procs.append(proc)
-                pickle.dump(shared, proc.stdin)
-                proc.stdin.flush()
-        except BaseException:
-            self.close()
-            raise
+        with self._lock:
+            if self._closed:
+                return None
+            proc = subprocess.Popen([sys.executable, "-c", "from rwkv_export.check import _worker_main; "
+                                     "_worker_main()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    env={**os.environ, "PYTHONPATH": path})
+            self.procs.add(proc)
+        return proc
 
     def map(self, jobs: list):
-        """(key, result) per (key, args) job, as they finish; one job per worker at a time."""
+        """(key, result) per (key, args) job, as they finish."""
         import pickle
-        import queue
         from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
-        idle = self._idle = queue.Queue()
-        for proc in self.procs:
-            idle.put(proc)
-
         def run(job):
-            proc = idle.get()
+            proc = self._start()
             if proc is None:  # closed after another job's failure
                 return None
             try:
+                proc.stdin.write(self.shared)
                 pickle.dump(job[1], proc.stdin)
-                proc.stdin.flush()
+                proc.stdin.close()
                 ok, value = pickle.load(proc.stdout)
             except (EOFError, BrokenPipeError):
                 from .errors import RwkvExportError
 
                 raise RwkvExportError(f"a check worker process ended unexpectedly (exit code {proc.wait()})") from None
-            idle.put(proc)
+            proc.wait()
+            with self._lock:
+                self.procs.discard(proc)
             if not ok:
                 raise value
             return job[0], value
 
-        with ThreadPoolExecutor(len(self.procs)) as pool:
-            futures = [pool.submit(run, job) for job in jobs]
-            done = set()
-            while len(done) < len(futures):
-                finished, _ = wait([f for f in futures if f not in done], return_when=FIRST_EXCEPTION)
-                for fut in finished:
-                    if fut.exception() is not None:
-                        for f in futures:
-                            f.cancel()
-                        self.close()  # a worker busy with another job is stopped, not waited for
-                        raise fut.exception()
-                    done.add(fut)
-                    yield fut.result()
+        try:
+            with ThreadPoolExecutor(self.n) as pool:
+                futures = [pool.submit(run, job) for job in jobs]
+                done = set()
+                while len(done) < len(futures):
+                    finished, _ = wait([f for f in futures if f not in done], return_when=FIRST_EXCEPTION)
+                    for fut in finished:
+                        if fut.exception() is not None:
+                            for f in futures:
+                                f.cancel()
+                            self.close()  # a worker busy with another job is stopped, not waited for
+                            raise fut.exception()
+                        done.add(fut)
+                        yield fut.result()
+        finally:
+            self.close()
 
     def close(self) -> None:
-        for _ in self.procs:
-            if hasattr(self, "_idle"):
-                self._idle.put(None)  # a job thread waiting for a worker stops
-        for proc in self.procs:
+        with self._lock:
+            self._closed = True
+            procs, self.procs = list(self.procs), set()
+        for proc in procs:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-        self.procs = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is not None:
-            self.close()
-        for proc in self.procs:
-            proc.stdin.close()  # end of jobs: each worker exits
-        for proc in self.procs:
-            proc.wait()
-        self.procs = []
 
 
 def _worker_main() -> None:
-    """A _Workers process: its stdout carries only the pickled results (anything else printed goes to stderr)."""
+    """A _Workers process: its stdout carries only the pickled result (anything else printed goes to stderr)."""
     import os
     import pickle
     import sys
@@ -485,18 +628,14 @@ def _worker_main() -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     inp = sys.stdin.buffer
-    recorded, base = pickle.load(inp)
-    while True:
-        try:
-            root, manifest, graph = pickle.load(inp)
-        except EOFError:
-            return
-        try:
-            result = (True, _graph_job(root, manifest, graph, recorded, base))
-        except Exception as e:  # sent back and raised in the caller
-            result = (False, e)
-        pickle.dump(result, out)
-        out.flush()
+    recorded = pickle.load(inp)
+    args = pickle.load(inp)
+    try:
+        result = (True, _graph_job(*args, recorded=recorded))
+    except Exception as e:  # sent back and raised in the caller
+        result = (False, e)
+    pickle.dump(result, out)
+    out.flush()
 
 
 def gate_all(reports: list[dict]) -> None:

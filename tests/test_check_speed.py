@@ -108,6 +108,31 @@ def test_parallel_check_reports_equal_the_serial_ones(folder, tmp_path, capsys):
     assert "reference fp64" in err and "quality baseline" in err
 
 
+@pytest.fixture(scope="module")
+def prompt_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("check-speed-prompt") / "out"
+    export_onnx("builtin:tiny", out, quant=["fp16", "int8", "int4"], check=False)
+    return out
+
+
+def test_quality_through_eval_graphs_in_workers_equals_the_serial_check(prompt_folder, tmp_path, capsys):
+    """With prompt graphs, the quality gates read the eval text through eval graphs (eval_graph.py) in chunks, the
+    baseline through the fp32 one: the same reports in two worker processes as in one, each with its link guard."""
+    serial, _, _ = _check(prompt_folder, 1, tmp_path, "serial")
+    parallel, _, _ = _check(prompt_folder, 2, tmp_path, "parallel")
+    assert parallel == serial
+    quality = [r for r in serial if r.get("kind") == "quality"]
+    assert [r["variant"] for r in quality] == ["fp16", "int8", "int4"]
+    for r in quality:
+        assert r["read_by"] == "eval graph" and r["baseline"] == "prefill.onnx (fp32 eval graph)", r
+        assert r["tokens"] == EVAL_TOKENS - 1 and r["passed"] and 0 <= r["link"]["step"] <= r["link"]["max_step"]
+    err = capsys.readouterr().err
+    assert "quality baseline: the fp32 eval graph (prefill.onnx" in err
+    # three variants, twice; 300 tokens are short of the sequential gate's first level: judged at the last
+    lines = [ln for ln in err.splitlines() if "(eval graph, chunks of 255): " in ln]
+    assert len(lines) == 6 and all("at level 1 (the last level" in ln and "): done in" in ln for ln in lines), lines
+
+
 def test_a_failure_in_a_worker_reaches_the_caller(folder, tmp_path):
     root = tmp_path / "damaged"
     shutil.copytree(folder, root)
@@ -125,3 +150,55 @@ def test_recorded_reference_refuses_a_path_it_did_not_record():
     assert rec.step(1, rec.new_state())[1] == (1,)
     with pytest.raises(RwkvExportError, match="no step after 0 tokens"):
         rec.step(2, rec.new_state())
+
+
+SEQ_EVAL_TOKENS = 1100  # past parity.SEQ_LEVELS (512, 1024): three levels
+
+
+def test_sequential_gate_in_workers_equals_the_serial_check(prompt_folder, tmp_path, capsys):
+    """Past the first level, the sequential gate: the same reports in two (fresh per job) worker processes as here,
+    each with where it stopped and why; one line per job, as before."""
+    serial, _, _ = _check_n(prompt_folder, 1, tmp_path, "serial", SEQ_EVAL_TOKENS)
+    parallel, _, _ = _check_n(prompt_folder, 2, tmp_path, "parallel", SEQ_EVAL_TOKENS)
+    assert parallel == serial
+    for r in (r for r in serial if r.get("kind") == "quality"):
+        look = r["sequential"]
+        assert r["passed"] and look["stop"] == "pass" and r["tokens"] == look["tokens_read"] - 1, look
+        assert look["level"] == 3 or look["q"] + look["z"] * look["se"] < look["gate"], look
+    err = capsys.readouterr().err
+    assert err.count("in a worker process, peak RSS") >= 4
+
+
+def test_undecided_variants_read_on_in_rounds(prompt_folder, tmp_path, capsys, monkeypatch):
+    """With no early verdict possible (z = 1e9), every variant comes back pending at each level: the baseline reads
+    on from its state, each variant goes on from its own (its Pending through pickle, as to a worker) to the last
+    level, and the reports are the full reading's, against the same gates."""
+    import pickle
+
+    import rwkv_export.check as check
+    import rwkv_export.quality as quality
+
+    look = quality.sequential_look
+    monkeypatch.setattr(quality, "sequential_look", lambda *a, **k: look(*a, **{**k, "z": 1e9}))
+    job = check._graph_job
+    monkeypatch.setattr(check, "_graph_job", lambda *a, **k: pickle.loads(pickle.dumps(
+        job(*pickle.loads(pickle.dumps(a)), **k))))
+    reports, _, _ = _check_n(prompt_folder, 1, tmp_path, "rounds", SEQ_EVAL_TOKENS)
+    quality_reports = [r for r in reports if r.get("kind") == "quality"]
+    assert [r["variant"] for r in quality_reports] == ["fp16", "int8", "int4"]
+    for r in quality_reports:
+        assert r["sequential"]["level"] == 3 and r["tokens"] == SEQ_EVAL_TOKENS - 1 and r["passed"], r["sequential"]
+    err = capsys.readouterr().err
+    assert "of 1100 tokens of eval text" in err
+    assert "quality baseline: the fp32 eval graph on eval tokens 511-1023: done in" in err
+    assert "quality baseline: the fp32 eval graph on eval tokens 1023-1099: done in" in err
+    assert err.count(" (read on) on ") == 6 and err.count("undecided") == 6  # two resumed jobs a variant
+
+
+def _check_n(folder, processes, tmp_path, name, tokens):
+    root = tmp_path / name
+    shutil.copytree(folder, root)
+    manifest = read_manifest(root)
+    reports = check_graphs(root, manifest, Source("builtin:tiny").load(), progress=Progress(), eval_tokens=tokens,
+                           processes=processes)
+    return reports, manifest, None
