@@ -102,8 +102,11 @@ def test_evaluate_variants_equals_each_variant_alone():
         for a, b, c in zip(alone, together, chunked):
             assert a == b
             assert a.keys() == c.keys()
-            for k in a:
-                assert c[k] == pytest.approx(a[k], rel=1e-12), k
+            for k in a:  # numbers to rounding (GPT mode sums in another order), the rest (e.g. the sequential record) equal
+                if isinstance(a[k], (int, float)) and not isinstance(a[k], bool):
+                    assert c[k] == pytest.approx(a[k], rel=1e-12), k
+                else:
+                    assert c[k] == a[k], k
 
 
 def test_gpt_mode_baseline_is_the_step_mode_computation(tiny):
