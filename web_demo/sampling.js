@@ -129,3 +129,27 @@ export function makeRng(seed) {
   for (let i = 0; i < 12; i++) next32();
   return () => ((next32() >>> 5) * 67108864 + (next32() >>> 6)) / 9007199254740992;
 }
+
+// The decode loop the workers share (worker.js, wasm_native_worker.js): from the prompt's logits, pick a token
+// (greedy at temperature 0, else sampled), post it, run the model on it, until maxTokens, the end-of-text id, or
+// stop. `step(id)` -> logits (or a promise of them); `stopped()` says whether Stop was pressed; `pause()` lets queued
+// messages (Stop) in between tokens; t1 the start time the token messages count from. -> {ids, reason, modelMs}
+// (modelMs: the time inside step, the rest being sampling, messages and JS).
+export async function decode({ logits, step, params, eosId, rng, post, stopped, pause, t1 }) {
+  const ids = [];
+  let reason = 'max_tokens';
+  let modelMs = 0;
+  for (let i = 0; i < params.maxTokens; i++) {
+    await pause();
+    if (stopped()) { reason = 'stopped'; break; }
+    const id = params.temperature === 0 ? argmax(logits) : sampleToken(logits, params, rng);
+    if (eosId != null && id === eosId) { reason = 'eos'; break; }
+    ids.push(id);
+    post({ type: 'token', id, n: ids.length, ms: performance.now() - t1 });
+    const tRun = performance.now();
+    logits = await step(id);
+    modelMs += performance.now() - tRun;
+  }
+  if (stopped() && reason === 'max_tokens' && ids.length < params.maxTokens) reason = 'stopped';
+  return { ids, reason, modelMs };
+}

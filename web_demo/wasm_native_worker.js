@@ -10,7 +10,7 @@
 import { errorText, fetchGraphFiles, yieldToEvents } from './fetch_files.js';
 import { stepGraph } from './manifest.js';
 import { BACKEND, RwkvWasm, unsupported } from './rt_wasm.js';
-import { argmax, checkParams, makeRng, sampleToken } from './sampling.js';
+import { checkParams, decode, makeRng } from './sampling.js';
 
 const WARMUP_STEPS = 4; // V8 tiers the step's JS up while it runs: a few steps after load, then reset
 let rt = null;
@@ -65,20 +65,10 @@ async function generate({ promptIds, params, eosId }) {
   }
   const t1 = performance.now();
   post({ type: 'prompt', tokens: promptIds.length, ms: t1 - t0, mode: 'step', runs });
-  const ids = [];
-  let reason = 'max_tokens';
-  let modelMs = 0;
-  for (let i = 0; i < params.maxTokens; i++) {
-    await yieldToEvents();
-    if (stopRequested) { reason = 'stopped'; break; }
-    const id = params.temperature === 0 ? argmax(logits) : sampleToken(logits, params, rng);
-    if (eosId != null && id === eosId) { reason = 'eos'; break; }
-    ids.push(id);
-    post({ type: 'token', id, n: ids.length, ms: performance.now() - t1 });
-    const tRun = performance.now();
-    logits = rt.step(id);
-    modelMs += performance.now() - tRun;
-  }
+  const { ids, reason, modelMs } = await decode({
+    logits, step: (id) => rt.step(id), params, eosId, rng, post,
+    stopped: () => stopRequested, pause: yieldToEvents, t1,
+  });
   const t2 = performance.now();
   post({
     type: 'done', ids, reason, promptTokens: promptIds.length, promptMs: t1 - t0, promptMode: 'step', promptRuns: runs,

@@ -10,7 +10,7 @@
 
 import { PROGRESS_INTERVAL_MS, PhaseError, errorText, fetchGraphFiles, yieldToEvents } from './fetch_files.js';
 import { ioByRole, sequenceGraph, stepGraph } from './manifest.js';
-import { argmax, checkParams, makeRng, sampleToken } from './sampling.js';
+import { checkParams, decode, makeRng } from './sampling.js';
 import {
   CpuState, GpuState, GraphRunner, attempts, nodePlacement, pinBuffers, sessionOptions,
 } from './session_io.js';
@@ -307,21 +307,10 @@ async function generate({ promptIds, params, eosId }) {
   }
   const t1 = performance.now();
   post({ type: 'prompt', tokens: promptIds.length, ms: t1 - t0, mode: promptMode, runs: promptRuns });
-  const ids = [];
-  let reason = 'max_tokens';
-  let modelMs = 0; // time inside onnxruntime for the generated tokens (the rest: sampling, messages, JS)
-  for (let i = 0; i < params.maxTokens; i++) {
-    await yieldToEvents();
-    if (stopRequested) { reason = 'stopped'; break; }
-    const id = params.temperature === 0 ? argmax(logits) : sampleToken(logits, params, rng);
-    if (eosId != null && id === eosId) { reason = 'eos'; break; }
-    ids.push(id);
-    post({ type: 'token', id, n: ids.length, ms: performance.now() - t1 });
-    const tRun = performance.now();
-    logits = await runners.step.run([id]);
-    modelMs += performance.now() - tRun;
-  }
-  if (stopRequested && reason === 'max_tokens' && ids.length < params.maxTokens) reason = 'stopped';
+  const { ids, reason, modelMs } = await decode({
+    logits, step: (id) => runners.step.run([id]), params, eosId, rng, post,
+    stopped: () => stopRequested, pause: yieldToEvents, t1,
+  });
   const t2 = performance.now();
   post({
     type: 'done', ids, reason, promptTokens: promptIds.length, promptMs: t1 - t0, promptMode, promptRuns,
