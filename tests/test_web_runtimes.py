@@ -9,7 +9,7 @@ graph, a backend a runtime lacks, the prompt running token by token where there 
 the TFLite prompt graph (its own file) for whole chunks and the int8 variant, with the greedy ids of the Python LiteRT
 runner; a runner in a Web Worker (?worker=1) gives the ids it gives on the page's thread.
 
-Three exports of tiny-pydoc, made once for the module: ONNX and TF.js step graphs only, TFLite fp32 and int8 with
+Three exports of tiny-pydoc, made once for the module: ONNX and TF.js step graphs only, TFLite fp32, int8 and int4 with
 their prompt graphs.
 Needs (a missing one is a failure, never a skip): playwright (the Python package), /usr/bin/chromium, and
 `npm ci --prefix web_demo` (onnxruntime-web and the TF.js packages).
@@ -54,7 +54,8 @@ def folders(tmp_path_factory) -> dict[str, Path]:
            # a TF.js folder without the prompt graph (--no-prefill): the page says how its prompt runs
            "tfjs_steps": export_target("tfjs", "builtin:tiny-pydoc", root / "tfjs_steps", check=False,
                                        prefill=False).out}
-    out["tflite"] = export_target("tflite", "builtin:tiny-pydoc", root / "tflite", quant=["int8"], check=False).out
+    out["tflite"] = export_target("tflite", "builtin:tiny-pydoc", root / "tflite", quant=["int8", "int4"],
+                                  check=False).out
     return out
 
 
@@ -230,6 +231,30 @@ def test_what_cannot_run_is_said_on_the_page(cpu_browser, folders):
         assert res["limit"] and "runs on wasm only" in res["error"], res
 
 
+def test_a_variant_the_tflite_build_cannot_open_says_why_and_what_runs(cpu_browser, folders):
+    """tfjs-tflite's TFLite build has no int4 tensors: the page repeats what the runtime printed (type 17, INT4 in
+    the TFLite schema) once, and names the variant that runs instead."""
+    with runtimes_page(cpu_browser, folders["tflite"]) as (page, _):
+        res = page.evaluate("window.rwkvRuntimes.load({runtime: 'tflite', backend: 'wasm', variant: 'int4'})")
+        assert res["limit"] and "Unsupported data type 17 in tensor" in res["error"], res
+        assert res["error"].count("Unsupported data type 17") == 1, res  # printed once per tensor, said once
+        assert res["fix"].startswith("use the int8 variant"), res
+        assert "Unsupported data type 17" in page.inner_text("#error")
+
+
+def test_the_prompt_graph_can_be_left_out(cpu_browser, folders, reference):
+    """load({promptGraph: false}) (?promptgraph=0; the benchmark's `steps` cells) feeds the prompt token by token
+    through the step graph though the folder has a prompt graph, says so, and gives the reference's ids."""
+    prompt_ids, want, _ = reference
+    with runtimes_page(cpu_browser, folders["tfjs"]) as (page, _):
+        info = page.evaluate("window.rwkvRuntimes.load({runtime: 'tfjs', backend: 'wasm', variant: 'fp32', "
+                             "threads: 1, promptGraph: false})")
+        res = page.evaluate("o => window.rwkvRuntimes.generate(o)", {"promptIds": prompt_ids, "maxTokens": TOKENS})
+    assert info["prompt"] == "prompt via steps" and any("promptgraph=0" in n for n in info["notes"]), info
+    assert res["stats"]["promptMode"] == "step" and res["stats"]["promptRuns"] == len(prompt_ids)
+    assert res["ids"] == want
+
+
 def test_url_parameters_choose_and_run(cpu_browser, folders):
     """?runtime=&backend=&variant=&tokens=&autorun=1 loads and generates without a click; the controls show the choice."""
     query = "?runtime=tflite&backend=wasm&variant=fp32&threads=1&tokens=8&autorun=1"
@@ -266,3 +291,54 @@ def test_serve_serves_the_runtime_packages_only(folders):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _bench():
+    """benchmarks/bench_web_runtimes.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_web_runtimes.py"
+    spec = importlib.util.spec_from_file_location("bench_web_runtimes", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_cells_parse_and_a_bad_cell_fails_in_one_line(capsys):
+    """The benchmark's cell syntax runtime:backend:variant[:threads[:worker]][@tokens]; a bad cell is one line on
+    stderr and exit 2, before anything is exported or started."""
+    b = _bench()
+    assert b.parse_cell("tflite:wasm:int8:2:worker@16") == {
+        "spec": "tflite:wasm:int8:2:worker@16", "runtime": "tflite", "backend": "wasm", "variant": "int8",
+        "threads": 2, "worker": True, "steps": False, "tokens": 16}
+    assert b.parse_cell("ort:webgpu:fp32") == {"spec": "ort:webgpu:fp32", "runtime": "ort", "backend": "webgpu",
+                                               "variant": "fp32", "threads": None, "worker": False, "steps": False,
+                                               "tokens": None}
+    assert b.parse_cell("tfjs:webgpu:fp32::steps")["steps"] is True
+    for bad in ["ort:wasm", "onnx:wasm:fp32", "ort:wasm:fp32:0", "ort:wasm:fp32:1:gpu", "ort:wasm:fp32@0",
+                "ort:wasm:fp32@x", "ort::fp32", "ort:wasm:fp32:1:worker+gpu"]:
+        with pytest.raises(SystemExit) as e:
+            b.parse_cell(bad)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: cell '{bad}'") and err.count("\n") == 1, (bad, err)
+
+
+def test_bench_ids_check_names_the_first_token_that_differs(reference):
+    """--ids: each measured generation's ids against runtime_ref's (computed by the benchmark itself), the first
+    differing token of any of them, and the last logits' max|Δ|/std; a row whose page failed is an error row."""
+    b = _bench()
+    prompt_ids, want, ref_logits = reference
+    wrong = want[:5] + [(want[5] + 1) % 256] + want[6:]
+    r = {"prompt_ids": prompt_ids, "ids": [want, wrong, want[:40]], "last_logits": [float(x) for x in ref_logits]}
+    got = b.ids_check(r, "builtin:tiny-pydoc", TOKENS)
+    assert got["ids_equal"] is False and got["first_diff"] == 5
+    assert got["logits_max_rel"] < 1e-9  # the fixture's own fp64 logits, rounded to Python floats only
+    shifted = [float(x) + 0.01 * float(np.std(ref_logits)) for x in ref_logits]
+    got = b.ids_check({**r, "ids": [want, want[:40]], "last_logits": shifted}, "builtin:tiny-pydoc", TOKENS)
+    assert got["first_diff"] == 40 and abs(got["logits_max_rel"] - 0.01) < 1e-6
+    assert b.ids_check({**r, "ids": [want] * 3}, "builtin:tiny-pydoc", TOKENS)["ids_equal"] is True
+    load = '{"loadSeconds": 1}'
+    assert b.summarize(["load", "mem", "run"], [load, {"exception": "Error: cell timed out after 9 s"}]) == {
+        "error": "page error at mem: Error: cell timed out after 9 s"}
+    assert b.summarize(["load", "mem"], ['{"error": "tfjs-tflite cannot run this model: X"}']) == {
+        "error": "tfjs-tflite cannot run this model: X"}

@@ -37,13 +37,33 @@ for (const k of ['log', 'warn', 'error']) {
 async function loadModel(tflite, manifest, modelBase, graph, threads, verify) {
   const files = await fetchFiles(manifest, modelBase, [graph], verify);
   const bytes = files.get(graph.file);
+  tfliteErrors.length = 0;
   try {
     const model = await tflite.loadTFLiteModel(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.length), { numThreads: threads });
     return { runner: model.modelRunner, bytes: bytes.length };
   } catch (e) {
-    throw new RuntimeLimit(`the TFLite web runtime cannot open ${graph.file}: ${e.message ?? e}` +
-      ' (an op or op version newer than its TFLite build, or more memory than its wasm heap has?)');
+    // what the runtime printed while it read the file names the op or type it lacks; without that, the likely causes
+    const said = [...new Set(tfliteErrors)];
+    const why = String(e.message ?? e).replace(/\.+$/, '');
+    let hint = said.length ? ` The runtime said: ${said.join('; ')}.`
+      : ' (no reason printed: an op or op version newer than its TFLite build, or more memory than its wasm heap has).';
+    if (!said.length && /Aborted/.test(why) && graph.variant === 'fp16') {
+      hint = ' It aborts while it opens the file and prints no reason. Not the ops: smaller fp16 files open and run' +
+        " (measured: tiny-pydoc, and 4 of 169M's 12 layers, 216 MB). The size, then: most likely memory, since the" +
+        ` fp16 weights become fp32 copies when the file is opened (twice the file's ${(bytes.length / 1e6).toFixed(0)}` +
+        " MB, beside the file and XNNPACK's packed copy) and this runtime's wasm memory holds 2 GB at most.";
+    }
+    throw new RuntimeLimit(`the TFLite web runtime cannot open ${graph.file}: ${why}.${hint}`, limitFix(graph, said));
   }
+}
+
+// The exporter change (or variant) that would let this build open the file, where one is known.
+function limitFix(graph, said) {
+  if (said.some((l) => /Unsupported data type 17/.test(l))) { // 17: TensorType INT4 in the TFLite schema
+    return 'use the int8 variant (`rwkv-export tflite --quant int8`): this TFLite build predates int4 tensors (type 17).';
+  }
+  if (graph.variant === 'fp16') return 'use the int8 variant (one byte per weight, kept as int8 when opened) or fp32.';
+  return null;
 }
 
 // A graph's I/O as the interpreter's tensors: {token, logits, states: [[inTensor, outTensor, stateName]]}.

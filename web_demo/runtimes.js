@@ -6,8 +6,8 @@
 // URL: runtime=ort|tfjs|tflite|wasm-native, backend=wasm|webgpu (ort) / wasm|webgl|webgpu|cpu (tfjs) / wasm (tflite) /
 // wasm-native (wasm-native: our own wasm SIMD runtime, rt_wasm.js, int8 RWKV-4 only),
 // variant=NAME, model=URL/ (the export folder, default /model/), threads=N, worker=1, prompt=TEXT, tokens=N, verify=0,
-// autorun=1.
-// window.rwkvRuntimes: load({runtime, backend, variant, threads, worker}), generate({prompt|promptIds, maxTokens,
+// promptgraph=0 (feed the prompt token by token even where the folder has a prompt graph), autorun=1.
+// window.rwkvRuntimes: load({runtime, backend, variant, threads, worker, promptGraph}), generate({prompt|promptIds, maxTokens,
 // temperature, seed}), memory(), manifest, info, lastResult, status (also document.body.dataset.status), error.
 
 import { FORMAT_TITLES, fetchManifest, formatBytes, graphFiles, sequenceGraph, stepGraph, variants } from './manifest.js';
@@ -64,7 +64,7 @@ const downloadBytes = (m, graphs) => [...new Map(graphs.flatMap((g) => graphFile
   .reduce((a, b) => a + b, 0);
 
 // Load a runtime/backend/variant: the model's files are fetched again (each runtime holds its own copy).
-api.load = async ({ runtime, backend, variant, threads = 1, worker = false, verify = true } = {}) => {
+api.load = async ({ runtime, backend, variant, threads = 1, worker = false, verify = true, promptGraph = true } = {}) => {
   const rt = RUNTIMES[runtime];
   if (!rt) throw new Error(`unknown runtime '${runtime}' (${Object.keys(RUNTIMES).join(', ')})`);
   setStatus('loading');
@@ -80,6 +80,11 @@ api.load = async ({ runtime, backend, variant, threads = 1, worker = false, veri
     const seq = sequenceGraph(m, variant, rt.format);
     const options = { manifest: m, modelBase, graph, seq, backend, threads, verify };
     const runner = worker ? await openInWorker(rt.module, options) : await (await import(rt.module)).open(options);
+    if (!promptGraph && runner.prompt) { // asked for: e.g. to tell a prompt graph's failure from the step graph's
+      runner.prompt = null;
+      runner.promptInfo = null;
+      runner.notes = [...runner.notes, 'the prompt graph is not used (promptgraph=0): the prompt runs token by token'];
+    }
     const loadMs = performance.now() - t0;
     await runner.step(0); // the first run builds kernels / shaders: timed apart, not part of decode speed
     await runner.reset();
@@ -167,6 +172,7 @@ function controlsOptions() {
   return {
     runtime: $('runtime').value, backend: $('backend').value, variant: $('variant').value,
     threads: Number($('threads').value), worker: $('worker').checked, verify: params.get('verify') !== '0',
+    promptGraph: params.get('promptgraph') !== '0',
   };
 }
 
