@@ -11,8 +11,14 @@ other processes on the machine so falls on all configs alike. A row gives the me
 range, and the ratio to the first config's median; the load average before and after is printed: on a shared machine
 compare ratios, not absolute numbers.
 
-A config: ort:THREADS (onnxruntime-web wasm) or native:KERNEL:THREADS[:SPIN] (KERNEL u8, nib, i16 or auto; SPIN the
-helpers' polls before they sleep, rt_wasm.js's default 65536; 0 = sleep at once, woken by a notify every matvec).
+A config: ort:THREADS (onnxruntime-web wasm) or native:KERNEL:THREADS[:SPIN[:PATIENCE]] (KERNEL u8, nib, i16 or auto;
+SPIN the helpers' polls before they sleep, rt_wasm.js's default 65536; 0 = sleep at once, woken by a notify every
+matvec; empty = the default; PATIENCE the runner's polls for chunks still running on a helper at a matvec's end
+before it computes them itself, default 8192; 0 = at once);
+nativejs:KERNEL:THREADS[:SPIN[:PATIENCE]] is native with the step's elementwise float32 work in JavaScript
+(rt_wasm.js's stepJs, the reference) instead of in the wasm module; listed after the same native config, it runs on
+that config's runtime (the same memory and threads), which is the fair comparison: two identical runtimes loaded side
+by side differed by 8 % in one run on this machine (list a config twice to see it).
 Needs: pip install playwright; /usr/bin/chromium; npm ci --prefix web_demo (onnxruntime-web).
 """
 
@@ -38,16 +44,26 @@ OPEN_JS = """async ([configs]) => {
   const modelBase = new URL('/model/', location.href).href;
   window.benchRunners = [];
   const info = [];
+  const native = new Map();
   for (const c of configs) {
     const t0 = performance.now();
+    const key = JSON.stringify([c.kernel, c.threads, c.spin, c.patience]);
+    if (c.kind === 'nativejs' && native.has(key)) { // the same runtime (memory, threads) as that native config
+      const r = native.get(key);
+      window.benchRunners.push({ ...r, step: r.stepJs });
+      info.push({ loadS: 0, threads: r.threads, notes: [r.notes[0], 'elementwise in js, on the runtime of ' + r.name] });
+      continue;
+    }
     const mod = await import(c.kind === 'ort' ? './rt_ort.js' : './rt_wasm.js');
     const backend = c.kind === 'ort' ? 'wasm' : (c.kernel === 'auto' ? 'wasm-native' : `wasm-native-${c.kernel}`);
-    const extra = c.spin == null ? {} : { spin: c.spin };
+    const extra = { ...(c.spin == null ? {} : { spin: c.spin }), ...(c.patience == null ? {} : { patience: c.patience }),
+      ...(c.kind === 'nativejs' ? { elementwise: 'js' } : {}) };
     const opts = { manifest: m, modelBase, graph, seq: null, backend, threads: c.threads, verify: false, ...extra };
     const r = await mod.open(opts);
     for (let i = 0; i < 8; i++) await r.step(0); // warm-up (JIT tiers)
     await r.reset();
     window.benchRunners.push(r);
+    if (c.kind === 'native') native.set(key, { ...r, name: c.name });
     info.push({ loadS: (performance.now() - t0) / 1000, threads: r.threads, notes: r.notes });
   }
   return info;
@@ -81,18 +97,19 @@ def parse(spec: str) -> list[dict]:
         p = c.split(":")
         if p[0] == "ort" and len(p) == 2:
             out.append({"name": c, "kind": "ort", "threads": int(p[1])})
-        elif p[0] == "native" and len(p) in (3, 4) and p[1] in ("u8", "nib", "i16", "auto"):
-            spin = None if len(p) == 3 else int(p[3])
-            out.append({"name": c, "kind": "native", "kernel": p[1], "threads": int(p[2]), "spin": spin})
+        elif p[0] in ("native", "nativejs") and 3 <= len(p) <= 5 and p[1] in ("u8", "nib", "i16", "auto"):
+            spin = None if len(p) < 4 or p[3] == "" else int(p[3])
+            patience = None if len(p) < 5 else int(p[4])
+            out.append({"name": c, "kind": p[0], "kernel": p[1], "threads": int(p[2]), "spin": spin, "patience": patience})
         else:
-            raise SystemExit(f"error: bad config '{c}' (ort:THREADS or native:u8|nib|i16|auto:THREADS[:SPIN])")
+            raise SystemExit(f"error: bad config '{c}' (ort:THREADS or native|nativejs:u8|nib|i16|auto:THREADS[:SPIN[:PATIENCE]])")
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folder", type=Path)
-    ap.add_argument("--configs", default="ort:2,native:auto:2,native:auto:1,native:nib:2,native:i16:2")
+    ap.add_argument("--configs", default="ort:2,native:auto:2,nativejs:auto:2,native:auto:1,native:nib:2,native:i16:2")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=16)
     args = ap.parse_args()
@@ -130,7 +147,7 @@ def main() -> None:
         r = [x[i] for x in rates]
         med = statistics.median(r)
         base = base or med
-        note = f" ({info[i]['notes'][0]})" if c["kind"] == "native" and info[i]["notes"] else ""
+        note = f" ({', '.join(info[i]['notes'][:2])})" if c["kind"] != "ort" and info[i]["notes"] else ""
         print(f"| {c['name']}{note} | {info[i]['threads']} | {info[i]['loadS']:.1f} s | "
               f"{med:.1f} ({min(r):.1f}–{max(r):.1f}) | {med / base:.2f} |")
 

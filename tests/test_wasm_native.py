@@ -5,9 +5,11 @@ which its shared wasm memory needs).
 On the trained tiny-pydoc's int8 file (a trained model's greedy path flips on small numeric differences, unlike a
 random one): 64 greedy ids equal onnxruntime's (Python) on the same file, on the page's thread and in a Web Worker,
 with 1 and 2 threads; the three integer kernels (u8, nib, i16) and 1 vs 2 threads give bit-identical logits (the
-integer sums are exact, so nothing but the kernel may change them); the first steps' logits are within
-LOGITS_ATOL of onnxruntime's; the committed .wasm is what its .wat builds; variants and models it cannot run are
-refused in one line.
+integer sums are exact, so nothing but the kernel may change them); the elementwise work in wasm gives the same logits
+to the bit as the JS reference step (also with the helper thread killed), and the module's exp rounds like
+Math.exp; the demo page (index.html, backend wasm-native) gives the same greedy ids and stops on Stop; the first
+steps' logits are within LOGITS_ATOL of onnxruntime's; the committed .wasm is what its .wat builds; variants and models
+it cannot run are refused in one line.
 
 Needs (a missing one is a failure, never a skip): pip install playwright; apt-get install -y chromium;
 `npm ci --prefix web_demo` (wabt, for the rebuild check).
@@ -151,6 +153,120 @@ def test_first_steps_logits_close_to_onnxruntime(page, pydoc):
     assert page.page_errors == []
 
 
+ELEMENTWISE_JS = """async ([ids, n, threads, killHelper]) => {
+  const rt = await import('./rt_wasm.js');
+  const mf = await import('./manifest.js');
+  const m = window.rwkvRuntimes.manifest;
+  const ff = await import('./fetch_files.js');
+  const base = new URL('/model/', location.href).href;
+  const { files } = await ff.fetchGraphFiles(m, base, [mf.stepGraph(m, 'int8')], true);
+  const r = await rt.RwkvWasm.create(m, 'int8', files, { threads });
+  if (killHelper) { for (const w of r.workers) w.terminate(); await new Promise((res) => setTimeout(res, 50)); }
+  const am = (l) => { let b = 0; for (let j = 1; j < l.length; j++) if (l[j] > l[b]) b = j; return b; };
+  const run = (step) => {
+    r.reset();
+    const logits = [];
+    let l;
+    for (const id of ids) l = step(id);
+    const gen = [];
+    for (let i = 0; i < n; i++) { gen.push(am(l)); logits.push(Array.from(l)); l = step(gen[i]); }
+    return { gen, logits };
+  };
+  const wasm = run((id) => r.step(id));
+  const js = run((id) => r.stepJs(id));
+  r.dispose();
+  return { wasm, js, mode: r.mode };
+}"""
+
+
+@pytest.mark.parametrize("threads,kill_helper", [(1, False), (2, False), (2, True)])
+def test_wasm_elementwise_equals_js_reference(page, pydoc, threads, kill_helper):
+    """The step's elementwise work in wasm (layernorm, mix, wkv, add, relusq, addsigmul) gives the same logits, to the
+    bit, as the float32 JS reference (stepJs) over the prompt and 64 greedy tokens: every operation is the same
+    float32 operation in the same order, and exp (computed in double in wasm, V8's Math.exp in JS, both rounded to
+    float32) agreed on all 2^20 values of test_wasm_exp_rounds_like_math_exp. The greedy ids equal onnxruntime's.
+    With the helper thread terminated (kill_helper), thread 0 does every chunk itself: still no hang and the same
+    logits (rwkv4_int8.wat's run never waits for a helper)."""
+    res = page.evaluate(ELEMENTWISE_JS, [list(PROMPT.encode()), TOKENS, threads, kill_helper])
+    assert res["wasm"]["gen"] == res["js"]["gen"]
+    assert res["wasm"]["logits"] == res["js"]["logits"]
+    expected, _ = ort_run(pydoc, list(PROMPT.encode()), TOKENS)
+    assert res["wasm"]["gen"] == expected
+    assert page.page_errors == []
+
+
+EXP_JS = """async ([n]) => {
+  const rt = await import('./rt_wasm.js');
+  const mf = await import('./manifest.js');
+  const m = window.rwkvRuntimes.manifest;
+  const ff = await import('./fetch_files.js');
+  const base = new URL('/model/', location.href).href;
+  const { files } = await ff.fetchGraphFiles(m, base, [mf.stepGraph(m, 'int8')], true);
+  const r = await rt.RwkvWasm.create(m, 'int8', files, { threads: 1 });
+  const xs = new Float32Array(n);
+  for (let i = 0; i < n; i++) xs[i] = -104 + 193 * (i / n); // float32's whole exp range: e^-104 rounds to 0, e^89 to inf
+  const ys = r.expf(xs);
+  const bits = (v) => new Int32Array(Float32Array.of(v).buffer)[0];
+  let differ = 0;
+  let maxUlp = 0;
+  for (let i = 0; i < n; i++) {
+    const ref = Math.fround(Math.exp(xs[i]));
+    if (ref !== ys[i]) { differ++; maxUlp = Math.max(maxUlp, Math.abs(bits(ref) - bits(ys[i]))); }
+  }
+  const special = [0, -0, 1, -1, 0.5, -1e30, -Infinity, 1e30, Infinity, 88.72, 88.73, -87.33, -103.97, -103.98, 1e-8, -1e-8];
+  const got = Array.from(r.expf(Float32Array.from(special)));
+  const want = Array.from(Float32Array.from(special), (x) => Math.fround(Math.exp(x)));
+  r.dispose();
+  return { differ, maxUlp, got, want };
+}"""
+EXP_VALUES = 1 << 20
+# $exp64's relative error is below 1e-14 (degree-11 Taylor on |r| <= ln2/2, plus a few double roundings), so it can
+# round to another float32 than V8's Math.exp only where e^x lies within ~1e-14 of a float32 rounding midpoint: a
+# share of ~1e-14 / 2^-24 ~ 2e-7 of values, ~0.2 of 2^20 (measured: 0). 4 allows for that and fails on any real
+# error in the polynomial or the range reduction (which would move thousands of values).
+EXP_MAX_DIFFER = 4
+
+
+def test_wasm_exp_rounds_like_math_exp(page):
+    """The module's exp (rwkv4_int8.wat $expf4) gives fround(Math.exp(x)) on 2^20 float32 values spread over the whole
+    float32 exp range, but for at most EXP_MAX_DIFFER values that differ by one unit in the last place; special
+    values (0, -0, +-inf, -1e30, over/underflow edges, subnormal results) equal it exactly."""
+    res = page.evaluate(EXP_JS, [EXP_VALUES])
+    assert res["differ"] <= EXP_MAX_DIFFER, res["differ"]
+    assert res["maxUlp"] <= 1, res["maxUlp"]
+    assert res["got"] == res["want"]
+    assert page.page_errors == []
+
+
+def test_demo_page_greedy_ids_and_stop(page, pydoc):
+    """The demo (index.html, backend wasm-native, 2 threads: wasm_native_worker.js, which lets Stop in every YIELD_MS
+    instead of after every token): 64 greedy ids equal onnxruntime's; a long sampled run stops on Stop."""
+    ctx = page.context.browser.new_context()
+    pg = ctx.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    base = page.url.rsplit("/", 1)[0] + "/"
+    pg.goto(base + "?autoload=1&backend=wasm-native&variant=int8&threads=2&verify=0")
+    pg.wait_for_function("['ready','error','load-failed'].includes(document.body.dataset.status)")
+    assert pg.evaluate("document.body.dataset.status") == "ready", pg.inner_text("#error")
+    info = pg.evaluate("window.rwkvDemo.loadInfo")
+    assert info["backend"] == "wasm-native" and info["numThreads"] == 2 and info["kernel"] == "u8", info
+    res = pg.evaluate("p => window.rwkvDemo.generate({prompt: p, temperature: 0, maxTokens: %d})" % TOKENS, PROMPT)
+    expected, _ = ort_run(pydoc, list(PROMPT.encode()), TOKENS)
+    assert res["promptIds"] == list(PROMPT.encode())
+    assert res["ids"] == expected
+    pg.evaluate("p => { window.rwkvDemo.generate({prompt: p, temperature: 1, maxTokens: 1000000}).catch(() => {}); }",
+                PROMPT)
+    pg.wait_for_function("window.rwkvDemo.currentIds().length >= 40")
+    pg.evaluate("window.rwkvDemo.stop()")
+    pg.wait_for_function("document.body.dataset.status === 'ready'")
+    last = pg.evaluate("window.rwkvDemo.lastResult")
+    assert last["reason"] == "stopped" and 40 <= last["stats"]["generatedTokens"] < 1_000_000, last["stats"]
+    ctx.close()
+    assert errors == []
+
+
 def test_unsupported_says_so_in_one_line(page):
     """fp32 through runtimes.html fails to load with one line; fp16, int4 and RWKV-5/6/7 are refused by
     unsupported() with one line each."""
@@ -171,6 +287,11 @@ def test_unsupported_says_so_in_one_line(page):
       u.graphs.find((g) => g.variant === 'int8').quantization.method = 'dynamic-uint8';
       out.uint8 = rt.unsupported(u, 'int8');
       out.ok = rt.unsupported(m, 'int8');
+      try {
+        await rt.RwkvWasm.create(m, 'int8', new Map(), { elementwise: 'gpu' });
+      } catch (e) {
+        out.elementwise = e.message;
+      }
       return out;
     }""")
     assert lines == {
@@ -181,6 +302,7 @@ def test_unsupported_says_so_in_one_line(page):
         "7": "wasm-native runs RWKV-4 only; this model is RWKV-7 (use wasm)",
         "uint8": "wasm-native runs int8 method dynamic-int7 only; this file is 'dynamic-uint8' (use wasm)",
         "ok": None,
+        "elementwise": "wasm-native has no elementwise 'gpu' (has wasm, js)",
     }
     assert page.page_errors == []
 

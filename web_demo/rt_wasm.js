@@ -9,8 +9,12 @@
 // is the graph's arithmetic in the graph's order: each MatMul is DynamicQuantizeLinear of the activation (uint8, one
 // scale and zero point per token, ONNX's formula with round-half-to-even), the exact int32 dot product
 // sum_k (a_q[k] - zp) * w[k, n] (in wasm), then float32(acc) * float32(a_scale * w_scale[n]). Elementwise math is
-// float32 in JS (Math.fround after every operation, as onnxruntime computes it); exp, sigmoid and LayerNorm's sums
-// are not onnxruntime's own code, so they may differ from it in the last bit, and where such a bit moves an
+// float32, one rounding after every operation as onnxruntime computes it, also in wasm (rwkv4_int8.wat: layernorm,
+// mix, wkv, add, relusq, addsigmul; step() calls them between the matvecs, so a token is a few hundred cheap calls
+// and no float loop in JS). stepJs() is the same step in JS (Math.fround after every operation), kept as the
+// reference: the two give bit-identical logits (tests/test_wasm_native.py), exp aside (wasm: a double polynomial
+// rounded to float32; JS: Math.exp rounded: they agree on all of 2^20 test values). exp, sigmoid and LayerNorm's
+// sums are not onnxruntime's own code, so they may differ from it in the last bit, and where such a bit moves an
 // activation across a quantization rounding boundary one uint8 step differs (the same happens between native
 // onnxruntime and onnxruntime-web: rwkv_export/quantize.py).
 //
@@ -18,9 +22,11 @@
 // the browser computes it exactly and all weights are in [-64, 64]), 'nib' (the activation split into two nibbles:
 // exact everywhere relaxed SIMD exists), 'i16' (plain SIMD128). Threads: the runner's thread plus threads - 1 helper
 // workers (rt_wasm_worker.js) on one shared wasm memory; each matvec's outputs go in chunks of 64 that the threads
-// claim (so a helper the OS does not schedule in time delays nothing); the helpers spin SPIN polls, then sleep in
-// memory.atomic.wait32. Shared memory needs cross-origin isolation (rwkv-export serve sends the headers); without it
-// the runtime refuses to load, in one line. The prompt runs as a loop of steps (no prompt kernels yet).
+// claim; a helper writes its chunks to its own copy of the output slots, and the runner's thread takes them over
+// once it has nothing left to claim, computing itself any chunk a helper claimed but has not finished within PATIENCE
+// polls (so a helper that the OS preempts mid-chunk costs a chunk, not the preemption). The helpers spin SPIN polls,
+// then sleep in memory.atomic.wait64. Shared memory needs cross-origin isolation (rwkv-export serve sends the
+// headers); without it the runtime refuses to load, in one line. The prompt runs as a loop of steps (no prompt kernels yet).
 //
 // open() is runtimes.html's adapter (rt_common.js); RwkvWasm is the runtime itself.
 
@@ -33,10 +39,17 @@ export const MODES = ['u8', 'nib', 'i16'];
 const MODE_CODE = { u8: 0, nib: 1, i16: 2 };
 const STATE_NAMES = ['att_x', 'att_aa', 'att_bb', 'att_pp', 'ffn_x'];
 const SPIN = 1 << 16; // helper polls before it sleeps (~0.1 ms): a token's matvecs follow each other closer than that
+// the runner's polls (a few ns each, all chunks of a matvec together: ~10-30 us) for the chunks a helper is still
+// computing at a matvec's end, a chunk taking 5-25 us to stream: longer means a preempted helper costs more, shorter
+// that the runner redoes chunks a running helper was about to finish
+const PATIENCE = 1 << 13;
 const CTL = 0; // control block (rwkv4_int8.wat), 256 bytes
 const MAX_THREADS = 6;
 const PAGE = 65536;
 const EPS = Math.fround(1e-5);
+const EXP_BATCH = 4096;
+const ELEMENTWISE = ['wasm', 'js'];
+const LAYER_VECS = ['ln1w', 'ln1b', 'attMix', 'first', 'decay', 'ln2w', 'ln2b', 'ffnMix'];
 const f = Math.fround;
 
 export class WasmNativeError extends Error {}
@@ -82,9 +95,14 @@ export function wasmModule(url = new URL('./rwkv4_int8.wasm', import.meta.url).h
 const sigmoid = (x) => f(1 / f(1 + f(Math.exp(-x))));
 
 export class RwkvWasm {
-  // files: Map file name -> bytes holding the graph's .onnx and data files. options: {threads, mode, module, spin}
-  // (spin: the helpers' polls before they sleep; 0 = sleep at once, woken by memory.atomic.notify every matvec)
-  static async create(manifest, variant, files, { threads = 1, mode = null, module = null, spin = SPIN } = {}) {
+  // files: Map file name -> bytes holding the graph's .onnx and data files. options: {threads, mode, module, spin,
+  // patience, elementwise} (spin: the helpers' polls before they sleep; 0 = sleep at once, woken by memory.atomic.notify every
+  // matvec; patience: the polls the runner's thread waits at the end of a matvec for chunks still running on a helper
+  // before it computes them itself; elementwise: 'wasm' (step) or 'js' (stepJs, the float32 JavaScript reference, for
+  // tests and benchmarks))
+  static async create(manifest, variant, files,
+    { threads = 1, mode = null, module = null, spin = SPIN, patience = PATIENCE, elementwise = 'wasm' } = {}) {
+    if (!ELEMENTWISE.includes(elementwise)) fail(`wasm-native has no elementwise '${elementwise}' (has ${ELEMENTWISE.join(', ')})`);
     const why = unsupported(manifest, variant);
     if (why) fail(why);
     // the module imports a shared memory (one module for 1 or more threads), which needs cross-origin isolation
@@ -92,6 +110,9 @@ export class RwkvWasm {
     threads = Math.max(1, Math.min(MAX_THREADS, threads | 0));
     const rt = new RwkvWasm(manifest, variant, files, threads);
     rt.spin = spin;
+    rt.patience = patience;
+    if (elementwise === 'js') rt.step = rt.stepJs;
+    rt.elementwise = elementwise;
     await rt.init(module ?? await wasmModule(), mode);
     return rt;
   }
@@ -155,7 +176,22 @@ export class RwkvWasm {
     this.info = [0, 1, 2, 3].map(() => take(16));
     this.xin = [0, 1, 2, 3].map(() => take(4 * Kmax));
     this.act = [0, 1, 2, 3].map(() => take(2 * Kmax));
-    this.out = [0, 1, 2, 3].map(() => take(4 * Nmax));
+    // the output slots, one copy per thread (a helper writes its chunks to its own copy: rwkv4_int8.wat's run)
+    const slot = align(4 * Nmax);
+    const outBase = take(this.threads * 4 * slot);
+    this.out = [0, 1, 2, 3].map((s) => outBase + s * slot);
+    this.outSpan = 4 * slot;
+    this.donePtr = take(4 * mats.reduce((n, m) => n + Math.ceil(m.nb / 4), 1)); // a tag per chunk of a job
+    // the step's float32 vectors: x, xx, the state (5 x L x C), each layer's LayerNorm/mix/decay vectors, ln_out's
+    this.xPtr = take(4 * C);
+    this.xxPtr = take(4 * C);
+    this.statePtr = take(4 * 5 * L * C);
+    const vecs = [];
+    const place = (obj, key) => { const v = obj[key]; obj[`${key}Ptr`] = take(4 * v.length); vecs.push([obj, key]); };
+    for (const ly of this.layers) for (const key of LAYER_VECS) place(ly, key);
+    place(this, 'lnOutW');
+    place(this, 'lnOutB');
+    this.expPtr = take(4 * EXP_BATCH); // expf's buffer (tests)
     for (const m of mats) {
       m.colsumPtr = take(4 * m.nb * 16);
       m.scalePtr = take(4 * m.nb * 16);
@@ -169,9 +205,19 @@ export class RwkvWasm {
     this.i16 = new Int16Array(this.memory.buffer);
     this.i32 = new Int32Array(this.memory.buffer);
     this.f32 = new Float32Array(this.memory.buffer);
+    this.i32[(CTL >> 2) + 4] = this.outSpan;
+    this.i32[(CTL >> 2) + 5] = this.donePtr;
+    this.i32[(CTL >> 2) + 6] = this.patience;
     this.xinF = this.xin.map((p) => this.f32.subarray(p >> 2, (p >> 2) + Kmax));
     this.outF = this.out.map((p) => this.f32.subarray(p >> 2, (p >> 2) + Nmax));
     this.bytes = at;
+    // the JS arrays become views of their copies in the wasm memory (the JS reference step reads the same data)
+    for (const [obj, key] of vecs) {
+      const v = obj[key];
+      const view = this.f32.subarray(obj[`${key}Ptr`] >> 2, (obj[`${key}Ptr`] >> 2) + v.length);
+      view.set(v);
+      obj[key] = view;
+    }
 
     // the kernel: the fastest exact one (u8 where the probe says the relaxed dot is exact here and |w| <= 64)
     let maxAbs = 0;
@@ -190,11 +236,18 @@ export class RwkvWasm {
     for (const m of mats) m.w = null; // packed into the wasm memory
     this.mats = mats;
 
-    this.state = new Float32Array(5 * L * C);
+    this.state = this.f32.subarray(this.statePtr >> 2, (this.statePtr >> 2) + 5 * L * C);
     this.reset();
-    this.x = new Float32Array(C);
-    this.xx = new Float32Array(C);
+    this.x = this.f32.subarray(this.xPtr >> 2, (this.xPtr >> 2) + C);
+    this.xx = this.f32.subarray(this.xxPtr >> 2, (this.xxPtr >> 2) + C);
     this.logits = new Float32Array(V);
+    this.jobs = this.layers.map((ly) => ({
+      kvr: this.jobSpec([this.seg(ly.key, 0), this.seg(ly.value, 1), this.seg(ly.recept, 2)]),
+      out: this.jobSpec([this.seg(ly.output, 0)]),
+      kr: this.jobSpec([this.seg(ly.fkey, 0), this.seg(ly.frecept, 1)]),
+      val: this.jobSpec([this.seg(ly.fvalue, 2)]),
+    }));
+    this.headJob = this.jobSpec([this.seg(this.head, 3)]);
     if (this.threads > 1) await this.startWorkers(module);
   }
 
@@ -263,18 +316,30 @@ export class RwkvWasm {
         wk.onmessage = ({ data }) => (data.error ? reject(new WasmNativeError(`wasm-native helper thread: ${data.error}`)) : resolve());
         wk.onerror = (e) => reject(new WasmNativeError(`wasm-native helper thread failed: ${e.message ?? 'error'}`));
       }));
-      wk.postMessage({ module, memory: this.memory, ctl: CTL, spin: this.spin });
+      wk.postMessage({ module, memory: this.memory, ctl: CTL, spin: this.spin, thread: t });
     }
     await Promise.all(ready);
   }
 
-  // One job: segments [w, a, y, K, blocks] of one mode, in chunks of 4 blocks that every thread claims (wasm $work)
+  // One job: segments [w, a, y, K, blocks] (the int32 sums) or [w, a, y, K, blocks, colsum, wscale, info] (dequantized:
+  // seg()) of one mode, in chunks of 4 blocks that every thread claims (wasm $work)
   job(mode, segs) {
-    const c = CTL >> 2;
-    this.i32[c + 8] = mode;
-    this.i32[c + 9] = segs.length;
+    this.runJob(this.jobSpec(segs, mode));
+  }
+
+  // a job's control words (mode, segment count, segments) and its chunk count, built once
+  jobSpec(segs, mode = MODE_CODE[this.mode]) {
+    const words = new Int32Array(2 + 8 * segs.length);
+    words[0] = mode;
+    words[1] = segs.length;
     let chunks = 0;
-    segs.forEach((s, i) => { this.i32.set(s, c + 10 + 5 * i); chunks += Math.ceil(s[4] / 4); });
+    segs.forEach((s, i) => { words.set(s, 2 + 8 * i); chunks += Math.ceil(s[4] / 4); });
+    if (chunks >= 65536) fail(`wasm-native: a matvec job of ${chunks} chunks (the claim word holds fewer than 65536)`);
+    return { words, chunks };
+  }
+
+  runJob({ words, chunks }) {
+    this.i32.set(words, (CTL >> 2) + 8);
     this.instance.exports.run(CTL, chunks);
   }
 
@@ -283,14 +348,10 @@ export class RwkvWasm {
     this.instance.exports.quant(this.xin[slot], K, this.act[slot], MODE_CODE[this.mode], this.info[slot]);
   }
 
-  // the matvec's outputs in place: float32(acc - zp * colsum) * float32(a_scale * w_scale[n]) (wasm); out slot view
-  dequant(m, slot) {
-    this.instance.exports.dequant(this.out[slot], m.colsumPtr, m.scalePtr, m.nb * 16, this.info[slot]);
-    return this.outF[slot];
-  }
 
+  // a matvec of matrix m from activation slot `slot` into its out slot, dequantized there (float32 outputs)
   seg(m, slot) {
-    return [m.ptr, this.act[slot], this.out[slot], m.K, m.nb];
+    return [m.ptr, this.act[slot], this.out[slot], m.K, m.nb, m.colsumPtr, m.scalePtr, this.info[slot]];
   }
 
 
@@ -312,11 +373,74 @@ export class RwkvWasm {
     for (let i = 0; i < C; i++) out[i] = f(f(f(f(x[i] - mean) / sd) * w[i]) + b[i]);
   }
 
-  // One token from the current state: Float32Array logits (this.logits, overwritten by the next step)
+  // One token from the current state: Float32Array logits (this.logits, overwritten by the next step). The elementwise
+  // work runs in wasm (rwkv4_int8.wat: layernorm, mix, wkv, add, relusq, addsigmul), a few calls per matvec; the
+  // results equal stepJs's to the bit except where the module's exp and Math.exp round to different float32 (rare:
+  // the .wat's $exp64 says why).
   step(token) {
+    const { L, C, F } = this;
+    if (!(token >= 0 && token < this.V)) fail(`token ${token} is outside the vocabulary (0..${this.V - 1})`);
+    const e = this.instance.exports;
+    const X = this.xPtr; const XX = this.xxPtr;
+    const es = this.embScale[token];
+    const x = this.x;
+    for (let i = 0; i < C; i++) x[i] = f(this.emb[token * C + i] * es);
+    const [o0, o1, o2] = this.out;
+    const [i0, i1, i2] = this.xin;
+    const f32 = this.f32;
+    const S = (s, i) => this.statePtr + 4 * (s * L + i) * C;
+    for (let i = 0; i < L; i++) {
+      const ly = this.layers[i];
+      const jobs = this.jobs[i];
+      const sx = S(0, i); const fx = S(4, i);
+      e.layernorm(X, ly.ln1wPtr, ly.ln1bPtr, XX, C);
+      for (let m = 0; m < 3; m++) {
+        e.mix(XX, sx, ly.attMixPtr + 4 * m * C, this.xin[m], C);
+        this.quantize(C, m);
+      }
+      f32.copyWithin(sx >> 2, XX >> 2, (XX >> 2) + C);
+      this.runJob(jobs.kvr); // k, v, r: out slots 0, 1, 2 (dequantized by the job)
+      e.wkv(o0, o1, o2, ly.firstPtr, ly.decayPtr, S(1, i), S(2, i), S(3, i), i0, C);
+      this.quantize(C, 0);
+      this.runJob(jobs.out);
+      e.add(X, o0, C);
+      e.layernorm(X, ly.ln2wPtr, ly.ln2bPtr, XX, C);
+      e.mix(XX, fx, ly.ffnMixPtr, i0, C);
+      this.quantize(C, 0);
+      e.mix(XX, fx, ly.ffnMixPtr + 4 * C, i1, C);
+      this.quantize(C, 1);
+      f32.copyWithin(fx >> 2, XX >> 2, (XX >> 2) + C);
+      this.runJob(jobs.kr);
+      e.relusq(o0, i2, F);
+      this.quantize(F, 2);
+      this.runJob(jobs.val);
+      e.addsigmul(X, o1, o2, C);
+    }
+    e.layernorm(X, this.lnOutWPtr, this.lnOutBPtr, this.xin[3], C);
+    this.quantize(C, 3);
+    this.runJob(this.headJob);
+    this.logits.set(this.outF[3].subarray(0, this.V));
+    return this.logits;
+  }
+
+  // exp of float32 values as the module computes it (tests: against Math.exp): Float32Array in, Float32Array out
+  expf(xs) {
+    const out = new Float32Array(xs.length);
+    for (let i = 0; i < xs.length; i += EXP_BATCH) {
+      const n = Math.min(EXP_BATCH, xs.length - i);
+      const p = this.expPtr >> 2;
+      this.f32.fill(0, p, p + EXP_BATCH);
+      this.f32.set(xs.subarray(i, i + n), p);
+      this.instance.exports.expf(this.expPtr, this.expPtr, EXP_BATCH);
+      out.set(this.f32.subarray(p, p + n), i);
+    }
+    return out;
+  }
+
+  // The same step in float32 JavaScript (the reference the wasm elementwise functions are tested against)
+  stepJs(token) {
     const { L, C, F, state, x, xx, xinF } = this;
     if (!(token >= 0 && token < this.V)) fail(`token ${token} is outside the vocabulary (0..${this.V - 1})`);
-    const mode = MODE_CODE[this.mode];
     const es = this.embScale[token];
     for (let i = 0; i < C; i++) x[i] = f(this.emb[token * C + i] * es);
     const S = (s, i) => state.subarray((s * L + i) * C, (s * L + i + 1) * C);
@@ -332,10 +456,10 @@ export class RwkvWasm {
         this.quantize(C, m);
       }
       sx.set(xx);
-      this.job(mode, [this.seg(ly.key, 0), this.seg(ly.value, 1), this.seg(ly.recept, 2)]);
-      const k = this.dequant(ly.key, 0);
-      const v = this.dequant(ly.value, 1);
-      const r = this.dequant(ly.recept, 2);
+      this.runJob(this.jobs[i].kvr);
+      const k = this.outF[0];
+      const v = this.outF[1];
+      const r = this.outF[2];
       const u = ly.first; const w = ly.decay; const rw = xinF[0];
       for (let c = 0; c < C; c++) {
         const kc = k[c]; const vc = v[c]; const a0 = aa[c]; const b0 = bb[c]; const p0 = pp[c];
@@ -354,8 +478,8 @@ export class RwkvWasm {
         rw[c] = f(sigmoid(r[c]) * wkv);
       }
       this.quantize(C, 0);
-      this.job(mode, [this.seg(ly.output, 0)]);
-      const att = this.dequant(ly.output, 0);
+      this.runJob(this.jobs[i].out);
+      const att = this.outF[0];
       for (let c = 0; c < C; c++) x[c] = f(x[c] + att[c]);
       // channel mix: key (slot 0) and receptance (slot 1), then value (slot 2) of relu(key)^2
       this.layerNorm(x, ly.ln2w, ly.ln2b, xx);
@@ -366,28 +490,29 @@ export class RwkvWasm {
         this.quantize(C, m);
       }
       fx.set(xx);
-      this.job(mode, [this.seg(ly.fkey, 0), this.seg(ly.frecept, 1)]);
-      const fk = this.dequant(ly.fkey, 0);
-      const fr = this.dequant(ly.frecept, 1);
+      this.runJob(this.jobs[i].kr);
+      const fk = this.outF[0];
+      const fr = this.outF[1];
       const sq = xinF[2];
       for (let j = 0; j < F; j++) { const a = fk[j] > 0 ? fk[j] : 0; sq[j] = f(a * a); }
       this.quantize(F, 2);
-      this.job(mode, [this.seg(ly.fvalue, 2)]);
-      const fv = this.dequant(ly.fvalue, 2);
+      this.runJob(this.jobs[i].val);
+      const fv = this.outF[2];
       for (let c = 0; c < C; c++) x[c] = f(x[c] + f(sigmoid(fr[c]) * fv[c]));
     }
     this.layerNorm(x, this.lnOutW, this.lnOutB, xinF[3]);
     this.quantize(C, 3);
-    this.job(mode, [this.seg(this.head, 3)]);
-    this.logits.set(this.dequant(this.head, 3).subarray(0, this.V));
+    this.runJob(this.headJob);
+    this.logits.set(this.outF[3].subarray(0, this.V));
     return this.logits;
   }
 
   dispose() {
     if (this.workers.length) {
-      Atomics.store(this.i32, (CTL >> 2) + 1, 1); // quit
-      Atomics.store(this.i32, CTL >> 2, 0); // a change of the claim word wakes a polling helper, notify a sleeping one
-      Atomics.notify(this.i32, CTL >> 2);
+      Atomics.store(this.i32, (CTL >> 2) + 3, 1); // quit
+      // a change of the claim word (its job number, the high half) wakes a polling helper; notify a sleeping one
+      Atomics.add(this.i32, (CTL >> 2) + 1, 1);
+      Atomics.notify(new BigInt64Array(this.memory.buffer), CTL >> 3);
       for (const w of this.workers) w.terminate();
       this.workers = [];
     }
@@ -396,22 +521,26 @@ export class RwkvWasm {
 }
 
 // runtimes.html's adapter (rt_common.js). backend 'wasm-native' picks the kernel itself; 'wasm-native-u8',
-// 'wasm-native-nib', 'wasm-native-i16' force one (benchmarks/bench_web_runtimes.py times them).
-export async function open({ manifest, modelBase, graph, backend, threads = 1, verify = true, spin = SPIN }) {
+// 'wasm-native-nib', 'wasm-native-i16' force one (benchmarks/bench_web_runtimes.py times them); elementwise 'js'
+// runs the JS reference step (benchmarks/bench_wasm_native.py's nativejs configs).
+export async function open({ manifest, modelBase, graph, backend, threads = 1, verify = true, spin = SPIN,
+  patience = PATIENCE, elementwise = 'wasm' }) {
   const mode = backend.startsWith(`${BACKEND}-`) ? backend.slice(BACKEND.length + 1) : null;
   if (backend !== BACKEND && !MODES.includes(mode)) fail(`wasm-native has no backend '${backend}' (has ${BACKEND})`);
   const why = unsupported(manifest, graph.variant);
   if (why) fail(why);
   const { files } = await fetchGraphFiles(manifest, modelBase, [graph], verify);
   const bytes = [...files.values()].reduce((n, b) => n + b.length, 0);
-  const rt = await RwkvWasm.create(manifest, graph.variant, files, { threads, mode, spin });
+  const rt = await RwkvWasm.create(manifest, graph.variant, files, { threads, mode, spin, patience, elementwise });
   files.clear();
   return {
     backend: BACKEND, threads: rt.threads, bytes,
-    notes: [`kernel ${rt.mode} (relaxed-dot probe ${rt.probe ? 'exact' : 'not exact'})`, 'prompt as a loop of steps'],
+    notes: [`kernel ${rt.mode} (relaxed-dot probe ${rt.probe ? 'exact' : 'not exact'})`, `elementwise in ${rt.elementwise}`,
+      'prompt as a loop of steps'],
     promptInfo: null, prompt: null,
     reset() { rt.reset(); },
     step: (id) => rt.step(id),
+    stepJs: (id) => rt.stepJs(id), // the JS reference step on the same runtime (benchmarks/bench_wasm_native.py)
     wasmBytes: () => rt.bytes,
     async dispose() { rt.dispose(); },
   };

@@ -13,6 +13,9 @@ import { BACKEND, RwkvWasm, unsupported } from './rt_wasm.js';
 import { checkParams, decode, makeRng } from './sampling.js';
 
 const WARMUP_STEPS = 4; // V8 tiers the step's JS up while it runs: a few steps after load, then reset
+// Queued messages (Stop) are let in every YIELD_MS, not after every token: a token is ~16 ms at 169M, and a round
+// trip through the event loop per token is time in which the helper threads idle
+const YIELD_MS = 25;
 let rt = null;
 let stopRequested = false;
 let busy = false;
@@ -53,6 +56,13 @@ async function generate({ promptIds, params, eosId }) {
   if (bad !== undefined) throw new Error(`prompt token id ${bad} is outside the model's vocab [0, ${rt.V})`);
   const rng = makeRng(params.seed);
   stopRequested = false;
+  let lastYield = performance.now();
+  const pause = () => {
+    const now = performance.now();
+    if (now - lastYield < YIELD_MS) return null;
+    lastYield = now;
+    return yieldToEvents();
+  };
   rt.reset();
   const t0 = performance.now();
   let logits;
@@ -60,14 +70,14 @@ async function generate({ promptIds, params, eosId }) {
   for (const id of promptIds) {
     logits = rt.step(id);
     runs++;
-    await yieldToEvents();
+    await pause();
     if (stopRequested) break;
   }
   const t1 = performance.now();
   post({ type: 'prompt', tokens: promptIds.length, ms: t1 - t0, mode: 'step', runs });
   const { ids, reason, modelMs } = await decode({
     logits, step: (id) => rt.step(id), params, eosId, rng, post,
-    stopped: () => stopRequested, pause: yieldToEvents, t1,
+    stopped: () => stopRequested, pause, t1,
   });
   const t2 = performance.now();
   post({
