@@ -764,6 +764,21 @@ def build_graph_model(module, onnx_path: Path | None, tmp: Path, prefill: bool) 
     """(nodes, weights, step signature, names a storage variant may quantize, rwkv_export metadata) of one TF.js graph
     model holding the step graph and, with `prefill`, the prompt graph: our ONNX graphs translated into one GraphDef.
     `onnx_path`: the module's ONNX step graph if already written (else written into `tmp`, as the prompt graph is)."""
+    nodes, weights, signature, quantizable, meta, _ = _build_graph_model(module, onnx_path, tmp, prefill)
+    return nodes, weights, signature, quantizable, meta
+
+
+def prompt_graph_weights(module, tmp: Path) -> tuple[Path, "_ArrayStore", dict[str, str], set[str]]:
+    """(the module's ONNX prompt graph, written weightless into `tmp`; the _ArrayStore holding its weights; ONNX
+    initializer name -> the name of the TF.js weight export_tfjs writes for it; the TF.js names of the step graph's
+    weights, which a storage variant may quantize) by the very translation export_tfjs runs (the step graph first,
+    then the prompt graph: a shared weight gets the step graph's name, one of the same name and other values a fresh
+    one, stored exactly in every variant). tf_quality.py builds its stand-in from these."""
+    _, _, _, quantizable, _, (path, store, names) = _build_graph_model(module, None, Path(tmp), True)
+    return path, store, names, quantizable
+
+
+def _build_graph_model(module, onnx_path: Path | None, tmp: Path, prefill: bool):
     import onnx
 
     from . import onnx_seq
@@ -793,8 +808,12 @@ def build_graph_model(module, onnx_path: Path | None, tmp: Path, prefill: bool) 
         prompt = seq.run()
         _check_signature(prompt, states, TOKENS_INPUT)
         meta = {"signatures": {PREFILL: prompt}, **onnx_seq.graph_meta(path)}
+        # the prompt graph's weights as TF.js names them (the initializers read as tensors, not as shapes or axes)
+        prompt_names = (path, store, {n: seq.names[n] for n in seq.initializers if n in seq.names})
+    else:
+        prompt_names = (None, store, {})
     nodes, weights = g.pruned()
-    return nodes, weights, signature, quantizable, meta
+    return nodes, weights, signature, quantizable, meta, prompt_names
 
 
 def export_tfjs(module, out_dir: Path, variants=("fp32",), *, onnx_path: Path | None = None,
