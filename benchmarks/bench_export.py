@@ -10,8 +10,11 @@ the README's try-it model (`--shapes tiny-pydoc`: builtin:tiny-pydoc). Without -
 it has (onnx and tflite: fp16,int8,int4; tfjs: fp16,uint8); shapes and targets are interleaved (each shape runs
 every target before the next shape). Peak RSS is the child's own (os.wait4's ru_maxrss,
 which covers the process tree's largest member). The per-stage rows come from the export's own progress lines
-("STAGE: done in N s (peak RSS M)"); stages not listed (imports, reading the checkpoint's tensors, writing the
-manifest) are the difference to the total.
+("STAGE: done in N s (peak RSS M, CPU C s)", the CPU figure asked for by RWKV_EXPORT_STAGE_CPU): a stage's CPU is
+its own process's (all threads), and a check's worker process notes its job ("(worker process)" rows: their wall
+overlaps the main process's stages, which then run beside them); stages not listed (imports, reading the
+checkpoint's tensors, writing the manifest, worker start-up) are the difference to the total, whose CPU is the
+whole process tree's (os.wait4: the child and every process it waited for).
 
 The dev box is shared: the load average before and after each row is printed, and the CPU time (user + system) of
 the child beside its wall time: on a loaded machine the wall time can be several times the CPU time.
@@ -32,9 +35,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rwkv_export.progress import STAGE_CPU_ENV  # noqa: E402
+
 # name -> RWKV-4 shapes (n_layer, n_embd, ffn_dim, vocab_size) of the released Pile models
 SHAPES = {"169m": (12, 768, 3072, 50277), "430m": (24, 1024, 4096, 50277)}
-STAGE_LINE = re.compile(r"^(?P<stage>.+): done in (?P<s>[0-9.]+) s \(peak RSS (?P<rss>[0-9.]+) (?P<unit>MB|GB)\)$")
+# "STAGE: done in N s (peak RSS M[, CPU C s])"; a check's worker process notes "(in a worker process, peak RSS ...)"
+STAGE_LINE = re.compile(r"^(?P<stage>.+): done in (?P<s>[0-9.]+) s \((?P<worker>in a worker process, )?peak RSS "
+                        r"(?P<rss>[0-9.]+) (?P<unit>MB|GB)(?:, CPU (?P<cpu>[0-9.]+) s)?\)$")
 
 
 def machine() -> str:
@@ -68,8 +75,10 @@ def checkpoint(work: Path, shape: str) -> Path | str:
     return path
 
 
-def run_export(target: str, ckpt: Path | str, out: Path, quant: str, check: bool = True) -> dict:
-    """One export in a fresh process: wall, CPU and peak RSS of the child, its stage lines, the output's size."""
+def run_export(target: str, ckpt: Path | str, out: Path, quant: str, check: bool = True,
+               src: Path | None = None) -> dict:
+    """One export in a fresh process: wall, CPU and peak RSS of the child, its stage lines, the output's size.
+    `src`: the root of another checkout to import rwkv_export from (--against), else this one's."""
     exe = Path(sys.executable).with_name("rwkv-export")
     cmd = [str(exe) if exe.exists() else "rwkv-export", target, str(ckpt), "-o", str(out), "--force"]
     if quant:
@@ -80,7 +89,9 @@ def run_export(target: str, ckpt: Path | str, out: Path, quant: str, check: bool
     log = out.with_name(out.name + ".log")
     t0 = time.perf_counter()
     with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+        env = {**os.environ, "TQDM_DISABLE": "1", STAGE_CPU_ENV: "1", "PYTHONPATH": str(src or ROOT)}
+        # run from the work folder: a `python -c` worker puts its working directory first on its path
+        proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env=env, cwd=out.parent)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (ru_maxrss: its peak RSS)
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
@@ -92,7 +103,8 @@ def run_export(target: str, ckpt: Path | str, out: Path, quant: str, check: bool
         m = STAGE_LINE.match(line.strip())
         if m:
             rss = float(m["rss"]) * (1024 if m["unit"] == "GB" else 1)
-            stages.append((m["stage"], float(m["s"]), rss))
+            cpu = float(m["cpu"]) if m["cpu"] is not None else None
+            stages.append((m["stage"] + (" (worker process)" if m["worker"] else ""), float(m["s"]), rss, cpu))
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0  # tfjs: subfolders
     return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "peak_mb": usage.ru_maxrss / 1024,
             "size": size, "stages": stages, "load": (load0, os.getloadavg()[0]), "error": error}
@@ -110,6 +122,10 @@ def main(argv=None) -> None:
     ap.add_argument("--no-check", action="store_true", help="export without the parity and quality gates")
     ap.add_argument("--work", type=Path, default=ROOT / "bench_out" / "export")
     ap.add_argument("--no-stages", action="store_true", help="only the total row per shape")
+    ap.add_argument("--against", type=Path, default=None,
+                    help="the root of another checkout (a copy of its rwkv_export/ and runtime_ref/): each row is run "
+                    "with it too, interleaved (it first), and the totals compared")
+    ap.add_argument("--rounds", type=int, default=1, help="times each row is run (interleaved with --against's)")
     args = ap.parse_args(argv)
     targets = args.target.split(",")
     bad = [t for t in targets if t not in TARGET_QUANT]
@@ -119,25 +135,41 @@ def main(argv=None) -> None:
     gates = "no gates (--no-check)" if args.no_check else "every gate on"
     print(f"machine: {machine()}; targets {', '.join(targets)}; {gates}; each row a fresh process")
     rows = []
+    sources = [("before", args.against.resolve()), ("now", None)] if args.against else [("", None)]
     for shape in args.shapes.split(","):
         ckpt = checkpoint(args.work, shape)
         for target in targets:
             quant = TARGET_QUANT[target] if args.quant is None else args.quant
-            out = args.work / f"out-{target}-{shape}"
-            res = run_export(target, ckpt, out, quant, check=not args.no_check)
-            shutil.rmtree(out, ignore_errors=True)
-            rows.append((shape, ckpt, target, quant, res))
+            for rnd in range(args.rounds):
+                for label, src in sources:
+                    out = args.work / f"out-{target}-{shape}"
+                    res = run_export(target, ckpt, out, quant, check=not args.no_check, src=src)
+                    shutil.rmtree(out, ignore_errors=True)
+                    rows.append((shape, ckpt, target, quant, res, label + (f" #{rnd + 1}" if args.rounds > 1 else "")))
     print()
-    print("| model (bf16 checkpoint) | target, --quant | stage | wall s | peak RSS | output |")
-    print("|---|---|---|---:|---:|---:|")
-    for shape, ckpt, target, quant, res in rows:
-        what = f"{target} {quant or '(none)'}" + (" --no-check" if args.no_check else "")
+    print("| model (bf16 checkpoint) | target, --quant | stage | wall s | CPU s | peak RSS | output |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for shape, ckpt, target, quant, res, label in rows:
+        what = (f"{target} {quant or '(none)'}" + (" --no-check" if args.no_check else "")
+                + (f", {label}" if label else ""))
         if not args.no_stages:
-            for stage, s, rss in res["stages"]:
-                print(f"| {shape} | {what} | {stage} | {s:.1f} | {rss:.0f} MB | |")
-        print(f"| **{shape}** ({_size(ckpt)}) | {what} | **total** (CPU {res['cpu']:.0f} s; load "
-              f"{res['load'][0]:.1f} -> {res['load'][1]:.1f}) | **{res['wall']:.1f}** | **{res['peak_mb']:.0f} MB** "
+            for stage, s, rss, cpu in res["stages"]:
+                print(f"| {shape} | {what} | {stage} | {s:.1f} | {'' if cpu is None else f'{cpu:.1f}'} | "
+                      f"{rss:.0f} MB | |")
+        print(f"| **{shape}** ({_size(ckpt)}) | {what} | **total** (load {res['load'][0]:.1f} -> "
+              f"{res['load'][1]:.1f}) | **{res['wall']:.1f}** | **{res['cpu']:.1f}** | **{res['peak_mb']:.0f} MB** "
               f"| {res['size'] / 1e6:.0f} MB |" + (f" FAILED ({res['error'] or 'see the log'})" if res["error"] is not None else ""))
+    if args.against:
+        print()
+        print("| model | target | now / before: wall | CPU | peak RSS | rounds |")
+        print("|---|---|---:|---:|---:|---:|")
+        for shape in args.shapes.split(","):
+            for target in targets:
+                mine = [r[4] for r in rows if r[0] == shape and r[2] == target]
+                before, now = mine[0::2], mine[1::2]
+                ratio = {k: sum(r[k] for r in now) / sum(r[k] for r in before) for k in ("wall", "cpu", "peak_mb")}
+                print(f"| {shape} | {target} | {ratio['wall']:.2f}x | {ratio['cpu']:.2f}x | {ratio['peak_mb']:.2f}x "
+                      f"| {len(now)} |")
 
 
 if __name__ == "__main__":

@@ -7,12 +7,16 @@
   variant's eval graph (eval_graph.py) in chunks where it has an ONNX prompt graph, else through its step graph;
 - every sequence (prompt) graph: parity.compare_sequence's gate (its logits and states vs T reference steps).
 
-What does not depend on the graph is computed once, in this process: the fp64 reference's side of the parity gate
-(its logits over the parity tokens in GPT mode, its greedy continuation: parity.record_reference) and the fp32
-baseline's side of the quality gate (quality.Baseline over the eval text: the fp32 eval graph, or runtime_ref fp32
-in GPT mode where there is none). Then each step graph, with its parity and quality gates (one session open at a
+What does not depend on the graph is computed once: the fp64 reference's side of the parity gate, in this process
+(its logits over the parity tokens in GPT mode, its greedy continuation: parity.record_reference, verified in one
+GPT-mode run from the fp32 prompt graph's guess where there is one: verify_greedy), and the fp32 baseline's side of
+the quality gate (quality.Baseline over the eval text: the fp32 eval graph, in a worker process started before the
+reference, or by an export as soon as its fp32 graphs are written: start_baseline; runtime_ref fp32 in GPT mode here
+where there is no eval graph). Then each step graph, with its parity and quality gates (one session open at a
 time: step graph, then eval graph, then step graph for the link guard and greedy run), is checked in a pool of worker
-processes (one graph per worker at a time), which needs neither reference model in memory.
+processes (one graph per worker at a time), which needs neither reference model in memory, while this process
+judges the prompt graphs against the reference in a thread beside them. With processes=1 everything runs here, one
+thing after another; the reports are the same.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+
 from .embed import check_embedding, format_embedding, gate_embedding, has_embedding
 from .manifest import read_manifest, write_manifest
 from .parity import (N_GREEDY, compare, format_report, gate, judge_sequence, parity_tokens, record_reference,
                      run_sequence, sequence_calls)
-from .progress import QUIET, Progress, format_bytes, peak_rss_bytes
+from .progress import QUIET, Progress, cpu_note, format_bytes, peak_rss_bytes
 from .sources import source_from_manifest
 
 # graph format -> step runner class (loaded lazily: each runtime is an optional dependency)
@@ -169,6 +175,25 @@ class SharedReference:
         with torch.no_grad():
             return list(self.model.forward_seq(list(tokens), dict(state), all_logits=True)[0])
 
+    def logits_seq_many(self, tokens, states: list[dict]) -> list | None:
+        """logits_seq(tokens, state) from each of `states` (states from elsewhere, as tensors shaped like the
+        reference's own), in one batched GPT-mode run (torch.func.vmap over the reference's forward_seq: each matrix
+        cast once for all, not once a state; measured at 169M shapes: 5 states 2.1 -> 0.5 s of CPU, the same bits for
+        RWKV-4; batched products may round in another order, ~1e-16 as GPT mode against steps); None where the
+        reference cannot be run batched (logits_seq one state at a time then)."""
+        import torch
+
+        if not states:
+            return []
+        stacked = {k: torch.stack([s[k] for s in states]) for k in states[0]}
+        run = torch.func.vmap(lambda state: self.model.forward_seq(list(tokens), state, all_logits=True)[0])
+        try:
+            with torch.no_grad():
+                logits = run(stacked)
+        except (RuntimeError, NotImplementedError, ValueError, TypeError):  # an op vmap has no rule for
+            return None
+        return [list(row) for row in logits]
+
     def state_of(self, path: tuple) -> dict:
         if path in self._states:
             return self._states[path]
@@ -217,48 +242,86 @@ def _torch_threads(n: int):
 
 def check_graphs(root: Path, manifest: dict, ckpt, *, progress: Progress = QUIET, raise_on_fail: bool = True,
                  variants: list[str] | None = None, eval_tokens: int | None = None,
-                 processes: int | None = None) -> list[dict]:
+                 processes: int | None = None, baseline: "_Later | None" = None) -> list[dict]:
     """Check each graph against the reference built from `ckpt`; store each report in its manifest entry ("parity",
     and "quality" for variants other than fp32). Returns the reports (per graph in manifest order: parity, quality,
     embedding). `processes`: worker processes for the step graphs (default: up to MAX_CHECK_PROCESSES, one per
-    core; 1 checks them here, one after another); the reports are the same either way."""
-    import os
-
+    core; 1 checks them here, one after another); the reports are the same either way. `baseline`: the fp32
+    baseline started earlier (start_baseline; closed here), else it is started here."""
     if processes is None:
-        processes = min(MAX_CHECK_PROCESSES, os.cpu_count() or 1)
-    with _torch_threads(CHECK_THREADS):
-        reports = _check_graphs(Path(root), manifest, ckpt, progress, variants, eval_tokens, processes)
+        processes = _default_processes()
+    try:
+        with _torch_threads(CHECK_THREADS):
+            reports = _check_graphs(Path(root), manifest, ckpt, progress, variants, eval_tokens, processes, baseline)
+    finally:
+        if baseline is not None:
+            baseline.close()
     if raise_on_fail:
         gate_all(reports)
     return reports
 
 
-def _check_graphs(root: Path, manifest: dict, ckpt, progress: Progress, variants, eval_tokens,
-                  processes: int) -> list[dict]:
-    import tempfile
+def _default_processes() -> int:
+    import os
 
+    return min(MAX_CHECK_PROCESSES, os.cpu_count() or 1)
+
+
+def start_baseline(root: Path, manifest: dict, *, progress: Progress = QUIET, sequential: bool = True,
+                   processes: int | None = None) -> "_Later | None":
+    """The fp32 side of the quality gates (quality.Baseline, by the fp32 eval graph) started now in a worker
+    process, for check_graphs(baseline=...) to take up: an export starts it once its fp32 graphs are written, so
+    that it is read on the second core while the variants are written on the first. None where it would not run
+    in a worker (one core, or no fp32 ONNX prompt graph in `manifest`). `sequential`: as check_graphs will read it
+    (every variant with an eval graph); where it is not, check_graphs reads the rest. Close it (check_graphs does)."""
+    if (processes or _default_processes()) < 2 or _fp32_entries(manifest)[1] is None:
+        return None
+    return _Later.start(Path(root), manifest, None, sequential, progress)
+
+
+def _check_graphs(root: Path, manifest: dict, ckpt, progress: Progress, variants, eval_tokens,
+                  processes: int, early: "_Later | None" = None) -> list[dict]:
     graphs = [g for g in manifest["graphs"] if not variants or g["variant"] in variants]
     steps = [g for g in graphs if g["kind"] != "sequence"]
     here = [g for g in steps if has_embedding(g)]  # their embedding gate runs the fp64 model: checked in this process
     kept: dict[str, object] = {}  # file -> the open runner of a graph in `here`, for its quality gate
-    try:
-        recorded = _reference_side(root, manifest, ckpt, graphs, here, kept, progress)
-        # the reference read every page of the checkpoint (340 MB at 169M shapes): not held through the rest
-        from .checkpoint import reread
+    variants = [g for g in steps if g["variant"] != "fp32"]
+    # the sequential gate reads fp32 only as far as a variant needs; a variant read token by token (no eval graph)
+    # needs all of it
+    stepwise = any(eval_graph_entry(manifest, g) is None for g in variants)
+    if early is not None and (not variants or early.eval_tokens != eval_tokens or processes < 2):
+        early.close()  # not the baseline this check reads (or none is read)
+        early = None
+    if early is None and variants and processes > 1 and _fp32_entries(manifest)[1] is not None:
+        # the fp32 eval graph's baseline needs no reference: read in a worker process now, beside the reference
+        # (torch in this process, onnxruntime there: each on one core of two)
+        early = _Later.start(root, manifest, eval_tokens, not stepwise, progress)
+    with contextlib.ExitStack() as stack:
+        if early is not None:
+            stack.callback(early.close)
+            if early.sequential and stepwise:  # started for eval graphs, but a variant is read token by token
+                early.extend_to_end = True
+        path = None if early is not None else Path(stack.enter_context(_tempdir())) / "fp32_logits.bin"
+        try:
+            recorded, judged = _reference_side(root, manifest, ckpt, graphs, here, kept, progress)
+            from .checkpoint import reread
 
-        reread(ckpt)
-        with tempfile.TemporaryDirectory(prefix="rwkv-check-") as tmp:
-            base = None
-            variants = [g for g in steps if g["variant"] != "fp32"]
-            if variants:
-                # the sequential gate reads fp32 only as far as a variant needs; a variant read token by token (no
-                # eval graph) needs all of it
-                stepwise = any(eval_graph_entry(manifest, g) is None for g in variants)
-                base = _baseline(root, manifest, ckpt, Path(tmp) / "fp32_logits.bin", eval_tokens, progress,
-                                 sequential=not stepwise)
-            jobs = [g for g in steps if not has_embedding(g)]
-            for graph, quality in zip(jobs, _run_jobs(root, manifest, jobs, recorded, base, processes, progress)):
+            base, jobs = early, [g for g in steps if not has_embedding(g)]
+            if early is None:  # one thing after another, as ever
+                judged()
+                # the reference read every page of the checkpoint (340 MB at 169M shapes): not held through the rest
+                reread(ckpt)
+                if variants:
+                    base = _baseline(root, manifest, ckpt, path, eval_tokens, progress, sequential=not stepwise)
+                qualities = _run_jobs(root, manifest, jobs, recorded, base, processes, progress)
+            else:  # the reference's own gates here (torch) while the step graphs' jobs start in worker processes
+                qualities = _beside(judged, lambda: _run_jobs(root, manifest, jobs, recorded, base, processes,
+                                                              progress))
+                reread(ckpt)
+            for graph, quality in zip(jobs, qualities):
                 _judge(graph, quality)
+            if isinstance(base, _Later):
+                base = base()
             for graph in here:
                 if graph["variant"] != "fp32":
                     with progress.stage(f"quality {graph['format']}/{graph['variant']} vs fp32"):
@@ -267,9 +330,9 @@ def _check_graphs(root: Path, manifest: dict, ckpt, progress: Progress, variants
                             _extend_baseline(root, manifest, base, quality.need, progress)
                             quality = _quality(root, manifest, graph, kept[graph["file"]], base, quality)
                         _judge(graph, quality)
-    finally:
-        for runner in kept.values():
-            _close(runner)
+        finally:
+            for runner in kept.values():
+                _close(runner)
     reports = []
     for graph in graphs:
         reports.append(graph["parity"])
@@ -282,18 +345,22 @@ def _check_graphs(root: Path, manifest: dict, ckpt, progress: Progress, variants
 
 def _reference_side(root: Path, manifest: dict, ckpt, graphs: list, here: list, kept: dict, progress: Progress):
     """Everything that runs the fp64 reference, which is freed after: its side of the step graphs' parity gate
-    (recorded, returned), each prompt graph's parity gate (the graph run first and its session closed, so that
-    no session is open beside the reference: at 169M shapes each is ~0.7 GB, as the fp64 model is 1.4 GB), and the
-    parity and embedding gates of the graphs in `here`, whose runners are left open in `kept`."""
+    (recorded, returned with `judged`), then, when judged() is called, each prompt graph's parity gate (the graph run
+    first, here, and its session closed, so that no session is open beside the reference: at 169M shapes each is
+    ~0.7 GB, the fp64 model 0.31 GB and the checkpoint's pages 0.34 GB), and the parity and embedding gates of the
+    graphs in `here`, whose runners are left open in `kept`. The greedy continuation is verified from the fp32
+    prompt graph's guess (verify_greedy) where the folder has one."""
     import torch
 
-    tokens, runs = parity_tokens(ckpt.dims.vocab_size), {}
+    tokens, runs, guess = parity_tokens(ckpt.dims.vocab_size), {}, None
     for graph in graphs:
         if graph["kind"] == "sequence":
             runner = make_runner(root, manifest, graph, threads=CHECK_THREADS)
             try:
                 with progress.stage(f"running the {graph['format']}/{graph['variant']} prompt graph"):
                     runs[graph["file"]] = run_sequence(runner, tokens)
+                    if guess is None and graph["variant"] == "fp32" and hasattr(runner, "forward"):
+                        guess = greedy_guess(runner, runs[graph["file"]], N_GREEDY)
             finally:
                 _close(runner)
                 del runner  # the name held the session under the next one's and the reference's (0.85 GB, fp16 169M)
@@ -304,27 +371,109 @@ def _reference_side(root: Path, manifest: dict, ckpt, graphs: list, here: list, 
         for call in sequence_calls(tokens):  # the states judge_sequence reads after each call are kept
             fed += call
             ref.prefill(fed)
+        if guess is not None:
+            verify_greedy(ref, tokens, guess)
         recorded = record_reference(ref, tokens)
-    for graph in graphs:
-        if graph["kind"] == "sequence":
-            with progress.stage(f"parity {graph['format']}/{graph['variant']} prompt graph vs the reference"):
-                graph["parity"] = judge_sequence(runs[graph["file"]], ref, target=graph["format"],
-                                                 variant=graph["variant"])
-            if has_embedding(graph):  # --embedding: the prompt graph's hidden / hidden_sum vs runtime_ref's
-                runner = make_runner(root, manifest, graph, threads=CHECK_THREADS)
-                try:
-                    with progress.stage(f"the embedding of the {graph['format']}/{graph['variant']} prompt graph"):
-                        graph["embedding"] = check_embedding(root, manifest, graph, runner, ref.model)
-                finally:
-                    _close(runner)
-    for graph in here:
-        kept[graph["file"]] = runner = make_runner(root, manifest, graph, threads=CHECK_THREADS)
-        with progress.stage(f"parity {graph['format']}/{graph['variant']}, embedding"):
-            graph["parity"] = compare(runner, recorded, target=graph["format"], variant=graph["variant"],
-                                      progress=progress)
-            # --embedding: its vectors vs runtime_ref's hidden_seq (embed.py's gate)
-            graph["embedding"] = check_embedding(root, manifest, graph, runner, ref.model)
-    return recorded
+    held = [ref]
+
+    def judged():
+        """The gates that read the reference beyond `recorded`; the reference is let go after them."""
+        ref = held.pop()
+        probes = _probe_logits(ref, runs)
+        for graph in graphs:
+            if graph["kind"] == "sequence":
+                with progress.stage(f"parity {graph['format']}/{graph['variant']} prompt graph vs the reference"):
+                    graph["parity"] = judge_sequence(runs[graph["file"]], ref, target=graph["format"],
+                                                     variant=graph["variant"], probe_logits=probes.get(graph["file"]))
+                if has_embedding(graph):  # --embedding: the prompt graph's hidden / hidden_sum vs runtime_ref's
+                    runner = make_runner(root, manifest, graph, threads=CHECK_THREADS)
+                    try:
+                        with progress.stage(f"the embedding of the {graph['format']}/{graph['variant']} prompt "
+                                            "graph"):
+                            graph["embedding"] = check_embedding(root, manifest, graph, runner, ref.model)
+                    finally:
+                        _close(runner)
+        for graph in here:
+            kept[graph["file"]] = runner = make_runner(root, manifest, graph, threads=CHECK_THREADS)
+            with progress.stage(f"parity {graph['format']}/{graph['variant']}, embedding"):
+                graph["parity"] = compare(runner, recorded, target=graph["format"], variant=graph["variant"],
+                                          progress=progress)
+                # --embedding: its vectors vs runtime_ref's hidden_seq (embed.py's gate)
+                graph["embedding"] = check_embedding(root, manifest, graph, runner, ref.model)
+
+    return recorded, judged
+
+
+def _probe_logits(ref: SharedReference, runs: dict) -> dict:
+    """file -> per call, the reference's logits over the state probe from the prompt graph's state after the call
+    (parity.judge_sequence's probe_logits), for every graph's every call in one batched run. A state that is not
+    finite or not the reference's size is left out (None): judge_sequence raises its own error for it."""
+    import torch
+
+    from .parity import state_probe
+
+    want = ref.model.new_state()
+    where, states = [], []
+    for file, run in runs.items():
+        for c, (_, state) in enumerate(run["outputs"]):
+            arrays = {k: np.asarray(state.get(k, np.zeros(0)), np.float64) for k in want}
+            if all(a.size == v.numel() and np.isfinite(a).all() for a, v in zip(arrays.values(), want.values())):
+                where.append((file, c))
+                states.append({k: torch.from_numpy(a.reshape(tuple(want[k].shape))).to(want[k].dtype)
+                               for k, a in arrays.items()})
+    logits = ref.logits_seq_many(state_probe(ref.vocab_size), states)
+    out = {file: [None] * len(run["outputs"]) for file, run in runs.items()}
+    for (file, c), rows in zip(where, logits or []):
+        out[file][c] = rows
+    return out
+
+
+def _beside(first, second):
+    """first() in a thread beside second() here (torch and onnxruntime release the GIL); second's value, once both
+    are done; an error of either raised (first's before second's, the order they ran in one after the other)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(first)
+        try:
+            value, error = second(), None
+        except Exception as e:
+            value, error = None, e
+        if fut.exception() is not None:
+            raise fut.exception()
+    if error is not None:
+        raise error
+    return value
+
+
+def greedy_guess(runner, run: dict, n: int) -> list[int]:
+    """A guess at the reference's greedy continuation after the parity tokens: the fp32 prompt graph's own, from its
+    state after them (`run`: parity.run_sequence's), one token a call. verify_greedy checks it; a wrong guess costs
+    time, never a number."""
+    logits, state = run["outputs"][-1]
+    guess = []
+    for i in range(n):
+        guess.append(int(np.asarray(logits).reshape(-1).argmax()))
+        if i + 1 < n:
+            logits, state = runner.forward([guess[-1]], state)
+    return guess
+
+
+def verify_greedy(ref: SharedReference, tokens: list[int], guess: list[int]) -> int:
+    """Speculative verification of the reference's greedy continuation (parity.record_reference's N_GREEDY steps,
+    each an fp64 step that casts every matrix: 0.15 s a step at 169M shapes): the whole guessed path in one GPT-mode
+    run (SharedReference.prefill: the same equations as the steps, ~1e-16 apart), then the guess is kept as far as
+    each guessed token is the argmax of the reference's logits before it. From the first token that is not, the
+    reference steps as it always did (record_reference reads the logits prefilled along the kept part and steps
+    the rest). The tokens and logits are the reference's own either way. Returns the tokens confirmed."""
+    path = tuple(int(t) for t in tokens)
+    ref.prefill(path + tuple(int(t) for t in guess))
+    for i, tok in enumerate(guess):
+        if int(np.asarray(ref._logits[path], dtype=np.float64).reshape(-1).argmax()) != int(tok):
+            ref.prefill(path)  # the state where the steps start, from the longest kept prefix in GPT mode
+            return i
+        path = (*path, int(tok))
+    return len(guess)
 
 
 def eval_graph_entry(manifest: dict, graph: dict) -> dict | None:
@@ -457,15 +606,17 @@ def _run_jobs(root: Path, manifest: dict, graphs: list, recorded, base, processe
     if not graphs:
         return []
     processes = min(processes, len(graphs))
-    # the graphs with a quality gate take far longer (thousands of steps, not 96): started first
-    todo = sorted(range(len(graphs)), key=lambda i: graphs[i]["variant"] == "fp32")
+    # the graphs with a quality gate take far longer (thousands of steps, not 96): started first, unless the baseline
+    # they need is still being read (a _Later): then those without one start while it is
+    later = isinstance(base, _Later)
+    todo = sorted(range(len(graphs)), key=lambda i: (graphs[i]["variant"] == "fp32") != later)
     parity, quality, resume = [None] * len(graphs), [None] * len(graphs), {}
     what = f"{len(graphs)} step graph(s): parity" + (", quality" if base is not None else "")
     with progress.stage(f"checking {what}, in {processes} process(es)"):
         while todo:
             jobs = [(i, (root, manifest, graphs[i], base, resume.get(i))) for i in todo]
             if processes == 1:
-                done = ((i, _graph_job(*args, recorded=recorded)) for i, args in jobs)
+                done = ((i, _graph_job(*_resolved(args), recorded=recorded)) for i, args in jobs)
             else:  # a fresh process each job: a process's peak is one graph's sessions, not every one it ran
                 done = _Workers(min(processes, len(jobs)), recorded).map(jobs)
             for i, res in done:
@@ -475,6 +626,7 @@ def _run_jobs(root: Path, manifest: dict, graphs: list, recorded, base, processe
             todo = [i for i in todo if isinstance(quality[i], _pending())]
             resume = {i: quality[i] for i in todo}
             if todo:  # as far as the farthest needs (all stand at the same level: they started together)
+                base = base() if isinstance(base, _Later) else base
                 _extend_baseline(root, manifest, base, max(quality[i].need for i in todo), progress)
     for graph, p in zip(graphs, parity):
         graph["parity"] = p
@@ -482,18 +634,18 @@ def _run_jobs(root: Path, manifest: dict, graphs: list, recorded, base, processe
 
 
 def _report_done(progress: Progress, result: tuple, where: str = "") -> tuple:
-    _, _, desc, seconds, peak = result
-    progress.note(f"{desc}: done in {seconds:.1f} s ({where}peak RSS {format_bytes(peak)})")
+    _, _, desc, seconds, peak, cpu = result
+    progress.note(f"{desc}: done in {seconds:.1f} s ({where}peak RSS {format_bytes(peak)}{cpu_note(cpu)})")
     return result
 
 
 def _graph_job(root: Path, manifest: dict, graph: dict, base, resume=None, *, recorded) -> tuple:
     """One step graph, one session: (parity report or None where resumed, raw quality report (or quality.Pending)
-    or None, what was done, seconds, peak RSS of this process). `resume`: a quality.Pending to go on from (its
+    or None, what was done, seconds, peak RSS of this process, CPU seconds). `resume`: a quality.Pending to go on from (its
     parity was done)."""
     import time
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     stepwise = eval_graph_entry(manifest, graph) is None
     parity = quality = None
     judged = graph["variant"] != "fp32" and base is not None
@@ -520,7 +672,7 @@ def _graph_job(root: Path, manifest: dict, graph: dict, base, resume=None, *, re
             f" (eval graph, chunks of {quality['chunk']})" if "chunk" in quality else "") + (
             f": {look['gated_on']} {look['q']:.4g} +- {look['se']:.2g}, {look['stop']} at level {look['level']} "
             f"({look['why']})" if look else "")
-    return parity, quality, desc, time.perf_counter() - t0, _own_peak_rss()
+    return parity, quality, desc, time.perf_counter() - t0, _own_peak_rss(), time.process_time() - c0
 
 
 def _own_peak_rss() -> int:
@@ -535,61 +687,173 @@ def _own_peak_rss() -> int:
     return peak_rss_bytes()
 
 
+def _resolved(args: tuple) -> tuple:
+    """A job's arguments with a _Later (the baseline, read in a worker) waited for and replaced by its value; a job
+    whose graph has no quality gate does not use it and does not wait (None in its place)."""
+    graph = args[2]
+    return tuple((a() if graph["variant"] != "fp32" else None) if isinstance(a, _Later) else a for a in args)
+
+
+class _Job:
+    """One job in a fresh worker process (_worker_main), started when made: `shared` (already pickled: for a step
+    graph's job the recorded reference) and its pickled arguments are written to its stdin by a thread, so that a
+    large argument does not hold the caller; result() reads the pickled (ok, value) from its stdout and raises a
+    failed job's error as itself. Each a fresh interpreter (`python -c`, not multiprocessing, whose spawn re-imports
+    the caller's main script and hangs on one without a __main__ guard)."""
+
+    def __init__(self, target: str, args: tuple, shared: bytes = b""):
+        import os
+        import pickle
+        import subprocess
+        import sys
+        import threading
+
+        # this rwkv_export, wherever it was imported from, first on the worker's path
+        here = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+        # (and before the working directory, which `python -c` puts first: a checkout there is not this one)
+        self.proc = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {here!r}); "
+                                      f"from rwkv_export.check import _worker_main; _worker_main({target!r})"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env={**os.environ, "PYTHONPATH": path})
+        data = shared + pickle.dumps(args)
+        self._feeder = threading.Thread(target=self._feed, args=(data,), daemon=True)
+        self._feeder.start()
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.proc.stdin.write(data)
+            self.proc.stdin.close()
+        except (BrokenPipeError, OSError, ValueError):  # the process ended (or was stopped): result() says so
+            pass
+
+    def result(self):
+        import pickle
+
+        try:
+            ok, value = pickle.load(self.proc.stdout)
+        except (EOFError, pickle.UnpicklingError, OSError, ValueError):
+            from .errors import RwkvExportError
+
+            raise RwkvExportError(f"a check worker process ended unexpectedly (exit code {self.proc.wait()})") from None
+        self.proc.wait()
+        self._feeder.join()
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError, ValueError):
+                f.close()
+
+
+class _Later:
+    """The fp32 baseline being read in a worker process (a _Job of _baseline_job), its logits file in a temporary
+    folder of its own: called, it waits for it (once, whichever thread asks first), notes its stage line and returns
+    the Baseline (read on to the end here where extend_to_end). close() stops the worker and removes the folder."""
+
+    def __init__(self, job: _Job, tmp, progress: Progress, root: Path, manifest: dict, eval_tokens, sequential: bool):
+        import threading
+
+        self.job, self.tmp, self.progress, self._lock, self._value = job, tmp, progress, threading.Lock(), None
+        self.root, self.manifest, self.eval_tokens, self.sequential = root, manifest, eval_tokens, sequential
+        self.extend_to_end = False
+
+    @classmethod
+    def start(cls, root: Path, manifest: dict, eval_tokens, sequential: bool, progress: Progress) -> "_Later":
+        tmp = _tempdir()
+        path = Path(tmp.name) / "fp32_logits.bin"
+        job = _Job("baseline", (root, manifest, None, path, eval_tokens, sequential))
+        return cls(job, tmp, progress, root, manifest, eval_tokens, sequential)
+
+    def __call__(self):
+        with self._lock:
+            if self._value is None:
+                base, desc, seconds, peak, cpu = self.job.result()
+                self.progress.note(f"{desc}: done in {seconds:.1f} s (in a worker process, peak RSS "
+                                   f"{format_bytes(peak)}{cpu_note(cpu)})")
+                if self.extend_to_end:
+                    _extend_baseline(self.root, self.manifest, base, base.fed, self.progress)
+                self._value = base
+            return self._value
+
+    def close(self) -> None:
+        self.job.close()
+        self.tmp.cleanup()
+
+
+def _tempdir():
+    import tempfile
+
+    return tempfile.TemporaryDirectory(prefix="rwkv-check-")
+
+
+def _baseline_job(root: Path, manifest: dict, ckpt, path: Path, eval_tokens, sequential: bool) -> tuple:
+    """_baseline in a worker process: (the Baseline, its stage's description, seconds, peak RSS of this process, CPU
+    seconds)."""
+    import time
+
+    stage, c0 = _Recorder(), time.process_time()
+    base = _baseline(root, manifest, ckpt, path, eval_tokens, stage, sequential=sequential)
+    return base, stage.desc, stage.seconds, _own_peak_rss(), time.process_time() - c0
+
+
+class _Recorder(Progress):
+    """A quiet Progress that keeps its (one) stage's description and time, for a worker to report back."""
+
+    def __init__(self):
+        super().__init__(enabled=False)
+        self.desc, self.seconds = "", 0.0
+
+    @contextlib.contextmanager
+    def stage(self, desc: str):
+        import time
+
+        t0 = time.perf_counter()
+        yield
+        self.desc, self.seconds = desc, time.perf_counter() - t0
+
+
 class _Workers:
-    """Worker processes for _graph_job, a fresh one for each job and at most `n` at a time: each a fresh interpreter
-    (`python -c`, not multiprocessing, whose spawn re-imports the caller's main script and hangs on one without a
-    __main__ guard) reading the shared argument (the recorded reference) and then its one pickled job on stdin and
-    writing the pickled result on stdout. One job a process because a process that ran one graph's sessions keeps
-    memory from them (onnxruntime's arenas; measured at 169M shapes: a worker that checked fp32 and then fp16 peaked
-    at 2.16 GB, one graph's sessions at ~0.8 GB). An error in a job is raised here as itself."""
+    """Worker processes for _graph_job, a fresh one (_Job) for each job and at most `n` at a time, each reading the
+    shared argument (the recorded reference) and then its one pickled job. One job a process because a process that
+    ran one graph's sessions keeps memory from them (onnxruntime's arenas; measured at 169M shapes: a worker that
+    checked fp32 and then fp16 peaked at 2.16 GB, one graph's sessions at ~0.8 GB). An error in a job is raised here
+    as itself. A job's _Later argument (the baseline) is waited for before its process starts."""
 
     def __init__(self, n: int, shared):
         import pickle
         import threading
 
         self.n, self.shared = n, pickle.dumps(shared)
-        self.procs, self._lock, self._closed = set(), threading.Lock(), False
+        self.jobs, self._lock, self._closed = set(), threading.Lock(), False
 
-    def _start(self):
-        import os
-        import subprocess
-        import sys
-
-        # this rwkv_export, wherever it was imported from, first on the worker's path
-        path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)
+    def _start(self, args: tuple):
         with self._lock:
             if self._closed:
                 return None
-            proc = subprocess.Popen([sys.executable, "-c", "from rwkv_export.check import _worker_main; "
-                                     "_worker_main()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    env={**os.environ, "PYTHONPATH": path})
-            self.procs.add(proc)
-        return proc
+            job = _Job("graph", args, self.shared)
+            self.jobs.add(job)
+        return job
 
     def map(self, jobs: list):
         """(key, result) per (key, args) job, as they finish."""
-        import pickle
         from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
-        def run(job):
-            proc = self._start()
-            if proc is None:  # closed after another job's failure
+        def run(key_args):
+            args = _resolved(key_args[1])
+            job = self._start(args)
+            if job is None:  # closed after another job's failure
                 return None
             try:
-                proc.stdin.write(self.shared)
-                pickle.dump(job[1], proc.stdin)
-                proc.stdin.close()
-                ok, value = pickle.load(proc.stdout)
-            except (EOFError, BrokenPipeError):
-                from .errors import RwkvExportError
-
-                raise RwkvExportError(f"a check worker process ended unexpectedly (exit code {proc.wait()})") from None
-            proc.wait()
-            with self._lock:
-                self.procs.discard(proc)
-            if not ok:
-                raise value
-            return job[0], value
+                return key_args[0], job.result()
+            finally:
+                with self._lock:
+                    self.jobs.discard(job)
 
         try:
             with ThreadPoolExecutor(self.n) as pool:
@@ -611,15 +875,14 @@ class _Workers:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            procs, self.procs = list(self.procs), set()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+            jobs, self.jobs = list(self.jobs), set()
+        for job in jobs:
+            job.close()
 
 
-def _worker_main() -> None:
-    """A _Workers process: its stdout carries only the pickled result (anything else printed goes to stderr)."""
+def _worker_main(target: str | None = None) -> None:
+    """A _Job's process: its stdout carries only the pickled result (anything else printed goes to stderr). Without
+    `target`, as a caller of an earlier rwkv_export started it (a step graph's job, without its CPU seconds)."""
     import os
     import pickle
     import sys
@@ -628,10 +891,12 @@ def _worker_main() -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     inp = sys.stdin.buffer
-    recorded = pickle.load(inp)
-    args = pickle.load(inp)
     try:
-        result = (True, _graph_job(*args, recorded=recorded))
+        if target in ("graph", None):
+            recorded = pickle.load(inp)
+            result = (True, _graph_job(*pickle.load(inp), recorded=recorded)[:5 if target is None else None])
+        else:
+            result = (True, _baseline_job(*pickle.load(inp)))
     except Exception as e:  # sent back and raised in the caller
         result = (False, e)
     pickle.dump(result, out)

@@ -251,14 +251,26 @@ def export_onnx(
         manifest["graphs"].append(_graph_entry(tmp, STEP_FILE, "fp32", files))
         if seq_entry:
             manifest["graphs"].append(seq_entry)
-        for variant in quant:
-            manifest["graphs"] += _make_variant(variant, tmp, ckpt, quant_options, opset, progress, prefill, embedding)
-        _record_backends(manifest)
-        reports = []
-        if check:
-            from .check import check_graphs
+        early = None
+        if check and quant and seq_entry:
+            from .check import start_baseline
 
-            reports = check_graphs(tmp, manifest, ckpt, progress=progress, raise_on_fail=True)
+            # the quality gates' fp32 side needs only the fp32 graphs: read on the second core from now, while the
+            # variants are written on the first
+            early = start_baseline(tmp, manifest, progress=progress)
+        try:
+            for variant in quant:
+                manifest["graphs"] += _make_variant(variant, tmp, ckpt, quant_options, opset, progress, prefill,
+                                                    embedding)
+            _record_backends(manifest)
+            reports = []
+            if check:
+                from .check import check_graphs
+
+                reports = check_graphs(tmp, manifest, ckpt, progress=progress, raise_on_fail=True, baseline=early)
+        finally:
+            if early is not None:
+                early.close()
         write_manifest(tmp, manifest)
     progress.summary(f"exported {out}")
     return ExportResult(out=out, manifest=manifest, reports=reports)

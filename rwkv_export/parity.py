@@ -345,16 +345,18 @@ def format_report(report: dict) -> str:
     )
 
 
-def state_effect(ref, got: dict, want: dict, tokens: list[int]) -> float:
+def state_effect(ref, got: dict, want: dict, tokens: list[int], got_logits=None) -> float:
     """max|Δlogits|/std(ref) over `tokens` run by the (fp64) reference from the state `got` (a graph's, as arrays)
     and from `want` (the reference's own): the effect of the state's error on what comes next, free of the step
-    graph's own error."""
+    graph's own error. `got_logits`: the reference's logits over `tokens` from `got`, computed already (in GPT
+    mode, e.g. with other graphs' states in one batch: check.SharedReference.logits_seq_many)."""
     import torch
 
     got = {k: torch.from_numpy(np.asarray(got[k], np.float64).reshape(tuple(v.shape))).to(v.dtype)
            for k, v in want.items()}
     if hasattr(ref, "logits_seq"):  # GPT mode: the same equations as the steps below, in one batch per side
-        g_all, w_all = ref.logits_seq(tokens, got), ref.logits_seq(tokens, want)
+        g_all = ref.logits_seq(tokens, got) if got_logits is None else got_logits
+        w_all = ref.logits_seq(tokens, want)
         pairs = ((np.asarray(g, np.float64), np.asarray(w, np.float64)) for g, w in zip(g_all, w_all))
     else:
         pairs = []
@@ -393,19 +395,26 @@ def run_sequence(runner, tokens: list[int]) -> dict:
     return {"tokens": list(tokens), "outputs": outputs, "version": _version(runner)}
 
 
-def judge_sequence(run: dict, ref, *, target: str, variant: str) -> dict:
-    """The reference's half of compare_sequence, and the report."""
+def state_probe(vocab_size: int) -> list[int]:
+    """The N_STATE_PROBE tokens a prompt graph's state is judged by (state_effect)."""
+    return parity_tokens(vocab_size, N_STATE_PROBE, TOKEN_SEED + 1)
+
+
+def judge_sequence(run: dict, ref, *, target: str, variant: str, probe_logits=None) -> dict:
+    """The reference's half of compare_sequence, and the report. `probe_logits`: per call, the reference's logits
+    over state_probe() from the graph's state after it, where computed already (else None, or None for a call)."""
     import torch
 
     tol = tolerance_for(target, variant, run["version"])
     tokens = run["tokens"]
-    probe = parity_tokens(ref.vocab_size, N_STATE_PROBE, TOKEN_SEED + 1)
+    probe = state_probe(ref.vocab_size)
     calls = sequence_calls(tokens)
+    probe_logits = probe_logits or [None] * len(calls)
     r_state = ref.new_state()
     max_abs = max_rel = state_rel = effect = 0.0
     top1 = 0
     with torch.no_grad():
-        for call, (m_logits, m_state) in zip(calls, run["outputs"]):
+        for call, (m_logits, m_state), got_logits in zip(calls, run["outputs"], probe_logits):
             for tok in call:
                 r_logits, r_state = ref.step(tok, r_state)
             r = _f64(r_logits)
@@ -426,7 +435,7 @@ def judge_sequence(run: dict, ref, *, target: str, variant: str) -> dict:
                                            f"the reference {want.size}")
                 state_rel = max(state_rel, float(np.abs(got.reshape(want.shape) - want).max()
                                                  / max(np.abs(want).max(), 1e-30)))
-            effect = max(effect, state_effect(ref, m_state, r_state, probe))
+            effect = max(effect, state_effect(ref, m_state, r_state, probe, got_logits))
     report = {
         "kind": "sequence", "target": target, "variant": variant, "reference": "runtime_ref fp64 steps",
         "tokens": len(tokens), "calls": len(calls), "max_abs": max_abs, "max_rel": max_rel,

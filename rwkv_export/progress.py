@@ -19,6 +19,17 @@ def peak_rss_bytes() -> int:
     return max(own, kids) * scale
 
 
+STAGE_CPU_ENV = "RWKV_EXPORT_STAGE_CPU"  # set (to 1): each stage line also gives the CPU seconds of its process
+
+
+def cpu_note(seconds: float) -> str:
+    """', CPU N s' for a stage line where STAGE_CPU_ENV is set (benchmarks/bench_export.py), else nothing: the CPU
+    time of the process that ran the stage, all its threads (a stage run beside another in a thread counts both)."""
+    import os
+
+    return f", CPU {seconds:.1f} s" if os.environ.get(STAGE_CPU_ENV) else ""
+
+
 def format_bytes(n: int) -> str:
     return f"{n / 1024**3:.2f} GB" if n >= 1024**3 else f"{n / 1024**2:.0f} MB"
 
@@ -40,14 +51,15 @@ class Progress:
 
     @contextlib.contextmanager
     def stage(self, desc: str):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if self.enabled:
             print(f"{desc} ...", file=sys.stderr, flush=True)
         yield
         if self.enabled:
             dt, peak = time.perf_counter() - t0, peak_rss_bytes()
             self.stages.append((desc, dt, peak))
-            print(f"{desc}: done in {dt:.1f} s (peak RSS {format_bytes(peak)})", file=sys.stderr, flush=True)
+            print(f"{desc}: done in {dt:.1f} s (peak RSS {format_bytes(peak)}{cpu_note(time.process_time() - c0)})",
+                  file=sys.stderr, flush=True)
 
     def note(self, msg: str):
         if self.enabled:

@@ -202,6 +202,9 @@ class Baseline:
                 yield from block.reshape(-1, self.vocab_size)
 
 
+ADD_ROWS = 16  # rows of logits _Metrics.add computes at a time
+
+
 class _Metrics:
     """The sums the report is made of, added a block of rows at a time (float64 log-probabilities)."""
 
@@ -228,11 +231,20 @@ class _Metrics:
         return int(self.top1s[:self.scored].sum())
 
     def add(self, lo: int, lf, lv) -> None:
-        """Rows lo.. of the fp32 side (lf) and the variant's (lv), [B, V]; rows at or past n are not scored."""
+        """Rows lo.. of the fp32 side (lf) and the variant's (lv), [B, V]; rows at or past n are not scored. Computed
+        ADD_ROWS rows at a time: every number is a row's own (the same bits in any grouping of rows), and the float64
+        temporaries stay a few MB, reused from the heap, instead of ~100 MB each fresh from the system for a chunk of
+        255 rows at a vocabulary of 50277 (measured at 169M shapes: 2x less CPU, ~0.4 GB less peak memory)."""
         hi = min(lo + len(lv), self.n)
         if hi <= lo:
             return
         lf, lv = np.asarray(lf)[:hi - lo], np.asarray(lv)[:hi - lo]
+        for a in range(lo, hi, ADD_ROWS):
+            b = min(a + ADD_ROWS, hi)
+            self._add(a, b, lf[a - lo:b - lo], lv[a - lo:b - lo])
+        self.scored = max(self.scored, hi)
+
+    def _add(self, lo: int, hi: int, lf, lv) -> None:
         pf, pv = _log_softmax_rows(lf), _log_softmax_rows(lv)
         bad = ~np.isfinite(pv).all(axis=1)
         if bad.any():
@@ -242,7 +254,6 @@ class _Metrics:
         self.kls[lo:hi] = np.sum(p * (pf - pv), axis=1)
         self.kl_uniforms[lo:hi] = np.sum(p * pf, axis=1) + np.log(pf.shape[1])  # KL(fp32 || uniform) = log V - H
         self.top1s[lo:hi] = pv.argmax(axis=1) == pf.argmax(axis=1)
-        self.scored = max(self.scored, hi)
 
 
 def _log_softmax_rows(x) -> np.ndarray:

@@ -202,3 +202,71 @@ def _check_n(folder, processes, tmp_path, name, tokens):
     reports = check_graphs(root, manifest, Source("builtin:tiny").load(), progress=Progress(), eval_tokens=tokens,
                            processes=processes)
     return reports, manifest, None
+
+
+@pytest.mark.parametrize("builtin", ["tiny", "v7-tiny"])
+def test_verified_guess_records_the_reference_s_own_greedy_path(builtin):
+    """check.verify_greedy: the reference's greedy continuation checked in one GPT-mode run from a guess records the
+    same tokens as the reference stepping (identical paths) and the same logits to GPT/RNN rounding, whether the
+    guess is right all the way, wrong from some token on (the reference steps from there), or wrong at once."""
+    from rwkv_export.check import verify_greedy
+
+    ckpt = Source(f"builtin:{builtin}").load()
+    model = ckpt.arch.reference(ckpt.tensors, torch.float64)
+    tokens = parity_tokens(model.vocab_size)
+    stepped = record_reference(model, tokens)
+    path = list(stepped.logits)[-1]
+    right = list(path[len(tokens):])
+    assert len(right) == N_GREEDY
+    wrong_from = [*right[:10], (right[10] + 1) % model.vocab_size, *right[11:]]
+    for guess, confirmed in ((right, N_GREEDY), (wrong_from, 10), ([(right[0] + 1) % model.vocab_size] * N_GREEDY, 0)):
+        ref = SharedReference(model)
+        ref.prefill(tokens)
+        assert verify_greedy(ref, tokens, guess) == confirmed
+        recorded = record_reference(ref, tokens)
+        assert list(recorded.logits) == list(stepped.logits)  # the same paths: the same tokens, in order
+        worst = max(float(np.abs(recorded.logits[p] - want).max() / want.std()) for p, want in stepped.logits.items())
+        assert worst < GPT_VS_RNN_MAX_REL
+
+
+def test_export_reads_the_baseline_while_it_writes_the_variants(tmp_path, capsys, monkeypatch):
+    """export_onnx starts the quality gates' fp32 baseline in a worker process (check.start_baseline) once its fp32
+    graphs are written, before any variant is; the export's reports are those of a serial check of its folder."""
+    import rwkv_export.check as check
+
+    seen = []
+    start = check.start_baseline
+    monkeypatch.setattr(check, "start_baseline", lambda root, manifest, **k: (
+        seen.append([g["variant"] for g in manifest["graphs"]]), start(root, manifest, **k))[1])
+    out = tmp_path / "out"
+    res = export_onnx("builtin:tiny", out, quant=["int8", "int4"], progress=Progress())
+    assert seen == [["fp32", "fp32"]]  # the step and prompt graphs of fp32 only
+    err = capsys.readouterr().err
+    assert any(ln.startswith("quality baseline: the fp32 eval graph (prefill.onnx") and "(in a worker process, peak RSS"
+               in ln for ln in err.splitlines()), err
+    serial = check_graphs(out, read_manifest(out), Source("builtin:tiny").load(), processes=1)
+    assert serial == res.reports
+    assert [r["variant"] for r in serial if r.get("kind") == "quality"] == ["int8", "int4"]
+
+
+@pytest.mark.parametrize("builtin", ["tiny", "v7-tiny"])
+def test_batched_probe_logits_are_each_state_s_own(builtin):
+    """SharedReference.logits_seq_many (the prompt graphs' state probes in one vmapped GPT-mode run) gives each
+    state's logits_seq: the same equations, batched matrix products rounding in their own order (RWKV-4 measured the
+    same bits, RWKV-7's matrix state not), within the GPT/RNN bound, ten million times below the tightest tolerance."""
+    ckpt = Source(f"builtin:{builtin}").load()
+    model = ckpt.arch.reference(ckpt.tensors, torch.float64)
+    ref = SharedReference(model)
+    probe = parity_tokens(model.vocab_size, 8, 99)
+    states, state = [], model.new_state()
+    with torch.no_grad():
+        for tok in parity_tokens(model.vocab_size, 5, 7):
+            _, state = model.step(tok, state)
+            states.append({k: v * 1.001 for k, v in state.items()})
+    many = ref.logits_seq_many(probe, states)
+    assert many is not None and len(many) == len(states)
+    for got, state in zip(many, states):
+        want = ref.logits_seq(probe, state)
+        assert len(got) == len(want) == len(probe)
+        worst = max(float((g - w).abs().max() / w.std()) for g, w in zip(got, want))
+        assert worst < GPT_VS_RNN_MAX_REL
