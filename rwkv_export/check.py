@@ -312,7 +312,17 @@ def _check_graphs(root: Path, manifest: dict, ckpt, progress: Progress, variants
                 # the reference read every page of the checkpoint (340 MB at 169M shapes): not held through the rest
                 reread(ckpt)
                 if variants:
-                    base = _baseline(root, manifest, ckpt, path, eval_tokens, progress, sequential=not stepwise)
+                    # TF.js's storage variants are read through stand-ins (ONNX eval graphs with the files' decoded
+                    # weights), TFLite's step graphs sequentially, both against the fp32 stand-in (the checkpoint's
+                    # weights), written here: tf_quality.py
+                    from .tf_quality import prepare
+
+                    stand_ins = prepare(root, manifest, ckpt, variants, path.parent, progress)
+                    stepwise = any(eval_graph_entry(manifest, g) is None and g["file"] not in stand_ins
+                                   for g in variants)
+                    base = _baseline(root, manifest, ckpt, path, eval_tokens, progress, sequential=not stepwise,
+                                     stand_in=stand_ins.get("fp32"))
+                    base.stand_ins = stand_ins  # travels with the baseline to the worker processes
                 qualities = _run_jobs(root, manifest, jobs, recorded, base, processes, progress)
             else:  # the reference's own gates here (torch) while the step graphs' jobs start in worker processes
                 qualities = _beside(judged, lambda: _run_jobs(root, manifest, jobs, recorded, base, processes,
@@ -507,20 +517,28 @@ def _extend_baseline(root: Path, manifest: dict, base, rows: int, progress: Prog
     if rows <= base.read:
         return
     _, seq = _fp32_entries(manifest)
-    with contextlib.closing(EvalGraphRunner(root, manifest, seq, threads=CHECK_THREADS)) as evals:
+    if seq is None and getattr(base, "stand_ins", {}).get("fp32") is not None:  # tf_quality's fp32 stand-in
+        from .tf_quality import open_baseline
+
+        evals = open_baseline(manifest, base.stand_ins["fp32"], CHECK_THREADS)[0]
+    else:
+        evals = EvalGraphRunner(root, manifest, seq, threads=CHECK_THREADS)
+    with contextlib.closing(evals) as evals:
         with progress.stage(f"quality baseline: the fp32 eval graph on eval tokens {base.read}-{min(rows, base.fed)}"):
             base.extend(evals, rows, chunk=min(EVAL_CHUNK, evals.max_chunk))
     _give_back_freed_memory()
 
 
 def _baseline(root: Path, manifest: dict, ckpt, path: Path, eval_tokens, progress: Progress,
-              sequential: bool = False):
+              sequential: bool = False, stand_in=None):
     """The fp32 side of every quality gate (quality.Baseline), computed once: by the fp32 prompt graph's eval graph
     where the folder has one (parity-gated against the fp64 reference at 1e-5 of std; the same cost as runtime_ref's
     fp32 GPT mode at 169M shapes, 26 s of CPU against 28 s, but the same session kind the variants are read by), its
     greedy continuation by the fp32 step graph; else by runtime_ref fp32 in GPT mode (freed after). `sequential`:
     the eval graph reads only the sequential gate's first level (parity.SEQ_LEVELS), the rest when a variant reads
-    on (_extend_baseline)."""
+    on (_extend_baseline). `stand_in`: where the folder has no fp32 ONNX prompt graph, tf_quality's fp32 stand-in
+    (an ONNX eval graph with the checkpoint's fp32 weights, its greedy continuation fed one token a call) instead of
+    runtime_ref."""
     from .parity import SEQ_LEVELS
     from .quality import DEFAULT_PROMPT_LEN, EVAL_CHUNK, Baseline, level_rows
     from .runners import ReferenceRunner
@@ -528,6 +546,20 @@ def _baseline(root: Path, manifest: dict, ckpt, path: Path, eval_tokens, progres
     ids = eval_token_ids(root, manifest, eval_tokens)
     step, seq = _fp32_entries(manifest)
     upto = level_rows(len(ids) - 1, min(DEFAULT_PROMPT_LEN, len(ids)), SEQ_LEVELS)[0] if sequential else None
+    if seq is None and stand_in is not None:
+        from .tf_quality import open_baseline
+
+        evals, steps = open_baseline(manifest, stand_in, CHECK_THREADS)
+        try:
+            chunk = min(EVAL_CHUNK, evals.max_chunk)
+            read = len(ids) if upto is None else min(len(ids), upto + 1)
+            with progress.stage(f"quality baseline: the fp32 stand-in (ONNX eval graph, the checkpoint's weights) "
+                                f"on {read} of {len(ids)} tokens of eval text in chunks of {chunk}"):
+                base = Baseline.compute(evals, ids, path, chunk=chunk, greedy_runner=steps, upto=upto)
+                base.source = "fp32 stand-in (ONNX eval graph with the checkpoint's weights)"
+                return base
+        finally:
+            evals.close()
     if seq is None:
         with progress.stage(f"quality baseline: runtime_ref fp32 on {len(ids)} tokens of eval text (GPT mode)"):
             base = Baseline.compute(ReferenceRunner(ckpt, "float32"), ids, path)
@@ -560,6 +592,12 @@ def _quality(root: Path, manifest: dict, graph: dict, runner, base, resume=None)
     from .quality import evaluate_against, evaluate_in_chunks
 
     seq = eval_graph_entry(manifest, graph)
+    stand_in = _stand_in(base, graph) if seq is None else None
+    if stand_in is not None:  # TF.js fp16 / uint8 through its stand-in, TFLite's step graph sequentially
+        from .tf_quality import evaluate
+
+        gate = quality_gate(QUALITY_KIND.get(graph["variant"], graph["variant"]))
+        return evaluate(root, manifest, graph, stand_in, base, gate=gate, resume=resume, threads=CHECK_THREADS)
     if seq is None:
         if runner is not None:
             return evaluate_against(runner, base)
@@ -575,6 +613,11 @@ def _quality(root: Path, manifest: dict, graph: dict, runner, base, resume=None)
 
     gate = quality_gate(QUALITY_KIND.get(graph["variant"], graph["variant"]))
     return evaluate_in_chunks(open_step, open_eval, base, gate=gate, resume=resume)
+
+
+def _stand_in(base, graph: dict):
+    """tf_quality's stand-in (or STEPS) for a step graph, which check_graphs put on the baseline, or None."""
+    return getattr(base, "stand_ins", {}).get(graph["file"]) if base is not None else None
 
 
 @contextlib.contextmanager
@@ -646,7 +689,7 @@ def _graph_job(root: Path, manifest: dict, graph: dict, base, resume=None, *, re
     import time
 
     t0, c0 = time.perf_counter(), time.process_time()
-    stepwise = eval_graph_entry(manifest, graph) is None
+    stepwise = eval_graph_entry(manifest, graph) is None and _stand_in(base, graph) is None
     parity = quality = None
     judged = graph["variant"] != "fp32" and base is not None
     if resume is None:
