@@ -240,7 +240,8 @@ def test_wasm_exp_rounds_like_math_exp(page):
 
 def test_demo_page_greedy_ids_and_stop(page, pydoc):
     """The demo (index.html, backend wasm-native, 2 threads: wasm_native_worker.js, which lets Stop in every YIELD_MS
-    instead of after every token): 64 greedy ids equal onnxruntime's; a long sampled run stops on Stop."""
+    instead of after every token and posts tokens in batches): 64 greedy ids equal onnxruntime's, and the streamed
+    text is their decoding; a long sampled run stops on Stop."""
     ctx = page.context.browser.new_context()
     pg = ctx.new_page()
     pg.set_default_timeout(TIMEOUT_MS)
@@ -256,6 +257,10 @@ def test_demo_page_greedy_ids_and_stop(page, pydoc):
     expected, _ = ort_run(pydoc, list(PROMPT.encode()), TOKENS)
     assert res["promptIds"] == list(PROMPT.encode())
     assert res["ids"] == expected
+    # the worker sends tokens in batches ('tokens', flushed before 'done'): the text the page streamed must hold
+    # every id once, in order, and the page must show it
+    assert res["text"] == pg.evaluate("ids => window.rwkvDemo.decode(ids)", expected)
+    assert pg.inner_text("#out-gen") == res["text"]
     pg.evaluate("p => { window.rwkvDemo.generate({prompt: p, temperature: 1, maxTokens: 1000000}).catch(() => {}); }",
                 PROMPT)
     pg.wait_for_function("window.rwkvDemo.currentIds().length >= 40")

@@ -393,6 +393,16 @@ function onWorkerMessage(msg) {
         scheduleRender();
       }
       break;
+    case 'tokens': // a batch (wasm_native_worker.js)
+      if (pendingRun) {
+        for (const id of msg.ids) {
+          pendingRun.ids.push(id);
+          pendingRun.text += safePush(pendingRun.decoder, id);
+        }
+        pendingRun.genMs = msg.ms;
+        scheduleRender();
+      }
+      break;
     case 'done':
       if (pendingRun) finishRun(msg);
       break;
@@ -454,7 +464,10 @@ function safePush(decoder, id) {
 
 // Streamed text is drawn at most every RENDER_INTERVAL_MS, and only the new text is appended: layout and paint run on
 // the same two cores as the model, and redrawing the whole output on every frame cost ~10% of the tokens/s at 169M.
-const RENDER_INTERVAL_MS = 100;
+// Each drawn frame still costs ~3 ms of the page's main thread and ~3 ms of compositor, raster and display threads
+// (2-core VM, 169M int8 on wasm-native, CPU time per thread from /proc): at 100 ms that was ~2 ms a token, taken from
+// the cores the model's two threads need; 200 ms halves it.
+const RENDER_INTERVAL_MS = 200;
 let renderQueued = false;
 let lastRender = 0;
 function scheduleRender() {
