@@ -367,7 +367,9 @@ def _reference_side(root: Path, manifest: dict, ckpt, graphs: list, here: list, 
         if graph["kind"] == "sequence":
             runner = make_runner(root, manifest, graph, threads=CHECK_THREADS)
             try:
-                with progress.stage(f"running the {graph['format']}/{graph['variant']} prompt graph"):
+                # the engine in words where the runner says (TF.js: wasm, or the cpu fallback and why)
+                engine = f" on {runner.engine}" if getattr(runner, "engine", None) else ""
+                with progress.stage(f"running the {graph['format']}/{graph['variant']} prompt graph{engine}"):
                     runs[graph["file"]] = run_sequence(runner, tokens)
                     if guess is None and graph["variant"] == "fp32" and hasattr(runner, "forward"):
                         guess = greedy_guess(runner, runs[graph["file"]], N_GREEDY)

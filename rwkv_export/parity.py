@@ -66,12 +66,19 @@ _QUANTIZED = ("quantized weights change logits by design: max|Δ| and top-1 on r
 for _t, _v in (("onnx", "int8"), ("onnx", "int4"), ("tflite", "int8"), ("tflite", "int4"), ("tfjs", "uint8")):
     TOLERANCES[(_t, _v)] = Tolerance(max_rel=None, min_top1=0.0, greedy_identical=False, reason=_QUANTIZED)
 
-# TFLite (LiteRT interpreter, XNNPACK) and TF.js (pure-JS CPU backend) compute the fp32 step graph in fp32, like ONNX.
-for _t, _engine in (("tflite", "the LiteRT interpreter (XNNPACK)"), ("tfjs", "TF.js's pure-JS CPU backend")):
+# TFLite (LiteRT interpreter, XNNPACK) and TF.js (its wasm backend, SIMD; the pure-JS cpu backend where wasm cannot
+# start) compute the fp32 step graph in fp32, like ONNX, but with their own kernels' summation order and fused
+# multiply-adds. Measured max|Δ|/std against the fp64 reference on the 169M shapes: TFLite 6.9e-6; TF.js 7.5e-6 on
+# wasm (1.6e-6 on cpu), its prompt graph 5.9e-6. Both sit near 1e-5 already at 169M, and 430M (24 layers, sums over
+# 1,024) rounds more, so 1e-5 would reject healthy files; 3e-5 is 4x the worst seen at 169M and still 300x below
+# a wrong equation, which shows as >1e-2 (a shift off by one, a lost state hand-over, a wrong decay sign).
+TF_FP32_MAX_REL = 3e-5
+for _t, _engine in (("tflite", "the LiteRT interpreter (XNNPACK)"), ("tfjs", "TF.js's wasm backend (SIMD)")):
     TOLERANCES[(_t, "fp32")] = Tolerance(
-        max_rel=1e-5, min_top1=1.0, greedy_identical=True,
+        max_rel=TF_FP32_MAX_REL, min_top1=1.0, greedy_identical=True,
         reason=f"same fp32 math in {_engine} vs an fp64 reference: only rounding differs (measured 6.9e-6 TFLite, "
-        "1.4e-6 TF.js on the 169M shapes); 1e-5 does not hide a wrong equation, which shows as >1e-2")
+        "7.5e-6 TF.js wasm on the 169M shapes, more at 430M); 3e-5 does not hide a wrong equation, which shows as "
+        ">1e-2")
     TOLERANCES[(_t, "fp16")] = Tolerance(
         max_rel=2e-2, min_top1=0.95, greedy_identical=False,
         reason="float16 weight storage, dequantized to fp32 at load: at most the ONNX fp16 error (which also rounds "

@@ -1,6 +1,6 @@
 """The quality gate of TF.js's storage variants through a *stand-in*, read in chunks, instead of the variant's own
-step graph token by token in TF.js's pure-JS CPU backend (~0.56 s a step at 169M shapes: 2,000 eval tokens were
-~19 min per variant).
+step graph token by token in Node (0.56 s a step at 169M shapes on TF.js's pure-JS cpu backend, 2,000 eval tokens
+~19 min per variant; ~0.22 s on its wasm backend, which the check now uses: still ~7 min).
 
 Why a stand-in may judge them: a TF.js fp16 or uint8 model is fp32 arithmetic on weights decoded to float32 when
 TF.js loads it (targets/tfjs.py); the variant differs from fp32 by its decoded weights alone. The stand-in is the

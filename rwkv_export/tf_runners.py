@@ -2,9 +2,10 @@
 
 - TFLiteStepRunner: the `.tflite` in the LiteRT interpreter (ai-edge-litert), through its named signature;
 - TFLiteSequenceRunner: the prompt graph's `prefill` signature (prompt chunks of a fixed size; the tail through `step`);
-- TFJSStepRunner: the TF.js graph model in Node with @tensorflow/tfjs (pure-JS CPU backend). One Node process per
-  runner, kept alive and fed one JSON line per step (rwkv_export/js/tfjs_step.mjs), so a 96-step parity run is one
-  launch. Its npm packages are found or installed by rwkv_export.node (a checkout's or the user cache's).
+- TFJSStepRunner: the TF.js graph model in Node with @tensorflow/tfjs on its wasm backend (SIMD, one thread), or the
+  pure-JS CPU backend where asked for or where wasm cannot initialise (said on stderr, never silently). One Node
+  process per runner, kept alive and fed one JSON line per step (rwkv_export/js/tfjs_step.mjs), so a 96-step parity
+  run is one launch. Its npm packages are found or installed by rwkv_export.node (a checkout's or the user cache's).
 
 Also `quality`, the measures quantized variants are judged by (top-1 agreement and KL against a reference).
 """
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,6 +30,18 @@ from .runners import io_by_role, new_state_from_manifest, step_feeds
 NODE_DIR = JS_DIR  # the driver, with package.json + lockfile (a checkout: `npm ci --prefix rwkv_export/js`)
 NODE_SCRIPT = "tfjs_step.mjs"
 TFJS_PROBE = "@tensorflow/tfjs-converter"
+# The TF.js backend the Node driver runs on: "wasm" (SIMD binary, read from the installed package) or "cpu" (pure JS).
+# $RWKV_EXPORT_TFJS_BACKEND picks one for every runner a command starts (e.g. `cpu` to rule the wasm build out).
+TFJS_BACKENDS = ("wasm", "cpu")
+TFJS_BACKEND_ENV = "RWKV_EXPORT_TFJS_BACKEND"
+
+
+def tfjs_backend(backend: str | None = None) -> str:
+    backend = backend or os.environ.get(TFJS_BACKEND_ENV) or "wasm"
+    if backend not in TFJS_BACKENDS:
+        raise RwkvExportError(f"unknown TF.js backend {backend!r} (${TFJS_BACKEND_ENV} or backend=): "
+                              f"use one of {', '.join(TFJS_BACKENDS)}")
+    return backend
 
 
 def _tflite_signature(root: Path, graph: dict, threads: int | None, interpreter=None, default: str = "step"):
@@ -132,13 +147,19 @@ def require_node(node_dir: Path | None = None) -> tuple[str, Path]:
 
 
 class TFJSStepRunner:
-    """The TF.js graph model in a persistent Node process. Close it (or use `with`) to end the process."""
+    """The TF.js graph model in a persistent Node process. Close it (or use `with`) to end the process.
 
-    def __init__(self, root: Path, manifest: dict, graph: dict, node_dir: Path | None = None, timeout: float = 600):
+    `backend` ("wasm", the default, or "cpu"; None: $RWKV_EXPORT_TFJS_BACKEND or wasm) is the one asked for;
+    `self.backend` is the one running, `self.fallback` why wasm could not initialise (None when it did), and
+    `self.engine` says both in words for stage lines."""
+
+    def __init__(self, root: Path, manifest: dict, graph: dict, node_dir: Path | None = None, timeout: float = 600,
+                 backend: str | None = None):
         self.manifest, self.graph = manifest, graph
         self.io = io_by_role(graph)
         self.timeout = timeout
         self.node_rss_mb = None
+        want = tfjs_backend(backend)
         node, packages = require_node(node_dir)
         model = (Path(root) / graph["file"]).absolute()  # Node runs in another folder: a relative path would not do
         if not model.is_file():
@@ -149,10 +170,24 @@ class TFJSStepRunner:
         self._hidden_shape = hidden[0]["shape"] if hidden else None
         # stderr to a file, not a pipe: nobody drains it while stepping, and a full pipe would block Node
         self._stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([node, str(JS_DIR / NODE_SCRIPT), str(model), str(packages)], cwd=packages,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self.proc = subprocess.Popen([node, str(JS_DIR / NODE_SCRIPT), str(model), str(packages), want],
+                                     cwd=packages, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._stderr, text=True)
         hello = self._read()
-        self.backend = hello.get("backend")
+        self.backend, self.fallback = hello.get("backend"), hello.get("fallback")
+        if self.backend == "wasm":
+            self.engine = f"TF.js wasm backend ({'SIMD' if hello.get('simd') else 'no SIMD'}, 1 thread)"
+        else:
+            self.engine = "TF.js pure-JS cpu backend"
+        if self.fallback:
+            self.engine += f" (wasm could not initialise: {self.fallback})"
+            hint = (f"; `npm ci --prefix {packages}` installs the locked packages" if "Cannot find module"
+                    in self.fallback else "")
+            print(f"rwkv-export: {graph['file']}: TF.js's wasm backend could not initialise ({self.fallback}); "
+                  f"running on the pure-JS cpu backend, several times slower{hint}", file=sys.stderr, flush=True)
+        elif self.backend != want:
+            self.close()
+            raise RwkvExportError(f"TF.js ({graph['file']}): asked for the {want} backend, Node runs {self.backend}")
         if bool(hello.get("hidden")) != bool(hidden):
             self.close()
             raise ManifestError(f"{graph['file']}: model.json's signature {'has' if hello.get('hidden') else 'lacks'} "

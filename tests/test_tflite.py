@@ -25,9 +25,9 @@ from test_sequence import SEQ_VS_STEP_TOL, check_prompt_against_steps, logits_er
 
 SETUP_HINT = "install the TFLite extra: pip install -e '.[tflite]' (or bash tools/install_edge_extras.sh)"
 
-# Same bound as ONNX fp32: the graph is the same fp32 math (XNNPACK kernels sum in a different order), measured
-# ~1.5e-6 on the tiny model; a wrong equation shows as > 1e-2.
-FP32_MAX_REL = 1e-5
+# The declared gate (parity.TF_FP32_MAX_REL, its reason there): the graph is the same fp32 math (XNNPACK kernels sum
+# in a different order), measured ~1.5e-6 on the tiny model, 6.9e-6 at 169M; a wrong equation shows as > 1e-2.
+FP32_MAX_REL = 3e-5
 GREEDY_TOKENS = 64  # the issue asks for an identical greedy continuation over at least 64 tokens
 QUALITY_TOKENS = 96  # teacher-forced tokens over which quantized variants are judged
 # Quantized variants vs the fp64 reference, on the tiny random-weight model (measured: fp16 top1 1.0 KL ~1e-7;

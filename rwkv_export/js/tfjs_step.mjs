@@ -1,10 +1,14 @@
 // Step server for a TF.js graph model, driven by rwkv_export.tf_runners.TFJSStepRunner (one Node process per runner).
 //
-//   node tfjs_step.mjs path/to/model.json [PACKAGES_DIR]
+//   node tfjs_step.mjs path/to/model.json [PACKAGES_DIR] [BACKEND]
 //
 // PACKAGES_DIR holds the node_modules installed from this folder's package-lock.json (default: this folder; an
 // installed wheel keeps them in the user cache, see rwkv_export/node.py).
-// Loads the model with @tensorflow/tfjs (pure-JS CPU backend), then answers one JSON line per request line on stdin:
+// BACKEND is "wasm" (the default: @tensorflow/tfjs-backend-wasm, its SIMD binary, single-threaded: TF.js 4.22 turns
+// the wasm backend's threads off under Node) or "cpu" (the pure-JS CPU backend). The .wasm binaries are read from the
+// installed package's dist/ folder, never fetched. Where the wasm backend cannot initialise, the driver falls back to
+// cpu and says why in its ready line ("fallback"); the Python side reports it, so a fallback is never silent.
+// Loads the model with @tensorflow/tfjs on that backend, then answers one JSON line per request line on stdin:
 //   {"op": "step", "token": 5, "state": {"att_x": "<base64 float32>", ...}}
 //     -> {"logits": "<base64 float32>", "state": {"att_x": "<base64 float32>", ...}}
 //        (+ "hidden": "<base64 float32>" when the signature has a `hidden` output: an export made with --embedding)
@@ -54,8 +58,7 @@ async function load(modelPath) {
   const tf = require('@tensorflow/tfjs-core');
   require('@tensorflow/tfjs-backend-cpu');
   const tfconv = require('@tensorflow/tfjs-converter');
-  await tf.setBackend('cpu');
-  await tf.ready();
+  const fallback = await pickBackend(tf, require, process.argv[4] || 'wasm');
   const json = JSON.parse(readFileSync(modelPath, 'utf8'));
   const dir = dirname(modelPath);
   const weightSpecs = [];
@@ -121,7 +124,37 @@ async function load(modelPath) {
     return { logits: vals[0].slice(vals[0].length - vocab), state: next };
   }
   const hasPrefill = Boolean(seqSig);
-  return { step, prefill, states, hasHidden, hasPrefill, backend: tf.getBackend(), version: tf.version_core };
+  return {
+    step, prefill, states, hasHidden, hasPrefill, backend: tf.getBackend(), version: tf.version_core, fallback,
+    simd: tf.getBackend() === 'wasm' ? await tf.env().getAsync('WASM_HAS_SIMD_SUPPORT') : undefined,
+  };
+}
+
+// Sets the backend `want` ("wasm" or "cpu"); returns null, or why wasm could not initialise (cpu is then in use).
+async function pickBackend(tf, require, want) {
+  if (want !== 'wasm' && want !== 'cpu') throw new Error(`unknown backend ${want} (wasm or cpu)`);
+  if (want === 'wasm') {
+    let why;
+    try {
+      const entry = require.resolve('@tensorflow/tfjs-backend-wasm');
+      const wasm = require('@tensorflow/tfjs-backend-wasm');
+      // the binaries beside the package's Node entry (dist/), read from disk: no fetch at run time
+      wasm.setWasmPaths(dirname(entry) + '/');
+      if (await tf.setBackend('wasm')) {
+        await tf.ready();
+        return null;
+      }
+      why = 'tf.setBackend("wasm") returned false';
+    } catch (e) {
+      why = String(e?.message ?? e).split('\n')[0];
+    }
+    await tf.setBackend('cpu');
+    await tf.ready();
+    return why;
+  }
+  await tf.setBackend('cpu');
+  await tf.ready();
+  return null;
 }
 
 function argmax(a) {
@@ -140,6 +173,7 @@ try {
 }
 reply({
   ready: true, backend: m.backend, tfjs: m.version, states: m.states, hidden: m.hasHidden, prefill: m.hasPrefill,
+  simd: m.simd, fallback: m.fallback,
 });
 
 const decodeState = (st) => Object.fromEntries(m.states.map((s) => {

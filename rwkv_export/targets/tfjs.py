@@ -913,10 +913,11 @@ def signature_io(sig: dict, states: list[str] | None = None, graph: str = "step"
 class TFJSSequenceRunner:
     """new_state() / forward(tokens, state) -> (logits [1, V] of the last token, state) over a TF.js prompt graph, in
     chunks of at most max_chunk (any size: T is dynamic). It lives in its step graph's model.json, so one Node process
-    (tf_runners.TFJSStepRunner on the step entry of the same file) serves both, through its `prefill` request."""
+    (tf_runners.TFJSStepRunner on the step entry of the same file, on its `backend`) serves both, through its `prefill`
+    request."""
 
     def __init__(self, root: Path, manifest: dict, graph: dict, node_dir: Path | None = None,
-                 chunk: int | None = None):
+                 chunk: int | None = None, backend: str | None = None):
         from ..errors import ManifestError
         from ..seq_runner import sequence_io
         from ..tf_runners import TFJSStepRunner
@@ -932,7 +933,8 @@ class TFJSSequenceRunner:
         if not step:
             raise ManifestError(f"graph {graph['file']} ({graph['variant']}): no step graph in the same file, whose "
                                 "Node process runs the prompt graph")
-        self.step_runner = TFJSStepRunner(root, manifest, step[0], node_dir=node_dir)
+        self.step_runner = TFJSStepRunner(root, manifest, step[0], node_dir=node_dir, backend=backend)
+        self.backend, self.engine = self.step_runner.backend, self.step_runner.engine  # TFJSStepRunner's, in words
         by_tensor = {spec["tensor"]: s for s, spec in self.io["state_in"].items()}
         step_io = self.step_runner.io["state_in"]
         if {s: spec["tensor"] for s, spec in step_io.items()} != {s: t for t, s in by_tensor.items()}:
