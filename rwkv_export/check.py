@@ -542,7 +542,7 @@ def _baseline(root: Path, manifest: dict, ckpt, path: Path, eval_tokens, progres
     (an ONNX eval graph with the checkpoint's fp32 weights, its greedy continuation fed one token a call) instead of
     runtime_ref."""
     from .parity import SEQ_LEVELS
-    from .quality import DEFAULT_PROMPT_LEN, EVAL_CHUNK, Baseline, level_rows
+    from .quality import DEFAULT_PROMPT_LEN, Baseline, level_rows
     from .runners import ReferenceRunner
 
     ids = eval_token_ids(root, manifest, eval_tokens)
@@ -553,13 +553,9 @@ def _baseline(root: Path, manifest: dict, ckpt, path: Path, eval_tokens, progres
 
         evals, steps = open_baseline(manifest, stand_in, CHECK_THREADS)
         try:
-            chunk = min(EVAL_CHUNK, evals.max_chunk)
-            read = len(ids) if upto is None else min(len(ids), upto + 1)
-            with progress.stage(f"quality baseline: the fp32 stand-in (ONNX eval graph, the checkpoint's weights) "
-                                f"on {read} of {len(ids)} tokens of eval text in chunks of {chunk}"):
-                base = Baseline.compute(evals, ids, path, chunk=chunk, greedy_runner=steps, upto=upto)
-                base.source = "fp32 stand-in (ONNX eval graph with the checkpoint's weights)"
-                return base
+            return _read_baseline(evals, ids, path, upto, progress,
+                                  "the fp32 stand-in (ONNX eval graph, the checkpoint's weights)",
+                                  "fp32 stand-in (ONNX eval graph with the checkpoint's weights)", greedy_runner=steps)
         finally:
             evals.close()
     if seq is None:
@@ -575,15 +571,24 @@ def _baseline(root: Path, manifest: dict, ckpt, path: Path, eval_tokens, progres
 
     evals = EvalGraphRunner(root, manifest, seq, threads=CHECK_THREADS)
     try:
-        chunk = min(EVAL_CHUNK, evals.max_chunk)
-        read = len(ids) if upto is None else min(len(ids), upto + 1)
-        with progress.stage(f"quality baseline: the fp32 eval graph ({seq['file']}, every token's logits) on "
-                            f"{read} of {len(ids)} tokens of eval text in chunks of {chunk}"):
-            base = Baseline.compute(evals, ids, path, chunk=chunk, open_greedy=open_greedy, upto=upto)
-            base.source = f"{seq['file']} (fp32 eval graph)"
-            return base
+        return _read_baseline(evals, ids, path, upto, progress,
+                              f"the fp32 eval graph ({seq['file']}, every token's logits)",
+                              f"{seq['file']} (fp32 eval graph)", open_greedy=open_greedy)
     finally:
         evals.close()
+
+
+def _read_baseline(evals, ids: list, path: Path, upto, progress: Progress, what: str, source: str, **greedy):
+    """quality.Baseline.compute through an fp32 eval graph (`evals`) in its largest chunks, as one stage; `greedy`:
+    how the baseline gets its greedy continuation (open_greedy or greedy_runner)."""
+    from .quality import EVAL_CHUNK, Baseline
+
+    chunk = min(EVAL_CHUNK, evals.max_chunk)
+    read = len(ids) if upto is None else min(len(ids), upto + 1)
+    with progress.stage(f"quality baseline: {what} on {read} of {len(ids)} tokens of eval text in chunks of {chunk}"):
+        base = Baseline.compute(evals, ids, path, chunk=chunk, upto=upto, **greedy)
+    base.source = source
+    return base
 
 
 def _quality(root: Path, manifest: dict, graph: dict, runner, base, resume=None):

@@ -272,6 +272,42 @@ def test_demo_page_greedy_ids_and_stop(page, pydoc):
     assert errors == []
 
 
+def test_demo_defaults_to_wasm_native_and_falls_back_to_onnxruntime_web(page):
+    """An RWKV-4 int8 folder in a cross-origin isolated page with relaxed SIMD: with no ?backend the demo picks wasm
+    native and says so; ?backend=wasm keeps onnxruntime-web; where wasm native then cannot load (here its .wasm
+    module answers 404) the model loads on onnxruntime-web's wasm with a notice that says why."""
+    base = page.url.rsplit("/", 1)[0] + "/"
+    ctx = page.context.browser.new_context()
+    try:
+        pg = ctx.new_page()
+        pg.set_default_timeout(TIMEOUT_MS)
+        pg.goto(base + "?verify=0")
+        pg.wait_for_function("document.body.dataset.status === 'setup' || document.body.dataset.status === 'idle'"
+                             " || !!window.rwkvDemo?.manifest")
+        assert pg.evaluate("WebAssembly.validate(new Uint8Array([0,97,115,109,1,0,0,0,1,8,1,96,3,123,123,123,1,123,"
+                           "3,2,1,0,10,13,1,11,0,32,0,32,1,32,2,253,147,2,11]))") is True  # the page's probe
+        assert pg.input_value("#backend") == "wasm-native" and pg.input_value("#variant") == "int8"
+        assert "default here" in pg.inner_text("#variant-note")
+        info = pg.evaluate("window.rwkvDemo.load({threads: 1}).then(() => window.rwkvDemo.loadInfo)")
+        assert info["backend"] == "wasm-native", info
+
+        pg.goto(base + "?verify=0&backend=wasm")
+        pg.wait_for_function("!!window.rwkvDemo?.manifest")
+        assert pg.input_value("#backend") == "wasm"
+
+        pg.route("**/rwkv4_int8.wasm", lambda route: route.fulfill(status=404, body="gone"))
+        pg.goto(base + "?verify=0")
+        pg.wait_for_function("!!window.rwkvDemo?.manifest")
+        assert pg.input_value("#backend") == "wasm-native"
+        info = pg.evaluate("window.rwkvDemo.load({threads: 1}).then(() => window.rwkvDemo.loadInfo)")
+        assert info["backend"] == "wasm", info
+        assert pg.input_value("#backend") == "wasm"
+        notices = " ".join(n["message"] for n in pg.evaluate("window.rwkvDemo.notices"))
+        assert "wasm native could not load" in notices and "404" in notices, notices
+    finally:
+        ctx.close()
+
+
 def test_unsupported_says_so_in_one_line(page):
     """fp32 through runtimes.html fails to load with one line; fp16, int4 and RWKV-5/6/7 are refused by
     unsupported() with one line each."""

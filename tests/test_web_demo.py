@@ -694,8 +694,8 @@ def test_quantized_variant_in_the_page_equals_onnxruntime_in_python(page, pydoc_
     the toolchain probe, flips tokens within a few steps)."""
     prompt = "Return the value of the"
     with served(pydoc_quant) as url:
-        info = load_model(page, url, f"?autoload=1&threads=1&variant={variant}")
-        assert info["variant"] == variant and info["sequence"] == f"prefill_{'q4' if variant == 'int4' else variant}.onnx"
+        info = load_model(page, url, f"?autoload=1&threads=1&variant={variant}&backend=wasm")
+        assert info["backend"] == "wasm" and info["variant"] == variant and info["sequence"] == f"prefill_{'q4' if variant == 'int4' else variant}.onnx"
         res = page.evaluate("p => window.rwkvDemo.generate({prompt: p, temperature: 0, maxTokens: %d})" % GREEDY_TOKENS,
                             prompt)
     assert res["ids"] == python_ort_greedy(pydoc_quant, variant, list(prompt.encode()), GREEDY_TOKENS)
@@ -715,6 +715,9 @@ def test_variant_follows_the_backend_from_the_manifest(page, pydoc_quant):
     with served(pydoc_quant) as url:
         open_demo(page, url)
         state = lambda: (page.input_value("#variant"), page.inner_text("#variant-note"))  # noqa: E731
+        on_default = state()  # wasm native is the page's default for an RWKV-4 int8 folder (tests/test_wasm_native.py)
+        default_backend = page.input_value("#backend")
+        page.select_option("#backend", "wasm")
         on_wasm = state()
         page.select_option("#backend", "webgpu-native")
         on_native = state()
@@ -727,6 +730,7 @@ def test_variant_follows_the_backend_from_the_manifest(page, pydoc_quant):
         page.select_option("#backend", "webgpu")
         info = page.evaluate("window.rwkvDemo.load({threads: 1}).then(() => window.rwkvDemo.loadInfo)")
         notices = page.evaluate("window.rwkvDemo.notices")
+    assert default_backend == "wasm-native" and on_default[0] == "int8" and "default here" in on_default[1], on_default
     assert on_wasm[0] == "int8" and "int8 suits wasm" in on_wasm[1], on_wasm
     assert on_gpu[0] == "int4" and "int4 suits webgpu" in on_gpu[1], on_gpu
     assert on_native[0] == "int4" and on_native[1].startswith(
