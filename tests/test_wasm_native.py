@@ -129,18 +129,26 @@ def test_kernels_and_threads_give_identical_logits(page):
     assert page.page_errors == []
 
 
-FIRST_JS = """async ([ids]) => {
-  const rt = await import('./rt_wasm.js');
+# The page-side start of the JS snippets below: rt_wasm.js's runtime `r` on the folder's int8 step file, with `threads`
+# threads (a JS expression over the snippet's arguments `args`); `body` uses `r` and returns.
+OPEN_RUNTIME_JS = """  const rt = await import('./rt_wasm.js');
   const mf = await import('./manifest.js');
   const m = window.rwkvRuntimes.manifest;
   const ff = await import('./fetch_files.js');
   const base = new URL('/model/', location.href).href;
   const { files } = await ff.fetchGraphFiles(m, base, [mf.stepGraph(m, 'int8')], true);
-  const r = await rt.RwkvWasm.create(m, 'int8', files, { threads: 2 });
-  const out = ids.map((id) => Array.from(r.step(id)));
+"""
+
+
+def open_runtime_js(args: str, threads: str, body: str) -> str:
+    return (f"async ([{args}]) => {{\n" + OPEN_RUNTIME_JS
+            + f"  const r = await rt.RwkvWasm.create(m, 'int8', files, {{ threads: {threads} }});\n" + body + "}")
+
+
+FIRST_JS = open_runtime_js("ids", "2", """  const out = ids.map((id) => Array.from(r.step(id)));
   r.dispose();
   return out;
-}"""
+""")
 
 
 def test_first_steps_logits_close_to_onnxruntime(page, pydoc):
@@ -153,15 +161,7 @@ def test_first_steps_logits_close_to_onnxruntime(page, pydoc):
     assert page.page_errors == []
 
 
-ELEMENTWISE_JS = """async ([ids, n, threads, killHelper]) => {
-  const rt = await import('./rt_wasm.js');
-  const mf = await import('./manifest.js');
-  const m = window.rwkvRuntimes.manifest;
-  const ff = await import('./fetch_files.js');
-  const base = new URL('/model/', location.href).href;
-  const { files } = await ff.fetchGraphFiles(m, base, [mf.stepGraph(m, 'int8')], true);
-  const r = await rt.RwkvWasm.create(m, 'int8', files, { threads });
-  if (killHelper) { for (const w of r.workers) w.terminate(); await new Promise((res) => setTimeout(res, 50)); }
+ELEMENTWISE_JS = open_runtime_js("ids, n, threads, killHelper", "threads", """  if (killHelper) { for (const w of r.workers) w.terminate(); await new Promise((res) => setTimeout(res, 50)); }
   const am = (l) => { let b = 0; for (let j = 1; j < l.length; j++) if (l[j] > l[b]) b = j; return b; };
   const run = (step) => {
     r.reset();
@@ -176,7 +176,7 @@ ELEMENTWISE_JS = """async ([ids, n, threads, killHelper]) => {
   const js = run((id) => r.stepJs(id));
   r.dispose();
   return { wasm, js, mode: r.mode };
-}"""
+""")
 
 
 @pytest.mark.parametrize("threads,kill_helper", [(1, False), (2, False), (2, True)])
@@ -195,15 +195,7 @@ def test_wasm_elementwise_equals_js_reference(page, pydoc, threads, kill_helper)
     assert page.page_errors == []
 
 
-EXP_JS = """async ([n]) => {
-  const rt = await import('./rt_wasm.js');
-  const mf = await import('./manifest.js');
-  const m = window.rwkvRuntimes.manifest;
-  const ff = await import('./fetch_files.js');
-  const base = new URL('/model/', location.href).href;
-  const { files } = await ff.fetchGraphFiles(m, base, [mf.stepGraph(m, 'int8')], true);
-  const r = await rt.RwkvWasm.create(m, 'int8', files, { threads: 1 });
-  const xs = new Float32Array(n);
+EXP_JS = open_runtime_js("n", "1", """  const xs = new Float32Array(n);
   for (let i = 0; i < n; i++) xs[i] = -104 + 193 * (i / n); // float32's whole exp range: e^-104 rounds to 0, e^89 to inf
   const ys = r.expf(xs);
   const bits = (v) => new Int32Array(Float32Array.of(v).buffer)[0];
@@ -218,7 +210,7 @@ EXP_JS = """async ([n]) => {
   const want = Array.from(Float32Array.from(special), (x) => Math.fround(Math.exp(x)));
   r.dispose();
   return { differ, maxUlp, got, want };
-}"""
+""")
 EXP_VALUES = 1 << 20
 # $exp64's relative error is below 1e-14 (degree-11 Taylor on |r| <= ln2/2, plus a few double roundings), so it can
 # round to another float32 than V8's Math.exp only where e^x lies within ~1e-14 of a float32 rounding midpoint: a
