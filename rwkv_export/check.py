@@ -930,9 +930,9 @@ class _Workers:
             job.close()
 
 
-def _worker_main(target: str | None = None) -> None:
-    """A _Job's process: its stdout carries only the pickled result (anything else printed goes to stderr). Without
-    `target`, as a caller of an earlier rwkv_export started it (a step graph's job, without its CPU seconds)."""
+def _worker_main(target: str) -> None:
+    """A _Job's process ("graph": a step graph's job, "baseline": the fp32 baseline): its stdout carries only the
+    pickled result (anything else printed goes to stderr)."""
     import os
     import pickle
     import sys
@@ -942,9 +942,9 @@ def _worker_main(target: str | None = None) -> None:
     sys.stdout = sys.stderr
     inp = sys.stdin.buffer
     try:
-        if target in ("graph", None):
+        if target == "graph":
             recorded = pickle.load(inp)
-            result = (True, _graph_job(*pickle.load(inp), recorded=recorded)[:5 if target is None else None])
+            result = (True, _graph_job(*pickle.load(inp), recorded=recorded))
         else:
             result = (True, _baseline_job(*pickle.load(inp)))
     except Exception as e:  # sent back and raised in the caller

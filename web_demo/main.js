@@ -408,17 +408,10 @@ function onWorkerMessage(msg) {
         $('stat-prompt').textContent = `${msg.tokens} tokens in ${fmtMs(msg.ms)} (${rate(msg.tokens, msg.ms)}, ${msg.mode === 'sequence' ? `prompt graph, ${msg.runs} call${msg.runs === 1 ? '' : 's'}` : 'token by token'})`;
       }
       break;
-    case 'token':
+    case 'token': // one token (worker.js) or a batch (wasm_native_worker.js: 'tokens')
+    case 'tokens':
       if (pendingRun) {
-        pendingRun.ids.push(msg.id);
-        pendingRun.text += safePush(pendingRun.decoder, msg.id);
-        pendingRun.genMs = msg.ms;
-        scheduleRender();
-      }
-      break;
-    case 'tokens': // a batch (wasm_native_worker.js)
-      if (pendingRun) {
-        for (const id of msg.ids) {
+        for (const id of msg.ids ?? [msg.id]) {
           pendingRun.ids.push(id);
           pendingRun.text += safePush(pendingRun.decoder, id);
         }

@@ -19,7 +19,7 @@ const WARMUP_STEPS = 4; // V8 tiers the step's JS up while it runs: a few steps 
 const YIELD_MS = 25;
 // Tokens go to the page in batches, one message every TOKENS_MS (and before 'done'), not one a token: each message
 // wakes the page's main thread, which takes a core from the runner or its helper (~0.5 ms of main-thread CPU a token
-// measured at 169M on 2 cores, /tmp/h5 A/B); the page draws text every RENDER_INTERVAL_MS anyway
+// measured at 169M on 2 cores, per-thread CPU from /proc); the page draws text every RENDER_INTERVAL_MS anyway
 const TOKENS_MS = 50;
 let rt = null;
 let stopRequested = false;
