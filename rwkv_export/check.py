@@ -29,9 +29,11 @@ import numpy as np
 
 from .embed import check_embedding, format_embedding, gate_embedding, has_embedding
 from .manifest import read_manifest, write_manifest
+from .memory import give_back_freed_memory as _give_back_freed_memory
+from .memory import own_peak_rss
 from .parity import (N_GREEDY, compare, format_report, gate, judge_sequence, parity_tokens, record_reference,
                      run_sequence, sequence_calls)
-from .progress import QUIET, Progress, cpu_note, format_bytes, peak_rss_bytes
+from .progress import QUIET, Progress, cpu_note, format_bytes
 from .sources import source_from_manifest
 
 # graph format -> step runner class (loaded lazily: each runtime is an optional dependency)
@@ -59,8 +61,9 @@ MAX_CHECK_PROCESSES = 2
 QUALITY_KIND = {"fp16": "fp16", "int8": "int8", "uint8": "int8", "int4": "int4"}
 
 
-def make_runner(root: Path, manifest: dict, graph: dict, threads: int | None = None):
-    """The runner of one graph of the folder; `threads` (the runtime's intra-op threads) where the runner takes it."""
+def make_runner(root: Path, manifest: dict, graph: dict, threads: int | None = None, **options):
+    """The runner of one graph of the folder; `threads` (the runtime's intra-op threads) and `options` (keyword
+    arguments such as TFLiteSequenceRunner's one_interpreter) where the runner takes them."""
     import importlib
     import inspect
 
@@ -73,28 +76,15 @@ def make_runner(root: Path, manifest: dict, graph: dict, threads: int | None = N
                             f"which no runner handles")
     mod, cls = spec.split(":")
     runner_cls = getattr(importlib.import_module(mod), cls)
-    if threads is not None and "threads" in inspect.signature(runner_cls).parameters:
-        return runner_cls(root, manifest, graph, threads=threads)
-    return runner_cls(root, manifest, graph)
+    takes = inspect.signature(runner_cls).parameters
+    kw = {k: v for k, v in {"threads": threads, **options}.items() if v is not None and k in takes}
+    return runner_cls(root, manifest, graph, **kw)
 
 
 def _close(runner) -> None:
     if hasattr(runner, "close"):
         runner.close()
     _give_back_freed_memory()
-
-
-def _give_back_freed_memory() -> None:
-    """Return the heap memory freed so far to the system (glibc's malloc_trim; elsewhere nothing). A closed
-    onnxruntime session's weights are freed into glibc's heap and stay in the process's RSS (measured at 169M
-    shapes: 439 MB after the fp16 prompt graph's session closed, 13 MB once trimmed) under every later stage."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
 
 
 def eval_token_ids(root: Path, manifest: dict, max_tokens: int | None = None) -> list[int]:
@@ -362,10 +352,17 @@ def _reference_side(root: Path, manifest: dict, ckpt, graphs: list, here: list, 
     prompt graph's guess (verify_greedy) where the folder has one."""
     import torch
 
+    from .checkpoint import reread
+
     tokens, runs, guess = parity_tokens(ckpt.dims.vocab_size), {}, None
+    if any(graph["kind"] == "sequence" for graph in graphs):
+        # the checkpoint's pages, read by the export or the finiteness check (340 MB at 169M shapes), are not held
+        # under the prompt graphs' runtimes; the reference reads them again from the page cache
+        reread(ckpt)
     for graph in graphs:
         if graph["kind"] == "sequence":
-            runner = make_runner(root, manifest, graph, threads=CHECK_THREADS)
+            # TFLite: one interpreter of the pair (prompt graph, step graph for the tail) at a time
+            runner = make_runner(root, manifest, graph, threads=CHECK_THREADS, one_interpreter=True)
             try:
                 # the engine in words where the runner says (TF.js: wasm, or the cpu fallback and why)
                 engine = f" on {runner.engine}" if getattr(runner, "engine", None) else ""
@@ -722,19 +719,7 @@ def _graph_job(root: Path, manifest: dict, graph: dict, base, resume=None, *, re
             f" (eval graph, chunks of {quality['chunk']})" if "chunk" in quality else "") + (
             f": {look['gated_on']} {look['q']:.4g} +- {look['se']:.2g}, {look['stop']} at level {look['level']} "
             f"({look['why']})" if look else "")
-    return parity, quality, desc, time.perf_counter() - t0, _own_peak_rss(), time.process_time() - c0
-
-
-def _own_peak_rss() -> int:
-    """This process's own peak resident memory: /proc's VmHWM, which starts afresh at exec, where ru_maxrss (what
-    progress.peak_rss_bytes reads) carries the parent's peak into a worker process."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return peak_rss_bytes()
+    return parity, quality, desc, time.perf_counter() - t0, own_peak_rss(), time.process_time() - c0
 
 
 def _resolved(args: tuple) -> tuple:
@@ -849,7 +834,7 @@ def _baseline_job(root: Path, manifest: dict, ckpt, path: Path, eval_tokens, seq
 
     stage, c0 = _Recorder(), time.process_time()
     base = _baseline(root, manifest, ckpt, path, eval_tokens, stage, sequential=sequential)
-    return base, stage.desc, stage.seconds, _own_peak_rss(), time.process_time() - c0
+    return base, stage.desc, stage.seconds, own_peak_rss(), time.process_time() - c0
 
 
 class _Recorder(Progress):

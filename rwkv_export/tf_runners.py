@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ManifestError, RwkvExportError
+from .memory import give_back_freed_memory
 from .node import JS_DIR, npm_packages
 from .node import require_node as _require_node
 from .runners import io_by_role, new_state_from_manifest, step_feeds
@@ -80,9 +81,16 @@ class TFLiteSequenceRunner:
     """new_state() / forward(tokens, state) -> (logits [1, V] of the last token, state) over a TFLite prompt graph:
     whole chunks of the graph's fixed size through its signature, the tail (fewer tokens than a chunk) through the
     step graph of the same variant: its own file (an export writes one signature per file), or the same file, whose
-    interpreter then serves both signatures (a folder from before that split)."""
+    interpreter then serves both signatures (a folder from before that split).
 
-    def __init__(self, root: Path, manifest: dict, graph: dict, threads: int | None = None):
+    `one_interpreter`: hold one of the two files' interpreters at a time, closing the prompt graph's before the step
+    graph's opens and the other way round (a check does: each fp32 interpreter at 169M shapes is ~1.06 GB while
+    XNNPACK packs its weights, the mapped file's pages plus the packed copy, so the pair held 2.6 GB). The logits
+    are the same; each switch costs a load (~0.7 s at 169M fp32). Default: both stay open (prompting, then
+    generating token by token, as an app does)."""
+
+    def __init__(self, root: Path, manifest: dict, graph: dict, threads: int | None = None,
+                 one_interpreter: bool = False):
         from .seq_runner import sequence_io
 
         self.manifest, self.graph = manifest, graph
@@ -94,14 +102,42 @@ class TFLiteSequenceRunner:
         if not step:
             raise ManifestError(f"graph {graph['file']} ({graph['variant']}): no step graph of that variant, for the "
                                 "tokens after the last whole chunk")
-        self.interpreter, self.runner = _tflite_signature(root, graph, threads, default="prefill")
-        shared = self.interpreter if step[0]["file"] == graph["file"] else None
-        self.step_runner = TFLiteStepRunner(root, manifest, step[0], threads, interpreter=shared)
+        self._root, self._threads, self._step_graph = Path(root), threads, step[0]
+        self._shared = step[0]["file"] == graph["file"]
+        self._one = one_interpreter and not self._shared
+        self.interpreter = self.runner = self._step = None
+        self._open_prefill()
+        if not self._one:
+            self._open_step()
         self._states = list(self.io["state_in"])
         self._tokens_dtype = np.dtype(self.io["tokens"]["dtype"])
 
+    def _open_prefill(self):
+        if self.runner is None:
+            if self._one and self._step is not None:
+                self._step = None
+                give_back_freed_memory()
+            self.interpreter, self.runner = _tflite_signature(self._root, self.graph, self._threads,
+                                                              default="prefill")
+        return self.runner
+
+    def _open_step(self) -> "TFLiteStepRunner":
+        if self._step is None:
+            if self._one and self.runner is not None:
+                self.interpreter = self.runner = None
+                give_back_freed_memory()
+            shared = self.interpreter if self._shared else None
+            self._step = TFLiteStepRunner(self._root, self.manifest, self._step_graph, self._threads,
+                                          interpreter=shared)
+        return self._step
+
+    @property
+    def step_runner(self) -> "TFLiteStepRunner":
+        """The step graph's runner (the tail of a prompt, or tokens after it), opened if it is not."""
+        return self._open_step()
+
     def new_state(self) -> dict:
-        return self.step_runner.new_state()
+        return new_state_from_manifest(self.manifest, self._step_graph)
 
     def forward(self, tokens, state: dict):
         """Feed the tokens from `state` (not modified); return the last token's logits [1, V] and the state after."""
@@ -116,13 +152,17 @@ class TFLiteSequenceRunner:
         for start in range(0, whole, self.chunk):
             feeds = {self.io["tokens"]["name"]: arr[start:start + self.chunk]}
             feeds.update({self.io["state_in"][s]["name"]: state[s] for s in self._states})
-            outs = self.runner(**feeds)
+            outs = self._open_prefill()(**feeds)
             # the interpreter reuses its output buffers: copy before the next call overwrites them
             logits = np.array(outs[self.io["logits"]["name"]])[-1:]
             state = {s: np.array(outs[self.io["state_out"][s]["name"]]) for s in self._states}
         for t in arr[whole:]:
-            logits, state = self.step_runner.step(int(t), state)
+            logits, state = self._open_step().step(int(t), state)
         return logits, state
+
+    def close(self) -> None:
+        self.interpreter = self.runner = self._step = None
+        give_back_freed_memory()
 
 
 def _b64(a: np.ndarray) -> str:

@@ -230,6 +230,29 @@ def test_prompt_graph_is_used_for_whole_chunks(prompt_runners, monkeypatch):
     assert calls == {"prefill": 5, "step": 5}
 
 
+def test_prompt_runner_one_interpreter_at_a_time(exported, prompt_runners):
+    """one_interpreter (what a check opens): the prompt graph's interpreter is closed before the step graph's opens
+    for a tail, and the other way round, so one file's weights are held at a time; the logits and states are the
+    very bytes of the runner that keeps both open (same files, same kernels, same order of calls)."""
+    import numpy as np
+
+    from rwkv_export.tf_runners import TFLiteSequenceRunner
+
+    out, m = exported
+    both = prompt_runners[1]
+    one = TFLiteSequenceRunner(out, m, _graph(m, "fp32", "sequence"), one_interpreter=True)
+    assert one.runner is not None and one._step is None  # the step graph is opened only for a tail
+    s_both, s_one = both.new_state(), one.new_state()
+    for tokens, holds in [(list(range(21)), "step"), (list(range(40, 56)), "prefill"), (list(range(3)), "step"),
+                          (list(range(100, 133)), "step")]:
+        l_both, s_both = both.forward(tokens, s_both)
+        l_one, s_one = one.forward(tokens, s_one)
+        assert (one.runner is None, one._step is None) == ((True, False) if holds == "step" else (False, True))
+        assert np.array_equal(l_both, l_one) and all(np.array_equal(s_both[k], s_one[k]) for k in s_both)
+    one.close()
+    assert one.runner is None and one._step is None
+
+
 def test_prompt_runner_rejects_bad_tokens(prompt_runners):
     _, seq_runner = prompt_runners
     with pytest.raises(RwkvExportError, match="outside the vocabulary"):
