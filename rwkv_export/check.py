@@ -962,7 +962,9 @@ def format_any(report: dict) -> str:
 
 
 def check_folder(root: str | Path, checkpoint: str | None = None, *, progress: Progress = QUIET,
-                 update_manifest: bool = False, raise_on_fail: bool = True) -> list[dict]:
+                 update_manifest: bool = False, raise_on_fail: bool = True, processes: int | None = None) -> list[dict]:
+    """`rwkv-export check`: every graph of the folder against the reference of its checkpoint (check_graphs, in
+    `processes` side by side)."""
     root = Path(root)
     manifest = read_manifest(root)
     src = source_from_manifest(manifest["model"]["source"], checkpoint)
@@ -974,7 +976,7 @@ def check_folder(root: str | Path, checkpoint: str | None = None, *, progress: P
 
         raise CheckpointError(f"the checkpoint ({ckpt.arch.title}, {dims}) is not the exported model "
                               f"(RWKV-{manifest['model'].get('rwkv_version')}, {exported})")
-    reports = check_graphs(root, manifest, ckpt, progress=progress, raise_on_fail=False)
+    reports = check_graphs(root, manifest, ckpt, progress=progress, raise_on_fail=False, processes=processes)
     if update_manifest:
         write_manifest(root, manifest)
     if raise_on_fail:

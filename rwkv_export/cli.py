@@ -57,6 +57,20 @@ def _progress(quiet: bool):
     return Progress(enabled=not quiet)
 
 
+CHECK_JOBS_HELP = ("Processes the checks run in side by side; default: one per core, at most 2. 1: one graph at a "
+                   "time in this process (the least memory).")
+
+
+def _check_jobs_option():
+    return typer.Option(None, "--check-jobs", help=CHECK_JOBS_HELP, show_default="cores, at most 2")
+
+
+def _check_jobs(n: int | None) -> int | None:
+    if n is not None:
+        _check_range("--check-jobs", n, 1, 64)
+    return n
+
+
 @app.command()
 def onnx(
     checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
@@ -73,6 +87,7 @@ def onnx(
     opset: int = typer.Option(18, help="ONNX opset (18 to 24)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress output."),
     embedding: bool = typer.Option(False, "--embedding", help=EMBEDDING_HELP),
+    check_jobs: Optional[int] = _check_jobs_option(),
 ):
     """Export CHECKPOINT's RNN-mode step graph to ONNX, check it against the reference, write a folder."""
     try:
@@ -81,11 +96,13 @@ def onnx(
         from .targets.onnx import MAX_OPSET, MIN_OPSET
 
         _check_range("--opset", opset, MIN_OPSET, MAX_OPSET)  # options first: nothing is loaded for a bad one
+        _check_jobs(check_jobs)
         _check_int4_options(quant, int4_block_size, int4_embedding)
         block = int4_block_size or DEFAULT_INT4_BLOCK_SIZE
         res = export_onnx(checkpoint, out, force=force, tokenizer=tokenizer, quant=parse_quant(quant),
                           quant_options=QuantOptions(block, int4_embedding), simplify=simplify,
-                          check=check, prefill=prefill, opset=opset, progress=_progress(quiet), embedding=embedding)
+                          check=check, prefill=prefill, opset=opset, progress=_progress(quiet), embedding=embedding,
+                          check_jobs=check_jobs)
         for r in res.reports:
             typer.echo(format_any(r))
         typer.echo(f"wrote {res.out}/ ({', '.join(f['file'] for f in res.manifest['files'])}, manifest.json)")
@@ -103,6 +120,7 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Replace variants the folder already has."),
     check: bool = typer.Option(True, "--check/--no-check"),
     quiet: bool = typer.Option(False, "-q", "--quiet"),
+    check_jobs: Optional[int] = _check_jobs_option(),
 ):
     """Add quantized variants to an existing export FOLDER (checked before they are added)."""
     try:
@@ -110,12 +128,14 @@ def quantize(
         from .export import QuantOptions, add_variants, parse_quant
 
         _check_int4_options(quant, int4_block_size, int4_embedding)
+        _check_jobs(check_jobs)
         variants = parse_quant(quant)
         if not variants:
             raise RwkvExportError("--quant names no variant; choose from fp16, int8, int4")
         block = int4_block_size or DEFAULT_INT4_BLOCK_SIZE
         res = add_variants(folder, variants, checkpoint=checkpoint, force=force, check=check,
-                           quant_options=QuantOptions(block, int4_embedding), progress=_progress(quiet))
+                           quant_options=QuantOptions(block, int4_embedding), progress=_progress(quiet),
+                           check_jobs=check_jobs)
         for r in res.reports:
             typer.echo(format_any(r))
         graphs = [f"{g['variant']} {g['kind']}" for g in res.manifest["graphs"]]
@@ -125,13 +145,15 @@ def quantize(
 
 
 def _edge_command(target: str, checkpoint, out, force, tokenizer, quant, check, quiet, prefill: bool = False,
-                  embedding: bool = False):
+                  embedding: bool = False, check_jobs: int | None = None):
     try:
         from .check import format_any
         from .export import export_target, parse_quant
 
+        _check_jobs(check_jobs)
         res = export_target(target, checkpoint, out, force=force, tokenizer=tokenizer, quant=parse_quant(quant, target),
-                            check=check, prefill=prefill, progress=_progress(quiet), embedding=embedding)
+                            check=check, prefill=prefill, progress=_progress(quiet), embedding=embedding,
+                            check_jobs=check_jobs)
         for r in res.reports:
             typer.echo(format_any(r))
         typer.echo(f"wrote {res.out}/ ({len(res.manifest['files'])} files, manifest.json)")
@@ -152,10 +174,11 @@ def tflite(
                                       "a `prefill` signature for chunks of 16 tokens."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress output."),
     embedding: bool = typer.Option(False, "--embedding", help=EMBEDDING_HELP),
+    check_jobs: Optional[int] = _check_jobs_option(),
 ):
     """Export CHECKPOINT to TFLite (LiteRT): per variant a step file (`step` signature) and a prompt-graph file
     (`prefill` signature). Extra: [tflite]."""
-    _edge_command("tflite", checkpoint, out, force, tokenizer, quant, check, quiet, prefill, embedding)
+    _edge_command("tflite", checkpoint, out, force, tokenizer, quant, check, quiet, prefill, embedding, check_jobs)
 
 
 @app.command()
@@ -171,10 +194,11 @@ def tfjs(
                                       "sharing the step graph's weights (not with --embedding)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress output."),
     embedding: bool = typer.Option(False, "--embedding", help=EMBEDDING_HELP),
+    check_jobs: Optional[int] = _check_jobs_option(),
 ):
     """Export CHECKPOINT to a TF.js graph model (model.json + weight shards) per variant, holding the step and the
     prompt graph. Checking needs Node."""
-    _edge_command("tfjs", checkpoint, out, force, tokenizer, quant, check, quiet, prefill, embedding)
+    _edge_command("tfjs", checkpoint, out, force, tokenizer, quant, check, quiet, prefill, embedding, check_jobs)
 
 
 @app.command()
@@ -183,14 +207,16 @@ def check(
     checkpoint: Optional[str] = typer.Option(None, help="Reference checkpoint; default: the one the manifest records."),
     update_manifest: bool = typer.Option(False, "--update-manifest", help="Store the new parity results."),
     quiet: bool = typer.Option(False, "-q", "--quiet"),
+    check_jobs: Optional[int] = _check_jobs_option(),
 ):
     """Re-run the gates of every graph in FOLDER against runtime_ref (parity; quality on the eval text for quantized
     variants); exit nonzero past a tolerance or gate."""
     try:
         from .check import check_folder, format_any, gate_all
 
+        _check_jobs(check_jobs)
         reports = check_folder(folder, checkpoint, progress=_progress(quiet), update_manifest=update_manifest,
-                               raise_on_fail=False)
+                               raise_on_fail=False, processes=check_jobs)
         for r in reports:
             typer.echo(format_any(r))
         gate_all(reports)

@@ -218,7 +218,10 @@ def export_onnx(
     external_data: bool | None = None,
     progress: Progress = QUIET,
     embedding: bool = False,
+    check_jobs: int | None = None,
 ) -> ExportResult:
+    """`rwkv-export onnx`. `check_jobs`: the processes the checks run in side by side (check.check_graphs'
+    `processes`; default one per core, at most 2); 1 checks one graph at a time in this process (the least memory)."""
     from .targets import onnx as onnx_target
 
     out = Path(out)
@@ -257,7 +260,7 @@ def export_onnx(
 
             # the quality gates' fp32 side needs only the fp32 graphs: read on the second core from now, while the
             # variants are written on the first
-            early = start_baseline(tmp, manifest, progress=progress)
+            early = start_baseline(tmp, manifest, progress=progress, processes=check_jobs)
         try:
             for variant in quant:
                 manifest["graphs"] += _make_variant(variant, tmp, ckpt, quant_options, opset, progress, prefill,
@@ -267,7 +270,8 @@ def export_onnx(
             if check:
                 from .check import check_graphs
 
-                reports = check_graphs(tmp, manifest, ckpt, progress=progress, raise_on_fail=True, baseline=early)
+                reports = check_graphs(tmp, manifest, ckpt, progress=progress, raise_on_fail=True, baseline=early,
+                                       processes=check_jobs)
         finally:
             if early is not None:
                 early.close()
@@ -278,7 +282,7 @@ def export_onnx(
 
 def add_variants(folder: str | Path, quant: list[str], *, checkpoint: str | None = None, force: bool = False,
                  quant_options: QuantOptions = QuantOptions(), check: bool = True,
-                 progress: Progress = QUIET) -> ExportResult:
+                 progress: Progress = QUIET, check_jobs: int | None = None) -> ExportResult:
     """Add variants to an existing export folder. They are made and checked in a hidden staging folder, then renamed
     into place and the manifest replaced atomically; on any failure the folder is left as it was."""
     import copy
@@ -319,7 +323,8 @@ def add_variants(folder: str | Path, quant: list[str], *, checkpoint: str | None
 
             staged = copy.deepcopy(manifest)
             staged["graphs"] = new
-            reports = check_graphs(stage, staged, ckpt, progress=progress, raise_on_fail=True, variants=list(quant))
+            reports = check_graphs(stage, staged, ckpt, progress=progress, raise_on_fail=True, variants=list(quant),
+                                   processes=check_jobs)
             new = staged["graphs"]  # now with their parity and quality reports
         manifest["graphs"] = [g for g in manifest["graphs"] if g["variant"] not in quant] + new
         _record_backends(manifest)
@@ -331,7 +336,8 @@ def add_variants(folder: str | Path, quant: list[str], *, checkpoint: str | None
 
 
 def build_target(target: str, root: Path, src: Source, ckpt, tok, *, quant: list[str] = (), check: bool = True,
-                 prefill: bool = True, progress: Progress = QUIET, embedding: bool = False) -> tuple[dict, list]:
+                 prefill: bool = True, progress: Progress = QUIET, embedding: bool = False,
+                 check_jobs: int | None = None) -> tuple[dict, list]:
     """Write the TFLite or TF.js files of `ckpt` (fp32 plus `quant` variants), the tokenizer and their checks into
     the existing folder `root`; return (manifest, reports). The manifest is not written (the caller does). prefill:
     TFLite files also get the prompt graph (`prefill` signature, fixed chunks); TF.js's model.json holds it beside the step
@@ -376,13 +382,13 @@ def build_target(target: str, root: Path, src: Source, ckpt, tok, *, quant: list
     if check:
         from .check import check_graphs
 
-        reports = check_graphs(root, manifest, ckpt, progress=progress, raise_on_fail=True)
+        reports = check_graphs(root, manifest, ckpt, progress=progress, raise_on_fail=True, processes=check_jobs)
     return manifest, reports
 
 
 def export_target(target: str, source: str, out: str | Path, *, force: bool = False, tokenizer: str | None = None,
                   quant: list[str] = (), check: bool = True, prefill: bool = True,
-                  progress: Progress = QUIET, embedding: bool = False) -> ExportResult:
+                  progress: Progress = QUIET, embedding: bool = False, check_jobs: int | None = None) -> ExportResult:
     """`rwkv-export tflite|tfjs`: like export_onnx, for the edge targets (staged, checked, then moved into place)."""
     if target not in ("tflite", "tfjs"):
         raise RwkvExportError(f"unknown target '{target}'; choose from tflite, tfjs")
@@ -393,7 +399,7 @@ def export_target(target: str, source: str, out: str | Path, *, force: bool = Fa
     src, ckpt, tok = load_source(source, tokenizer, progress)
     with staged_output_dir(out, force, inputs=(source, tokenizer)) as tmp:
         manifest, reports = build_target(target, tmp, src, ckpt, tok, quant=quant, check=check, prefill=prefill,
-                                         progress=progress, embedding=embedding)
+                                         progress=progress, embedding=embedding, check_jobs=check_jobs)
         write_manifest(tmp, manifest)
     progress.summary(f"exported {out}")
     return ExportResult(out=out, manifest=manifest, reports=reports)

@@ -96,6 +96,12 @@ CASES = {
     "check another checkpoint": (["check", "{folder}", "--checkpoint", "{ckpt}", "-q"], "is not the exported model"),
     "serve port above": (["serve", "{folder}", "--port", "99999"], "--port must lie in [0, 65535], got 99999"),
     "serve port below": (["serve", "{folder}", "--port", "-1"], "--port must lie in [0, 65535], got -1"),
+    "onnx check jobs 0": (["onnx", MISSING, "-o", "{out}", "--check-jobs", "0"], "--check-jobs must lie in [1, 64], got 0"),
+    "tflite check jobs 0": (["tflite", MISSING, "-o", "{out}", "--check-jobs", "0"], "--check-jobs must lie in [1, 64]"),
+    "tfjs check jobs 0": (["tfjs", MISSING, "-o", "{out}", "--check-jobs", "0"], "--check-jobs must lie in [1, 64]"),
+    "quantize check jobs 0": (["quantize", "{folder}", "--quant", "int8", "--check-jobs", "0"],
+                              "--check-jobs must lie in [1, 64]"),
+    "check check jobs 0": (["check", "{folder}", "--check-jobs", "0"], "--check-jobs must lie in [1, 64], got 0"),
     "bundle part size": (["bundle", MISSING, "-o", "{out}", "--part-mb", "0"], "--part-mb must be positive"),
     "bundle runtime": (["bundle", MISSING, "-o", "{out}", "--runtime", "foo"], "unknown --runtime 'foo'"),
 }
@@ -140,3 +146,26 @@ def test_generate_to_a_terminal_that_cannot_show_the_text(folder):
                                                          "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith(b"h?llo") and b"Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("argv", [["onnx", "builtin:tiny", "-o", "{out}", "--check-jobs", "1", "-q"],
+                                  ["check", "{folder}", "--check-jobs", "1", "-q"],
+                                  ["quantize", "{copy}", "--quant", "int8", "--check-jobs", "1", "-q"]],
+                         ids=["onnx", "check", "quantize"])
+def test_check_jobs_reaches_the_check(argv, folder, tmp_path, monkeypatch):
+    """--check-jobs N is the check's `processes` (1: every graph checked in this process, one after another)."""
+    import rwkv_export.check as check
+
+    seen, real = [], check.check_graphs
+
+    def spy(*a, **kw):
+        seen.append(kw.get("processes"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(check, "check_graphs", spy)
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    args = [a.format(out=tmp_path / "out", folder=folder, copy=copy) for a in argv]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert seen == [1]
