@@ -57,8 +57,8 @@ def _progress(quiet: bool):
     return Progress(enabled=not quiet)
 
 
-CHECK_JOBS_HELP = ("Processes the checks run in side by side; default: one per core, at most 2. 1: one graph at a "
-                   "time in this process (the least memory).")
+CHECK_JOBS_HELP = ("Worker processes that check the step graphs side by side; default: one per core, at most 2. 1: "
+                   "one graph after another in this process.")
 
 
 def _check_jobs_option():

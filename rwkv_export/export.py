@@ -220,8 +220,10 @@ def export_onnx(
     embedding: bool = False,
     check_jobs: int | None = None,
 ) -> ExportResult:
-    """`rwkv-export onnx`. `check_jobs`: the processes the checks run in side by side (check.check_graphs'
-    `processes`; default one per core, at most 2); 1 checks one graph at a time in this process (the least memory)."""
+    """`rwkv-export onnx`. `check_jobs`: the worker processes that check the step graphs side by side
+    (check.check_graphs' `processes`; default one per core, at most 2); 1 checks one graph after another in this
+    process (not less memory: at 169M shapes 1.63 GB in one process against 1.18 GB for the largest of the default's,
+    1.69 against 1.61 GB for all of them together)."""
     from .targets import onnx as onnx_target
 
     out = Path(out)
