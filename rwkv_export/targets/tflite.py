@@ -6,8 +6,9 @@ Chain: our own ONNX graphs (the architecture's onnx_graph.py, written node by no
 onnx_seq.py's prompt graph) translated op by op into TFLite flatbuffers of builtin ops (targets/tflite_write.py), each
 weight streamed from the ONNX external-data file into its place in the file. No converter: litert-torch
 (torch.export -> TFLite) took 265 of the 291 s of a 169M export and most of its 4.55 GB (issue 19). Quantized variants
-are derived from the fp32 files with ai-edge-quantizer (the quantizer litert-torch itself calls for its recipes),
-file to file (quantize_file), so neither model is held whole in memory.
+are derived from the fp32 files by our own streaming quantizer (tflite_quant.py), file to file (quantize_file): the
+files ai-edge-quantizer (the quantizer litert-torch itself calls) makes for the recipes in _recipe, which stays the
+oracle its tests hold them against, weight by weight, so neither model is held whole in memory.
 
 Contract (same as ONNX, read from the file into the manifest): signature `step`, inputs `token` [1] int32 and the
 state tensors of the architecture's state spec (float32) under their names; outputs `logits` [1, V] float32 and `<state>_out`.
@@ -80,9 +81,11 @@ def _import_litert():
 
 
 def check_quantizer(variants) -> None:
-    """Fail (MissingExtraError) before any slow work when a variant needs ai-edge-quantizer and it is missing."""
+    """Fail (MissingExtraError) before any slow work when a variant cannot be made: the quantized variants need
+    ai-edge-litert's schema (tflite_quant.py reads and writes with it), no longer ai-edge-quantizer (the tests'
+    oracle only)."""
     if any(v != "fp32" for v in variants):
-        _import_quantizer()
+        _import_litert()
 
 
 def _import_quantizer():
@@ -199,6 +202,8 @@ def _model_bytes(model: bytes | Path):
 
 
 def _recipe(variant: str, fp32_model: bytes | None = None):
+    """ai-edge-quantizer's recipe for `variant`: what tflite_quant.py makes without it, kept as its tests' oracle
+    (_oracle_quantize_file)."""
     _import_quantizer()
     from ai_edge_quantizer import qtyping, recipe, recipe_manager
 
@@ -244,51 +249,40 @@ def _recipe(variant: str, fp32_model: bytes | None = None):
 
 
 def quantize(fp32_model: bytes | Path, variant: str) -> bytes:
-    """Derive a quantized variant from the fp32 flatbuffer: its bytes, or its file (which ai-edge-quantizer
-    memory-maps instead of copying)."""
+    """Derive a quantized variant from the fp32 flatbuffer (its bytes, or its file): the bytes of quantize_file's
+    file."""
     if variant == "fp32":
         return fp32_model.read_bytes() if isinstance(fp32_model, Path) else fp32_model
-    rec = _recipe(variant, fp32_model)
-    from ai_edge_quantizer import quantizer
+    import tempfile
 
-    src = fp32_model if isinstance(fp32_model, Path) else bytearray(fp32_model)
-    with _quiet():
-        return inline_buffers(bytes(quantizer.Quantizer(src, rec).quantize().quantized_model))
-
-
-BUFFER_ALIGN = 16  # what TFLite's own converter aligns weight buffers to (SIMD loads)
-INLINE_LIMIT = 2**31 - 2**24  # a flatbuffer addresses 2 GB; keep a margin for the graph itself
-
-
-class _InlineBuffer:
-    """A flatbuffer `Buffer` with its bytes inside the flatbuffer, BUFFER_ALIGN-aligned (the schema's generated
-    BufferT.Pack aligns to 1 byte, and copies a non-numpy buffer byte by byte)."""
-
-    def __init__(self, data):
-        self.data = memoryview(data).cast("B")
-
-    def Pack(self, builder):
-        from ai_edge_litert import schema_py_generated as schema
-
-        n = len(self.data)
-        builder.StartVector(1, n, BUFFER_ALIGN)
-        builder.head -= n
-        builder.Bytes[builder.head:builder.head + n] = self.data
-        vec = builder.EndVector(n)
-        schema.BufferStart(builder)
-        schema.BufferAddData(builder, vec)
-        return schema.BufferEnd(builder)
+    with tempfile.TemporaryDirectory(prefix="rwkv-tflite-q-") as tmp:
+        src = fp32_model if isinstance(fp32_model, Path) else Path(tmp) / "fp32.tflite"
+        if not isinstance(fp32_model, Path):
+            src.write_bytes(fp32_model)
+        out = Path(tmp) / file_name(variant)
+        quantize_file(src, variant, out)
+        return out.read_bytes()
 
 
 def quantize_file(fp32_path: Path, variant: str, out: Path) -> None:
-    """quantize() file to file: ai-edge-quantizer memory-maps the fp32 file and serializes into a mapped file of its
-    own layout (weights at offsets), whose weights tflite_write.inline_file then streams into `out`'s flatbuffer.
-    Neither model is ever held whole in memory."""
+    """The quantized `variant` (fp16, int8, int4: VARIANTS says what) of the fp32 .tflite `fp32_path`, written to
+    `out` with its weights inside the flatbuffer (a runtime older than TFLite's offsets layout, such as tfjs-tflite's
+    build, reads a weight at an offset as a tensor without data), weight by weight (tflite_quant.py): the file
+    ai-edge-quantizer makes for _recipe(variant), tensor for tensor. Neither model is ever held whole in memory."""
+    from .tflite_quant import quantize_file as _quantize_file
+
+    _quantize_file(Path(fp32_path), variant, Path(out))
+
+
+def _oracle_quantize_file(fp32_path: Path, variant: str, out: Path) -> None:
+    """quantize_file by ai-edge-quantizer itself (the [dev] extra): the oracle tests/test_tflite_quant.py holds ours
+    against. It memory-maps the fp32 file and serializes into a file of its own layout (weights at offsets), whose
+    weights tflite_write.inline_file then streams into `out`'s flatbuffer."""
     import tempfile
 
     from ai_edge_litert import schema_py_generated as schema
 
-    from .tflite_write import inline_file
+    from .tflite_write import INLINE_LIMIT, inline_file
 
     out = Path(out)
     rec = _recipe(variant, Path(fp32_path))
@@ -306,24 +300,6 @@ def quantize_file(fp32_path: Path, variant: str, out: Path) -> None:
             inline_file(q, out)
         else:
             os.replace(q, out)
-
-
-def inline_buffers(model: bytes) -> bytes:
-    """`model` with every weight inside the flatbuffer. ai-edge-quantizer writes a model's weights after the
-    flatbuffer, each addressed by an offset (the layout TFLite added for models over 2 GB); a runtime older than that
-    layout, such as tfjs-tflite's TFLite build, reads such a weight as a tensor without data and fails at the first op
-    that reads one ("Input tensor 54 lacks data": the embedding table, whose lookup is not delegated to XNNPACK).
-    Written the way tflite_write writes the fp32 model, the file opens in old and new runtimes alike. Models of 2 GB
-    and more keep the offsets (no flatbuffer can hold them; no browser runtime opens them either)."""
-    from ai_edge_litert import schema_py_generated as schema
-    from ai_edge_litert.tools import flatbuffer_utils
-
-    root = schema.Model.GetRootAs(model, 0)
-    if not any(root.Buffers(i).Offset() > 1 for i in range(root.BuffersLength())) or len(model) > INLINE_LIMIT:
-        return model
-    obj = flatbuffer_utils.read_model_from_bytearray(model)  # resolves the offsets into the buffers' data
-    obj.buffers = [_InlineBuffer(b.data) if b.data is not None and len(b.data) else b for b in obj.buffers]
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(obj))
 
 
 def check_variants(variants, dims=None) -> list[str]:

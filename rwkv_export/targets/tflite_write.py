@@ -111,7 +111,9 @@ class _Weight:
 
     def write_to(self, f) -> None:
         c = self.const
-        if self.transpose:  # [in, out] -> [out, in], in blocks of rows of the result (one copy of the weight held)
+        if hasattr(c, "write_to"):  # bytes made as they are written (a quantized weight: tflite_quant.py)
+            c.write_to(f)
+        elif self.transpose:  # [in, out] -> [out, in], in blocks of rows of the result (one copy of the weight held)
             a = c.get()
             rows = max(1, STREAM_BYTES // max(1, a.shape[0] * a.itemsize))
             for j in range(0, a.shape[1], rows):
@@ -827,7 +829,7 @@ def write_tflite(model, path: Path, *, inline_limit: int = INLINE_LIMIT) -> int:
 
 def inline_file(src: Path, dst: Path, *, inline_limit: int = INLINE_LIMIT) -> int:
     """Rewrite the .tflite `src`, whose weights lie after its flatbuffer at offsets (ai-edge-quantizer's layout), as
-    `dst` with every weight inside the flatbuffer (the layout every runtime reads: tflite.inline_buffers says why),
+    `dst` with every weight inside the flatbuffer (the layout every runtime reads: tflite.quantize_file says why),
     each weight streamed from `src` into its place (the graph is read, the weights are not). Returns dst's size."""
     import mmap
 

@@ -1,0 +1,362 @@
+"""The TFLite target's quantized variants (fp16, int8, int4), derived from the fp32 file, file in -> file out, weight
+by weight: the files ai-edge-quantizer writes for the target's recipes (tflite._recipe spells them out for it), made
+here without it.
+
+Why not ai-edge-quantizer itself: at 169M shapes it took 15 s (94 s on a loaded machine) for the three variants and
+raised the export's peak RSS to 1.68 GB (issue 19: <= 60 s and 1.5 GB for the whole export): it unpacks the whole
+model into Python objects, quantizes every tensor in memory, serializes the result with its weights at offsets, and
+tflite_write.inline_file then rewrote that file once more to put them inside the flatbuffer. Here the fp32 file's
+graph is read (memory-mapped; the weights are read one piece at a time with ordinary reads, so their pages never
+count against this process), each weight's quantization parameters are computed in a first pass over it, and
+tflite_write.write_tflite streams every weight, quantized as it is written, into its place in the output's
+flatbuffer: in memory at a time, the graph and one piece of one weight.
+
+What each variant is, as ai-edge-quantizer 0.10 makes it for our graphs (tests/test_tflite_quant.py holds our files
+against its, tensor by tensor and byte for byte). The weights quantized are the constant float32 input 1 of every
+FULLY_CONNECTED ([out, in]) and EMBEDDING_LOOKUP ([rows, dim]), and for int8 also every constant float32 operand of
+a BATCH_MATMUL; every other tensor, op and buffer is kept as it is.
+- fp16: the weight cast to float16 (numpy's round to nearest even), and a DEQUANTIZE op (its output `<name>_dequant`,
+  float32, rank unset) inserted just before the op, which reads that output instead.
+- int8: symmetric, one scale per tensor: scale = max|w| / 127 (float32, at least 1e-9 / 127), q = rint(w / scale)
+  (half to even) clipped to [-127, 127] (narrow range); zero point 0, quantized_dimension 0.
+- int4: symmetric, blocks of 32 along the input dim (dim 1): scale = max|w| of the block / 7, rounded to bfloat16 then
+  to float16 (the format of the scales); q = rint(w / scale) clipped to [-8, 7], packed two a byte (the even element
+  in the low nibble); the scales a float16 constant `<name>_scales` [out, in / 32] (buffers of equal bytes shared),
+  BlockwiseQuantization(scales, zero points -1, block 32), quantized_dimension 0. A weight whose input dim is no
+  multiple of 32 (a narrow LoRA factor: tflite.unblockable_scopes) is int8 with one scale per output channel instead.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import RwkvExportError
+
+VARIANTS = ("fp16", "int8", "int4")
+INT4_BLOCK = 32
+_WEIGHT_OPS = {"FULLY_CONNECTED", "EMBEDDING_LOOKUP"}  # weight = input 1; blocks along dim 1 of it
+# int8 (dynamic range, ALL_SUPPORTED) also quantizes every constant float operand of a BATCH_MATMUL (either side:
+# the prompt graphs' 0/1 scatter and block-sum matrices, RWKV-6's [5, 32, C] token-shift LoRA); fp16's float casting
+# and int4's blockwise recipe leave them float32
+_INT8_ANY_INPUT_OPS = {"BATCH_MATMUL"}
+# ops whose constant float inputs ai-edge-quantizer would also quantize, which our writer never gives a constant:
+# met with one, we stop rather than differ from it
+_UNHANDLED_WEIGHT_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "CONV_3D"}
+_MIN_SCALE_BOUND = np.float32(1e-9)  # ai-edge-quantizer's floor on max|w| (no zero scale)
+_SMALL = 1 << 16  # unchanged buffers up to this size are copied into memory; larger ones stream from the file
+
+
+class TFLiteQuantizeError(RwkvExportError):
+    """A file cannot be quantized as asked (not a TFLite file, unknown variant, a weight layout not handled)."""
+
+
+# -- reading the fp32 file ----------------------------------------------------------------------------------------
+class _Source:
+    """Where a weight's float32 bytes lie in the source file; read in row blocks with ordinary reads."""
+
+    def __init__(self, path: Path, offset: int, shape, name: str):
+        self.path, self.offset, self.shape, self.name = path, offset, tuple(int(d) for d in shape), name
+
+    def row_blocks(self, f, max_bytes: int):
+        """(first row, rows [r, *shape[1:]] float32) in blocks of about max_bytes."""
+        rows, row_elems = self.shape[0], int(np.prod(self.shape[1:], dtype=np.int64))
+        step = max(1, max_bytes // max(1, row_elems * 4))
+        for r in range(0, rows, step):
+            n = min(step, rows - r)
+            f.seek(self.offset + r * row_elems * 4)
+            a = np.fromfile(f, dtype=np.float32, count=n * row_elems)
+            if a.size != n * row_elems:
+                raise TFLiteQuantizeError(f"{self.path.name} ends inside weight {self.name}")
+            yield r, a.reshape((n, *self.shape[1:]))
+
+
+def _buffer_span(root, i: int) -> tuple[int, int]:
+    """(file offset, bytes) of buffer i's data, inside the flatbuffer or (the > 2 GB layout) after it."""
+    b = root.Buffers(i)
+    if b.Offset() > 1:
+        return int(b.Offset()), int(b.Size())
+    o = b._tab.Offset(4)  # the `data` vector's field
+    if not o:
+        return 0, 0
+    return int(b._tab.Vector(o)), int(b._tab.VectorLen(o))
+
+
+def _read_model(data, path: Path):
+    """(ModelT, [(offset, size)] per buffer) of the TFLite flatbuffer `data` (a mapped file)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    if len(data) < 8 or bytes(data[4:8]) != b"TFL3":
+        raise TFLiteQuantizeError(f"{path.name} is not a TFLite file (no TFL3 identifier)")
+    try:
+        root = schema.Model.GetRootAs(data, 0)
+        spans = [_buffer_span(root, i) for i in range(root.BuffersLength())]
+        model = schema.ModelT.InitFromObj(root)
+    except Exception as e:  # a damaged flatbuffer fails anywhere inside the generated readers
+        raise TFLiteQuantizeError(f"{path.name} is not a readable TFLite file ({type(e).__name__}: {e})") from None
+    if any(off + n > len(data) for off, n in spans):
+        raise TFLiteQuantizeError(f"{path.name} is truncated (a weight lies past its end)")
+    return model, spans
+
+
+# -- the quantized bytes ------------------------------------------------------------------------------------------
+def _bf16_then_fp16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 (round to nearest even) -> float16, as ai-edge-quantizer rounds blockwise scales
+    (ml_dtypes' casts; the values are positive and finite)."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    bits = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return bits.view(np.float32).astype(np.float16)
+
+
+def _bound(block: np.ndarray, axis) -> np.ndarray:
+    """max(|min|, |max|) over `axis` (kept), floored: the symmetric range ai-edge-quantizer's scales come from."""
+    b = np.maximum(np.abs(np.min(block, axis=axis, keepdims=True)), np.abs(np.max(block, axis=axis, keepdims=True)))
+    return np.maximum(b, _MIN_SCALE_BOUND)
+
+
+class _Quantized:
+    """One weight's quantized bytes, made as the output is written (tflite_write._Weight streams them): `kind` is
+    fp16, int8 (scale per tensor), int8c (per output channel) or int4 (blocks of INT4_BLOCK along dim 1)."""
+
+    def __init__(self, src: _Source, kind: str, scale: np.ndarray | None = None):
+        self.src, self.kind, self.scale, self.name = src, kind, scale, src.name
+        n = int(np.prod(src.shape, dtype=np.int64))
+        self.nbytes = {"fp16": 2 * n, "int8": n, "int8c": n, "int4": (n + 1) // 2}[kind]
+
+    def write_to(self, f) -> None:
+        from .tflite_write import STREAM_BYTES
+
+        written = 0
+        with open(self.src.path, "rb") as src:
+            for r, w in self.src.row_blocks(src, STREAM_BYTES):
+                out = self._encode(r, w)
+                f.write(out.data)
+                written += out.nbytes
+        if written != self.nbytes:
+            raise TFLiteQuantizeError(f"weight {self.name}: {written} quantized bytes, {self.nbytes} expected")
+
+    def _encode(self, r: int, w: np.ndarray) -> np.ndarray:
+        if self.kind == "fp16":
+            return w.astype(np.float16).reshape(-1).view(np.uint8)
+        if self.kind == "int8":
+            q = np.divide(w, self.scale.reshape((1,) * w.ndim), out=w)
+        elif self.kind == "int8c":
+            q = np.divide(w, self.scale[r:r + len(w)].reshape((-1,) + (1,) * (w.ndim - 1)), out=w)
+        else:  # int4: [rows, in] as [rows, in / block, block], each block by its scale
+            blocks = w.reshape(len(w), -1, INT4_BLOCK)
+            q = np.divide(blocks, self.scale[r:r + len(w), :, None], out=blocks)
+        np.rint(q, out=q)
+        if self.kind == "int4":
+            np.clip(q, -8, 7, out=q)
+            q = q.astype(np.int8).reshape(-1).view(np.uint8)
+            lo, hi = q[0::2] & np.uint8(0x0F), q[1::2]
+            if hi.size < lo.size:
+                hi = np.append(hi, np.uint8(0))
+            return (hi << np.uint8(4)) | lo
+        np.clip(q, -127, 127, out=q)
+        return q.astype(np.int8).reshape(-1).view(np.uint8)
+
+
+def _scales(src: _Source, kind: str) -> np.ndarray:
+    """The first pass over a weight: its float32 scale(s) (int8: [1]; int8c: [rows]; int4: [rows, in / block], the
+    rounding to float16's grid done)."""
+    from .tflite_write import STREAM_BYTES
+
+    parts = []
+    with open(src.path, "rb") as f:
+        for _, w in src.row_blocks(f, STREAM_BYTES):
+            if kind == "int8":
+                parts.append(_bound(w, None).reshape(1))
+            elif kind == "int8c":
+                parts.append(_bound(w, tuple(range(1, w.ndim))).reshape(-1))
+            else:
+                # max|w| (= max(|min|, |max|)) per block: a reduction over 32 values at a time is twice as slow
+                # as the same over |w|
+                b = np.abs(w, out=w).reshape(len(w), -1, INT4_BLOCK).max(axis=2)
+                parts.append(np.maximum(b, _MIN_SCALE_BOUND))
+    b = np.concatenate(parts)
+    if kind == "int8":
+        return (np.max(b, keepdims=True) / np.float32(127)).astype(np.float32)
+    if kind == "int8c":
+        return (b / np.float32(127)).astype(np.float32)
+    return _bf16_then_fp16((b / np.float32(7)).astype(np.float32)).astype(np.float32)
+
+
+# -- the graph ----------------------------------------------------------------------------------------------------
+def _plan(model, schema, variant: str) -> list[tuple[int, int, str]]:
+    """(op index, weight tensor index, op name) of every weight to quantize, once each, in op order (the first op
+    that reads it); errors for what our writer never makes and ai-edge-quantizer might treat otherwise."""
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    if len(model.subgraphs) != 1:
+        raise TFLiteQuantizeError(f"the TFLite quantizer reads files of one subgraph (this one has "
+                                  f"{len(model.subgraphs)})")
+    sg = model.subgraphs[0]
+
+    def constant_float(i):
+        if i < 0:
+            return False
+        t = sg.tensors[i]
+        b = model.buffers[t.buffer]
+        has = (b.data is not None and len(b.data)) or b.offset > 1
+        return bool(has) and t.type == schema.TensorType.FLOAT32
+
+    readers: dict[int, list[tuple[int, str, int]]] = {}
+    for j, op in enumerate(sg.operators):
+        name = names.get(model.operatorCodes[op.opcodeIndex].builtinCode)
+        for k, i in enumerate(op.inputs if op.inputs is not None else []):
+            if i >= 0:
+                readers.setdefault(int(i), []).append((j, name, k))
+        if name in _UNHANDLED_WEIGHT_OPS and any(constant_float(int(i)) for i in op.inputs):
+            raise TFLiteQuantizeError(f"{name} (op {j}) has a constant float input: not quantized here")
+
+    def is_weight(name, k):  # what each recipe quantizes (ai-edge-quantizer's default_policy, our graphs' ops)
+        return (name in _WEIGHT_OPS and k == 1) or (variant == "int8" and name in _INT8_ANY_INPUT_OPS)
+
+    plan = []
+    for i, uses in readers.items():
+        if not constant_float(i) or not any(is_weight(n, k) for _, n, k in uses):
+            continue
+        t = sg.tensors[i]
+        kinds = {(n, k) for _, n, k in uses}
+        if len(uses) > 1 and (variant == "fp16" or len(kinds) > 1 or not all(is_weight(n, k) for n, k in kinds)):
+            raise TFLiteQuantizeError(f"weight {t.name.decode()} is read by {len(uses)} ops "
+                                      f"({', '.join(sorted(f'{n}[{k}]' for n, k in kinds))}): not quantized here")
+        j, name, _ = uses[0]
+        if name in _WEIGHT_OPS and len(t.shape) != 2:
+            raise TFLiteQuantizeError(f"weight {t.name.decode()} of {name} has rank {len(t.shape)}; 2-D only")
+        plan.append((j, i, name))
+    return sorted(plan)
+
+
+def quantize_file(fp32_path: Path, variant: str, out: Path, *, inline_limit: int | None = None) -> int:
+    """Write `variant` (fp16, int8, int4) of the fp32 TFLite file `fp32_path` to `out` (see the module docstring for
+    what each is); its weights inside the flatbuffer unless they reach inline_limit (tflite_write.INLINE_LIMIT: the
+    2 GB a flatbuffer addresses). Returns out's size."""
+    from .tflite_write import INLINE_LIMIT
+
+    if variant not in VARIANTS:
+        raise TFLiteQuantizeError(f"unknown TFLite quantization variant '{variant}'; choose from {', '.join(VARIANTS)}")
+    src, out = Path(fp32_path), Path(out)
+    if not src.is_file():
+        raise TFLiteQuantizeError(f"{src} is not a file")
+    with open(src, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise TFLiteQuantizeError(f"{src.name} is not a TFLite file (empty)")
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return _quantize(m, src, variant, out, INLINE_LIMIT if inline_limit is None else inline_limit)
+    finally:
+        try:
+            m.close()
+        except BufferError:  # views of it still held by a traceback's frames: closed when they go
+            pass
+
+
+def _quantize(m, src: Path, variant: str, out: Path, inline_limit: int) -> int:
+    """quantize_file on the mapped file `m` (every view into it dies with this call's frame)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from .tflite_write import _Const, _Weight, write_tflite
+
+    model, spans = _read_model(m, src)
+    plan = _plan(model, schema, variant)
+    sg = model.subgraphs[0]
+    weight_buffers = {int(sg.tensors[w].buffer) for _, w, _ in plan}
+    users: dict[int, int] = {}
+    for t in sg.tensors:
+        users[int(t.buffer)] = users.get(int(t.buffer), 0) + 1
+    shared = [sg.tensors[w].name.decode() for _, w, _ in plan if users[int(sg.tensors[w].buffer)] > 1]
+    if shared:
+        raise TFLiteQuantizeError(f"weight {shared[0]} shares its buffer with another tensor: not quantized here")
+    # every other buffer's bytes from the source file: small ones copied, the rest streamed as the output is written
+    known: dict[bytes, int] = {}  # bytes -> buffer, for the int4 scales (ai-edge-quantizer shares equal buffers)
+    for i, b in enumerate(model.buffers):
+        off, n = spans[i]
+        if not n:
+            if b.data is not None and not len(b.data):
+                b.data = None
+            continue
+        if i in weight_buffers:
+            continue
+        if n <= _SMALL:
+            data = np.array(np.frombuffer(m, np.uint8, n, off))
+            known.setdefault(data.tobytes(), i)
+            model.buffers[i] = _Weight(_Const(data, name=f"buffer {i}"))
+        else:
+            model.buffers[i] = _Weight(_Const(file=src, offset=off, shape=(n,), dtype="uint8", name=f"buffer {i}"))
+    ops = list(sg.operators)
+    inserted = {}  # op index -> the DEQUANTIZE op to put before it
+    for j, w, _ in plan:
+        t = sg.tensors[w]
+        source = _Source(src, spans[t.buffer][0], t.shape, t.name.decode())
+        if variant == "fp16":
+            model.buffers[t.buffer] = _Weight(_Quantized(source, "fp16"))
+            t.type = schema.TensorType.FLOAT16
+            inserted[j] = _dequantize(model, sg, schema, w)
+            continue
+        kind = "int8" if variant == "int8" else ("int4" if int(t.shape[1]) % INT4_BLOCK == 0 else "int8c")
+        scale = _scales(source, kind)
+        model.buffers[t.buffer] = _Weight(_Quantized(source, kind, scale))
+        q = schema.QuantizationParametersT()
+        q.quantizedDimension = 0
+        if kind == "int4":
+            t.type = schema.TensorType.INT4
+            det = schema.BlockwiseQuantizationT()
+            det.scales = _scales_tensor(model, sg, schema, t, scale, known)
+            det.zeroPoints, det.blockSize = -1, INT4_BLOCK
+            q.detailsType, q.details = schema.QuantizationDetails.BlockwiseQuantization, det
+        else:
+            t.type = schema.TensorType.INT8
+            q.scale = scale.reshape(-1)
+            q.zeroPoint = np.zeros(q.scale.size, np.int64)
+        t.quantization = q
+    if inserted:
+        sg.operators = [o for j, op in enumerate(ops) for o in ((inserted[j], op) if j in inserted else (op,))]
+    part = out.with_name(f".{out.name}.part")  # a failed write leaves no file that looks finished
+    try:
+        size = write_tflite(model, part, inline_limit=inline_limit)
+        os.replace(part, out)
+    finally:
+        part.unlink(missing_ok=True)
+    return size
+
+
+def _dequantize(model, sg, schema, w: int):
+    """A DEQUANTIZE of tensor w into a new float32 tensor `<name>_dequant`, which the op reading w reads instead."""
+    code = next((i for i, c in enumerate(model.operatorCodes) if c.builtinCode == schema.BuiltinOperator.DEQUANTIZE),
+                None)
+    if code is None:
+        c = schema.OperatorCodeT()
+        c.builtinCode, c.deprecatedBuiltinCode, c.version = schema.BuiltinOperator.DEQUANTIZE, 0, 1
+        model.operatorCodes.append(c)
+        code = len(model.operatorCodes) - 1
+    t = sg.tensors[w]
+    d = schema.TensorT()
+    d.shape, d.type, d.buffer, d.name = np.array(t.shape, np.int32), schema.TensorType.FLOAT32, 0, t.name + b"_dequant"
+    sg.tensors.append(d)
+    new = len(sg.tensors) - 1
+    for op in sg.operators:
+        if op.inputs is not None:
+            op.inputs = np.where(op.inputs == w, new, op.inputs).astype(np.int32)
+    o = schema.OperatorT()
+    o.opcodeIndex, o.inputs, o.outputs = code, np.array([w], np.int32), np.array([new], np.int32)
+    return o
+
+
+def _scales_tensor(model, sg, schema, t, scale: np.ndarray, known: dict) -> int:
+    """The float16 constant `<name>_scales` of an int4 weight; a buffer of the same bytes is shared."""
+    from .tflite_write import _Const, _Weight
+
+    data = scale.astype(np.float16)
+    key = data.tobytes()
+    if key not in known:
+        model.buffers.append(_Weight(_Const(data, name=f"{t.name.decode()}_scales")))
+        known[key] = len(model.buffers) - 1
+    s = schema.TensorT()
+    s.shape, s.type, s.buffer, s.name = np.array(data.shape, np.int32), schema.TensorType.FLOAT16, known[key], \
+        t.name + b"_scales"
+    sg.tensors.append(s)
+    return len(sg.tensors) - 1
