@@ -597,7 +597,7 @@ def _quality(root: Path, manifest: dict, graph: dict, runner, base, resume=None)
 
     seq = eval_graph_entry(manifest, graph)
     stand_in = _stand_in(base, graph) if seq is None else None
-    if stand_in is not None:  # TF.js fp16 / uint8 through its stand-in, TFLite's step graph sequentially
+    if stand_in is not None:  # TF.js fp16 / uint8, TFLite fp16: stand-ins; TFLite int8 / int4 sequentially
         from .tf_quality import evaluate
 
         gate = quality_gate(QUALITY_KIND.get(graph["variant"], graph["variant"]))

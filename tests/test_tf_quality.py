@@ -5,7 +5,9 @@ On the trained fixture (builtin:tiny-pydoc, exported with --no-check): healthy f
 fp32 rounding of the step graph; stand-ins that do not carry the file's weights (the fp32 weights left in place, a
 wrong uint8 scale) fail the link guard; broken files (a wrong scale, perturbed weights) fail the quality gate, and
 every verdict equals the slow path's (the step graph in TF.js token by token, quality.evaluate_against) over the same
-tokens. Needs Node >= 20 and `npm ci --prefix rwkv_export/js` (fails with that instruction, never skips).
+tokens. TFLite fp16 likewise (its stand-in carries model_fp16.tflite's float16 weights; the link guard runs LiteRT),
+and TFLite int8 / int4 (hybrid kernels) are read through their own step graphs, sequentially. Needs Node >= 20 and
+`npm ci --prefix rwkv_export/js` (fails with that instruction, never skips).
 """
 
 from __future__ import annotations
@@ -234,15 +236,46 @@ def test_differently_cut_shards_give_the_same_stand_in(folder, prepared, ckpt, t
     assert len(names) > 100 and a.read_bytes() == b.read_bytes()
 
 
+def _edit_names(root: Path, variant_dir: str, edit) -> None:
+    """Edit userDefinedMetadata.rwkv_export of a copy's model.json (`edit` changes the dict in place)."""
+    path = root / variant_dir / "model.json"
+    model = json.loads(path.read_text())
+    edit(model["userDefinedMetadata"]["rwkv_export"])
+    path.write_text(json.dumps(model))
+
+
 def test_a_quantized_weight_the_stand_in_does_not_carry_is_an_error(folder, ckpt, tmp_path):
+    """The file's recorded names without the head's: the stand-in would keep the checkpoint's head."""
+    root = _copy(folder, tmp_path)
+    m = read_manifest(root)
+    _edit_names(root, "tfjs_uint8", lambda meta: meta["onnx_weights"]["prefill"].pop("head"))
+    with pytest.raises(tq.StandInError, match="head"):
+        tq.prepare(root, m, ckpt, [_graph(m, "uint8")], tmp_path / "si")
+
+
+def test_the_recorded_names_are_the_translations(folder, ckpt, tmp_path):
+    """model.json's onnx_weights (written by export_tfjs) are the names targets/tfjs.prompt_graph_weights' own run
+    of the translation gives, in every variant's file."""
     from rwkv_export.embed import step_module
     from rwkv_export.targets import tfjs
 
-    path, store, names, _ = tfjs.prompt_graph_weights(step_module(ckpt, "fp32"), tmp_path)
-    names = {k: v for k, v in names.items() if v != "head"}
-    with pytest.raises(tq.StandInError, match="head"):
-        tq.write_stand_in(path, store, names, tq.TFJSWeights(folder / "tfjs_uint8" / "model.json"),
-                          tmp_path / "out.onnx")
+    _, _, names, _ = tfjs.prompt_graph_weights(step_module(ckpt, "fp32"), tmp_path)
+    for d in ("tfjs", "tfjs_fp16", "tfjs_uint8"):
+        meta = json.loads((folder / d / "model.json").read_text())["userDefinedMetadata"]["rwkv_export"]
+        assert meta[tfjs.WEIGHT_NAMES][tfjs.PREFILL] == names
+        assert set(meta[tfjs.WEIGHT_NAMES]["step"].values()) <= set(names.values())
+    assert "head" in names and "emb" in names
+
+
+def test_a_model_json_without_recorded_names_gets_the_same_stand_in(folder, prepared, ckpt, tmp_path):
+    """A file written before the names were recorded: they come from the translation run again, and the stand-in
+    is byte for byte the one from the recorded names."""
+    m, stand_ins, _ = prepared
+    root = _copy(folder, tmp_path)
+    _edit_names(root, "tfjs_uint8", lambda meta: meta.pop("onnx_weights"))
+    again = tq.prepare(root, m, ckpt, [_graph(m, "uint8")], tmp_path / "si")
+    a, b = (Path(s[0]) / tq.DATA_FILE for s in (stand_ins["tfjs_uint8/model.json"], again["tfjs_uint8/model.json"]))
+    assert a.read_bytes() == b.read_bytes()
 
 
 def test_a_model_json_without_its_prompt_graph_gets_a_stand_in(ckpt, tmp_path):
@@ -292,10 +325,109 @@ def tflite_prepared(tflite_folder, ckpt, tmp_path_factory):
     return m, stand_ins, tmp
 
 
-def test_tflite_variants_read_their_own_step_graphs(tflite_prepared):
+def test_tflite_fp16_gets_a_stand_in_and_the_hybrid_variants_read_their_step_graphs(tflite_prepared):
     m, stand_ins, _ = tflite_prepared
-    assert {f: v for f, v in stand_ins.items() if f != tq.FP32} == {
-        _graph(m, v)["file"]: tq.STEPS for v in ("fp16", "int8", "int4")}
+    assert {f: v for f, v in stand_ins.items() if f != tq.FP32 and v == tq.STEPS} == {
+        _graph(m, v)["file"]: tq.STEPS for v in ("int8", "int4")}
+    assert stand_ins[_graph(m, "fp16")["file"]][1]["variant"] == "fp16"
+
+
+def test_tflite_fp16_stand_in_carries_the_files_decoded_weights(tflite_folder, tflite_prepared):
+    """Every float16 weight of model_fp16.tflite, as LiteRT's interpreter hands it out, is the stand-in's
+    initializer of that name (transposed where the file keeps a FULLY_CONNECTED weight [out, in])."""
+    import onnx
+    from onnx import numpy_helper
+
+    from rwkv_export.targets.tflite import _interpreter
+
+    m, stand_ins, _ = tflite_prepared
+    d, entry = stand_ins[_graph(m, "fp16")["file"]]
+    got = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(Path(d) / entry["file"])).graph.initializer}
+    it = _interpreter(tflite_folder / _graph(m, "fp16")["file"])
+    half = [t for t in it.get_tensor_details() if t["dtype"] == np.float16]
+    assert len(half) > 20
+    for t in half:
+        w = it.get_tensor(t["index"]).astype(np.float32)
+        want = w if t["name"] == "emb" else w.T
+        np.testing.assert_array_equal(got[t["name"]], want, err_msg=t["name"])
+
+
+def test_tflite_fp16_passes_with_its_stand_in_within_fp32_rounding(tflite_folder, tflite_prepared):
+    m, stand_ins, tmp = tflite_prepared
+    g = _graph(m, "fp16")
+    (tmp / "fp16-healthy").mkdir()
+    base = _baseline(tflite_folder, m, stand_ins, tmp / "fp16-healthy")
+    base.stand_in_fp32 = stand_ins[tq.FP32]
+    r = _stand_in_verdict(tflite_folder, m, g, stand_ins[g["file"]], base)
+    assert r["passed"], r
+    link = r["stand_in"]
+    assert link["bound"] == tq.LINK_TOL_FACTOR * tolerance_for("tflite", "fp32", "4").max_rel
+    assert link["max_rel"] <= link["bound"]
+    # measured 1.6e-6 against fp16's own 7.3e-4 (tiny-pydoc): the guard tells fp16 from fp32
+    assert link["variant_vs_fp32"] > 10 * link["bound"]
+    assert r["sequential"]["stop"] == "pass"
+
+
+def _untransposed(tflite_folder, m, ckpt, tmp_path, name):
+    """A stand-in of model_fp16.tflite whose square FULLY_CONNECTED weight `name` is decoded without its
+    transposition (the shapes agree; the values are the transpose)."""
+    from rwkv_export.targets import onnx_seq
+
+    w = tq.TFLiteWeights(tflite_folder / _graph(m, "fp16")["file"])
+    offset, nbytes, shape, transposed = w.tensors[name]
+    assert transposed and shape[0] == shape[1]
+    w.tensors[name] = (offset, nbytes, shape, False)
+    folder = tmp_path / "wrong"
+    tq.write_stand_ins(tq._prompt_module(ckpt), [(folder, w)])
+    return str(folder), onnx_seq.graph_entry(folder / tq.PROMPT_FILE, files=[tq.PROMPT_FILE, tq.DATA_FILE],
+                                             variant="fp16")
+
+
+def test_tflite_fp16_stand_in_with_a_wrong_decode_fails_the_link_guard(tflite_folder, tflite_prepared, ckpt,
+                                                                       tmp_path):
+    """The fp32 weights left in place, or one matrix decoded untransposed: the stand-in's logits are not the
+    file's, past fp32 rounding."""
+    m, stand_ins, tmp = tflite_prepared
+    g = _graph(m, "fp16")
+    base = _baseline(tflite_folder, m, stand_ins, tmp_path)
+    base.stand_in_fp32 = stand_ins[tq.FP32]
+    for wrong in (stand_ins[tq.FP32], _untransposed(tflite_folder, m, ckpt, tmp_path, "layers.1.att_key")):
+        with pytest.raises(tq.StandInLinkError, match="does not compute what"):
+            _stand_in_verdict(tflite_folder, m, g, wrong, base)  # read on to its verdict, then the guard
+
+
+def _negate_tflite(root: Path, file: str, name: str, every: int = 10) -> None:
+    """Negate every `every`-th float16 value of a weight in a .tflite file (the sign bit of its codes)."""
+    offset, nbytes, _, _ = tq.TFLiteWeights(root / file).tensors[name]
+    blob = bytearray((root / file).read_bytes())
+    codes = np.frombuffer(blob, dtype=np.uint16, count=nbytes // 2, offset=offset).copy()
+    codes[::every] ^= 0x8000
+    blob[offset:offset + nbytes] = codes.tobytes()
+    (root / file).write_bytes(bytes(blob))
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["healthy", "every 10th value of layers.2.ffn_key negated"])
+def test_tflite_fp16_verdict_equals_the_slow_paths(tflite_folder, ckpt, tmp_path, broken):
+    """Through the stand-in (sequentially) and through the step graph in LiteRT token by token, over the first
+    COMPARE_TOKENS tokens: the same verdict; the broken file fails both, its stand-in (which carries the broken
+    weights) passing the link guard."""
+    from rwkv_export.tf_runners import TFLiteStepRunner
+
+    root = _copy(tflite_folder, tmp_path)
+    m = read_manifest(root)
+    g = _graph(m, "fp16")
+    if broken:
+        _negate_tflite(root, g["file"], "layers.2.ffn_key")
+    stand_ins = tq.prepare(root, m, ckpt, [g], tmp_path / "si")
+    full = _baseline(root, m, stand_ins, tmp_path, COMPARE_TOKENS, sequential=False)
+    slow = judge_quality(evaluate_against(TFLiteStepRunner(root, m, g, threads=1), full), "fp16")
+    base = _baseline(root, m, stand_ins, tmp_path / "si", COMPARE_TOKENS)
+    base.stand_in_fp32 = stand_ins[tq.FP32]
+    fast = _stand_in_verdict(root, m, g, stand_ins[g["file"]], base)
+    assert fast["passed"] == slow["passed"] == (not broken), (fast, slow)
+    assert fast["stand_in"]["max_rel"] <= fast["stand_in"]["bound"]
+    if fast["sequential"]["level"] == 2:
+        assert abs(fast["ppl_delta"] - slow["ppl_delta"]) <= 1e-4 + 1e-3 * abs(slow["ppl_delta"])
 
 
 # (variant, the gate it is judged by): int4 (+2.1 % on tiny-pydoc's first 512 tokens) against its own gate (5 %)
@@ -305,8 +437,9 @@ TFLITE_CASES = [("fp16", "fp16"), ("int8", "int8"), ("int4", "int4"), ("int4", "
 
 @pytest.mark.parametrize("variant,kind", TFLITE_CASES, ids=[f"{v} at the {k} gate" for v, k in TFLITE_CASES])
 def test_tflite_sequential_verdict_equals_the_full_reading(tflite_folder, tflite_prepared, variant, kind):
-    """The step graph read sequentially (quality.evaluate_in_chunks over its steps) against evaluate_against's full
-    token-by-token reading of the same COMPARE_TOKENS tokens: the same verdict; where it read to the end, the same
+    """The step graph read sequentially (quality.evaluate_in_chunks over its steps; fp16 too, which a check reads
+    through its stand-in, as the path any TFLite variant may take) against evaluate_against's full token-by-token
+    reading of the same COMPARE_TOKENS tokens: the same verdict; where it read to the end, the same
     numbers (the same variant rows; the fp32 side's read in chunks cut elsewhere, as the sequential baseline goes on
     from row 511: onnxruntime's fp32 rounding, ~1e-8 of the perplexity measured, bound 1e-6)."""
     from rwkv_export.tf_runners import TFLiteStepRunner

@@ -1,7 +1,7 @@
 """check.py with tf_quality.py: `rwkv-export tfjs` / `tflite` (every gate on) and `rwkv-export check` read TF.js's
-storage variants through their stand-ins and TFLite's step graphs sequentially, both against the fp32 stand-in;
-a broken file fails the check. builtin:tiny-pydoc (the trained fixture). Needs Node >= 20 with
-`npm ci --prefix rwkv_export/js` and the tflite extra (fails with their instructions, never skips)."""
+storage variants and TFLite's fp16 through their stand-ins and TFLite's int8 / int4 step graphs sequentially, all
+against the fp32 stand-in; a broken file fails the check. builtin:tiny-pydoc (the trained fixture). Needs Node >= 20
+with `npm ci --prefix rwkv_export/js` and the tflite extra (fails with their instructions, never skips)."""
 
 from __future__ import annotations
 
@@ -59,10 +59,15 @@ def test_check_of_a_broken_tfjs_file_fails(tfjs_folder, tmp_path):
         check_folder(root)
 
 
-def test_tflite_export_reads_its_step_graphs_sequentially(tmp_path, one_torch_thread):
+def test_tflite_export_judges_fp16_through_its_stand_in_and_reads_int8_int4_sequentially(tmp_path,
+                                                                                          one_torch_thread):
     out = tmp_path / "tiny"
     export_target("tflite", "builtin:tiny-pydoc", out, quant=["fp16", "int8", "int4"])
-    for variant in ("fp16", "int8", "int4"):
+    q = _quality(out, "fp16")
+    assert q["passed"] and q["read_by"] == "stand-in (ONNX eval graph with the weights of model_fp16.tflite)", q
+    assert q["stand_in"]["max_rel"] <= q["stand_in"]["bound"] < q["stand_in"]["variant_vs_fp32"]
+    assert q["sequential"]["stop"] == "pass" and q["tokens"] == 511
+    for variant in ("int8", "int4"):
         q = _quality(out, variant)
         assert q["passed"] and q["read_by"] == "step graph, token by token", q
         assert q["sequential"]["stop"] == "pass" and q["tokens"] == 511

@@ -29,7 +29,10 @@ weight and the state inputs shared, so a page downloads and holds the weights on
 requested outputs need. TF.js reads one `signature` per model: it stays the step graph's, and the prompt graph's
 (keys `tokens`, the states, `logits`, `<state>_out`) is userDefinedMetadata.rwkv_export.signatures.prefill, with
 max_chunk. The manifest gives the prompt graph an entry of kind "sequence" naming the same file, "signature":
-"prefill", and each input/output's `tensor`.
+"prefill", and each input/output's `tensor`. userDefinedMetadata.rwkv_export.onnx_weights records, per graph ("step",
+"prefill"), which TF.js weight each ONNX initializer read as a tensor became ({initializer: weight name}; the
+translation shares a weight both graphs name alike and renames where names clash): what tf_quality.py's stand-ins
+(an ONNX prompt graph carrying the file's weights) look the file's weights up by, without translating again.
 
 Contract: model.json's `signature` maps the logical names (`token`, the state spec's names, `logits`, `<state>_out`) to
 tensors; clients resolve through it, never by position. Token int32 (TF.js has no int64), state and logits float32
@@ -62,6 +65,8 @@ LOGITS_OUTPUT = onnx_target.LOGITS_OUTPUT
 TOKEN_DTYPE = "int32"
 PREFILL = "prefill"  # the prompt graph: its manifest entry's name and signature, in the step graph's model.json
 PREFIX = "prefill/"  # the TF node names of the prompt graph's own nodes
+# userDefinedMetadata.rwkv_export key: {graph ("step", "prefill"): {ONNX initializer: TF.js weight}} (module docstring)
+WEIGHT_NAMES = "onnx_weights"
 VARIANTS = {
     "fp32": "float32 weights",
     "fp16": "weight matrices stored as float16, dequantized to float32 at load",
@@ -284,6 +289,11 @@ class _Translation:
             self.names[name] = self.g.param(arr, name) if name in self.initializers else self.g.const(
                 arr, self.prefix + name)
         return self.names[name]
+
+    def weight_names(self) -> dict[str, str]:
+        """ONNX initializer -> the TF.js weight it became, for the initializers read as tensors (not as shapes or
+        axes, which are folded into the nodes)."""
+        return {n: self.names[n] for n in self.consts if n in self.initializers and n in self.names}
 
     def rank(self, name: str) -> int | None:
         shape = self.shapes.get(name)
@@ -793,8 +803,12 @@ def _build_graph_model(module, onnx_path: Path | None, tmp: Path, prefill: bool)
     else:
         step = onnx.load(str(onnx_path))
     g = _Graph()
-    signature = _Translation(g, step, store=store).run()
+    tr = _Translation(g, step, store=store)
+    signature = tr.run()
     del step
+    # which TF.js weight each ONNX initializer became, per graph (tf_quality builds its stand-ins from it)
+    weight_names = {"step": tr.weight_names()}
+    del tr
     states = [t.name for t in module.state_spec]
     _check_signature(signature, states)
     # the step graph's matrices are what a storage variant quantizes; the prompt graph's own constants (its scan's
@@ -807,11 +821,13 @@ def _build_graph_model(module, onnx_path: Path | None, tmp: Path, prefill: bool)
         seq = _Translation(g, onnx.load(str(path), load_external_data=False), PREFIX, store)
         prompt = seq.run()
         _check_signature(prompt, states, TOKENS_INPUT)
-        meta = {"signatures": {PREFILL: prompt}, **onnx_seq.graph_meta(path)}
         # the prompt graph's weights as TF.js names them (the initializers read as tensors, not as shapes or axes)
-        prompt_names = (path, store, {n: seq.names[n] for n in seq.initializers if n in seq.names})
+        weight_names[PREFILL] = seq.weight_names()
+        meta = {"signatures": {PREFILL: prompt}, **onnx_seq.graph_meta(path)}
+        prompt_names = (path, store, weight_names[PREFILL])
     else:
-        prompt_names = (None, store, {})
+        meta, prompt_names = {}, (None, store, {})
+    meta[WEIGHT_NAMES] = weight_names
     nodes, weights = g.pruned()
     return nodes, weights, signature, quantizable, meta, prompt_names
 
