@@ -308,6 +308,7 @@ def _check_graphs(root: Path, manifest: dict, ckpt, progress: Progress, variants
                     from .tf_quality import prepare
 
                     stand_ins = prepare(root, manifest, ckpt, variants, path.parent, progress)
+                    reread(ckpt)  # the stand-ins' weights read every page again: not held under the baseline's session
                     stepwise = any(eval_graph_entry(manifest, g) is None and g["file"] not in stand_ins
                                    for g in variants)
                     base = _baseline(root, manifest, ckpt, path, eval_tokens, progress, sequential=not stepwise,
