@@ -4,15 +4,15 @@
 - TFLiteSequenceRunner: the prompt graph's `prefill` signature (prompt chunks of a fixed size; the tail through `step`);
 - TFJSStepRunner: the TF.js graph model in Node with @tensorflow/tfjs on its wasm backend (SIMD, one thread), or the
   pure-JS CPU backend where asked for or where wasm cannot initialise (said on stderr, never silently). One Node
-  process per runner, kept alive and fed one JSON line per step (rwkv_export/js/tfjs_step.mjs), so a 96-step parity
-  run is one launch. Its npm packages are found or installed by rwkv_export.node (a checkout's or the user cache's).
+  process per runner, kept alive and fed one request per step (rwkv_export/js/tfjs_step.mjs: a JSON line and the
+  state's float32 bytes; the answer likewise), so a 96-step parity run is one launch. Its npm packages are found or
+  installed by rwkv_export.node (a checkout's or the user cache's).
 
 Also `quality`, the measures quantized variants are judged by (top-1 agreement and KL against a reference).
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -165,12 +165,9 @@ class TFLiteSequenceRunner:
         give_back_freed_memory()
 
 
-def _b64(a: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(a, dtype=np.float32).tobytes()).decode("ascii")
-
-
-def _unb64(s: str, shape) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(s), dtype=np.float32).reshape(shape).copy()
+def _f32_bytes(a: np.ndarray) -> bytes:
+    """An array's float32 bytes, little-endian: the driver's wire format for state (tfjs_step.mjs)."""
+    return np.ascontiguousarray(a, dtype="<f4").tobytes()
 
 
 def require_node(node_dir: Path | None = None) -> tuple[str, Path]:
@@ -191,10 +188,11 @@ class TFJSStepRunner:
 
     `backend` ("wasm", the default, or "cpu"; None: $RWKV_EXPORT_TFJS_BACKEND or wasm) is the one asked for;
     `self.backend` is the one running, `self.fallback` why wasm could not initialise (None when it did), and
-    `self.engine` says both in words for stage lines."""
+    `self.engine` says both in words for stage lines. `decoder="tfjs"` has the driver decode the weights with
+    tf.io.decodeWeights instead of its own faster decoder (the same values: tests/test_tfjs_node_speed.py)."""
 
     def __init__(self, root: Path, manifest: dict, graph: dict, node_dir: Path | None = None, timeout: float = 600,
-                 backend: str | None = None):
+                 backend: str | None = None, decoder: str | None = None):
         self.manifest, self.graph = manifest, graph
         self.io = io_by_role(graph)
         self.timeout = timeout
@@ -210,11 +208,13 @@ class TFJSStepRunner:
         self._hidden_shape = hidden[0]["shape"] if hidden else None
         # stderr to a file, not a pipe: nobody drains it while stepping, and a full pipe would block Node
         self._stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([node, str(JS_DIR / NODE_SCRIPT), str(model), str(packages), want],
+        self.proc = subprocess.Popen([node, str(JS_DIR / NODE_SCRIPT), str(model), str(packages), want,
+                                      *([decoder] if decoder else [])],
                                      cwd=packages, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._stderr, text=True)
+                                     stderr=self._stderr)
         hello = self._read()
         self.backend, self.fallback = hello.get("backend"), hello.get("fallback")
+        self.decoder = hello.get("decoder")  # "fast" (tfjs_step.mjs's decodeWeights) or "tfjs" (tf.io.decodeWeights)
         if self.backend == "wasm":
             self.engine = f"TF.js wasm backend ({'SIMD' if hello.get('simd') else 'no SIMD'}, 1 thread)"
         else:
@@ -236,8 +236,18 @@ class TFJSStepRunner:
             self.close()
             raise ManifestError(f"{graph['file']}: model.json's signature states {hello.get('states')} differ from "
                                 f"the manifest's {sorted(self.io['state_in'])}")
+        # Node keys the states by the signature's input names, which the manifest records as each input's name
+        self._by_input = {spec["name"]: s for s, spec in self.io["state_in"].items()}
+        self._wire = [self._by_input[k] for k in hello["states"]]  # the states in the order their bytes travel
+        for s, n in zip(self._wire, hello["sizes"]):
+            if n != int(np.prod(self._shapes[s])):
+                self.close()
+                raise ManifestError(f"{graph['file']}: model.json's state {s} has {n} values, the manifest's shape "
+                                    f"{self._shapes[s]} {int(np.prod(self._shapes[s]))}")
 
     def _read(self) -> dict:
+        """The next answer: its JSON line, and each of the `arrays` it announces (float32, flat, read from the bytes
+        after the line) under its name; an error answer raises."""
         line = self.proc.stdout.readline()
         if not line:
             self.close()
@@ -247,22 +257,40 @@ class TFJSStepRunner:
         msg = json.loads(line)
         if "error" in msg:
             raise RwkvExportError(f"TF.js ({self.graph['file']}): {msg['error']}")
+        if "arrays" in msg:
+            buf = bytearray(msg["bytes"])  # writable, as the arrays must be: they are views of it
+            view, got = memoryview(buf), 0
+            while got < len(buf):
+                n = self.proc.stdout.readinto(view[got:])
+                if not n:
+                    self.close()
+                    raise RwkvExportError(f"the TF.js Node process ended {len(buf) - got} bytes into an answer")
+                got += n
+            at = 0
+            for name, count in msg.pop("arrays"):
+                msg[name] = np.frombuffer(buf, dtype="<f4", count=count, offset=at)
+                at += 4 * count
+            if at != len(buf):
+                raise RwkvExportError(f"TF.js ({self.graph['file']}): an answer's arrays take {at} of its "
+                                      f"{len(buf)} bytes")
         return msg
 
     def _ask(self, req: dict) -> dict:
+        """Send `req`, its "state" (_state_req's bytes) after its line, and read the answer (_read)."""
         if self.proc is None or self.proc.poll() is not None:
             raise RwkvExportError("the TF.js Node process is not running")
-        self.proc.stdin.write(json.dumps(req) + "\n")
+        req = dict(req)
+        payload = req.pop("state", b"")
+        self.proc.stdin.write(json.dumps({**req, "bytes": len(payload)}).encode() + b"\n" + payload)
         self.proc.stdin.flush()
         return self._read()
 
-    def _state_req(self, state: dict) -> dict:
-        return {self.io["state_in"][s]["name"]: _b64(state[s]) for s in self.io["state_in"]}
+    def _state_req(self, state: dict) -> bytes:
+        return b"".join(_f32_bytes(state[s]) for s in self._wire)
 
-    def _state_resp(self, st: dict) -> dict:
-        # the Node side keys states by the signature's input names, which the manifest records as each input's name
-        by_input = {spec["name"]: s for s, spec in self.io["state_in"].items()}
-        return {by_input[k]: _unb64(v, self._shapes[by_input[k]]) for k, v in st.items()}
+    def _state_resp(self, msg: dict) -> dict:
+        """The state in an answer (_read's arrays, under Node's names), shaped as the manifest says."""
+        return {s: msg[k].reshape(self._shapes[s]) for k, s in self._by_input.items()}
 
     def new_state(self) -> dict:
         return new_state_from_manifest(self.manifest, self.graph)
@@ -274,15 +302,15 @@ class TFJSStepRunner:
     def step_hidden(self, token: int, state: dict):
         """step(), plus the `hidden` output [1, C] of a graph exported with --embedding (None without)."""
         r = self._ask({"op": "step", "token": int(token), "state": self._state_req(state)})
-        hidden = _unb64(r["hidden"], self._hidden_shape) if self._hidden_shape else None
-        return _unb64(r["logits"], self._logits_shape), self._state_resp(r["state"]), hidden
+        hidden = r["hidden"].reshape(self._hidden_shape) if self._hidden_shape else None
+        return r["logits"].reshape(self._logits_shape), self._state_resp(r), hidden
 
     def greedy(self, token: int, n: int, state: dict) -> tuple[list[int], float, dict]:
         """n greedy steps inside Node (no per-step IPC): (tokens, seconds spent in Node, final state).
         The Node process's resident memory afterwards (MB) is kept in `self.node_rss_mb`."""
         r = self._ask({"op": "greedy", "token": int(token), "n": int(n), "state": self._state_req(state)})
         self.node_rss_mb = r.get("rss_mb")
-        return r["tokens"], r["seconds"], self._state_resp(r["state"])
+        return r["tokens"], r["seconds"], self._state_resp(r)
 
     def close(self) -> None:
         p, self.proc = getattr(self, "proc", None), None

@@ -964,8 +964,6 @@ class TFJSSequenceRunner:
     def forward(self, tokens, state: dict):
         """Feed the tokens (in chunks of at most `chunk`) from `state` (not modified); return the last token's logits
         [1, V] and the state after it."""
-        import base64
-
         import numpy as np
 
         from ..seq_runner import check_tokens, chunk_sizes
@@ -979,8 +977,8 @@ class TFJSSequenceRunner:
         for size in chunk_sizes(len(arr), self.chunk):
             resp = r._ask({"op": PREFILL, "tokens": [int(t) for t in arr[start:start + size]],
                            "state": r._state_req(state)})
-            logits = np.frombuffer(base64.b64decode(resp["logits"]), np.float32).reshape(1, -1).copy()
-            state = r._state_resp(resp["state"])
+            logits = resp["logits"].reshape(1, -1)
+            state = r._state_resp(resp)
             self.last_seconds += resp["seconds"]
             start += size
         return logits, state
