@@ -589,7 +589,7 @@ def _read_baseline(evals, ids: list, path: Path, upto, progress: Progress, what:
     return base
 
 
-def _quality(root: Path, manifest: dict, graph: dict, runner, base, resume=None):
+def _quality(root: Path, manifest: dict, graph: dict, runner, base, resume=None, link_steps=None):
     """quality.evaluate_against of one step graph: through its variant's eval graph where it has one (then one
     session at a time: `runner`, an open step runner, or None to open one when needed), sequentially (a
     quality.Pending where it must read on past the baseline's rows: go on with resume=it)."""
@@ -602,7 +602,8 @@ def _quality(root: Path, manifest: dict, graph: dict, runner, base, resume=None)
         from .tf_quality import evaluate
 
         gate = quality_gate(QUALITY_KIND.get(graph["variant"], graph["variant"]))
-        return evaluate(root, manifest, graph, stand_in, base, gate=gate, resume=resume, threads=CHECK_THREADS)
+        return evaluate(root, manifest, graph, stand_in, base, gate=gate, resume=resume, threads=CHECK_THREADS,
+                        steps=link_steps)
     if seq is None:
         if runner is not None:
             return evaluate_against(runner, base)
@@ -697,17 +698,22 @@ def _graph_job(root: Path, manifest: dict, graph: dict, base, resume=None, *, re
     stepwise = eval_graph_entry(manifest, graph) is None and _stand_in(base, graph) is None
     parity = quality = None
     judged = graph["variant"] != "fp32" and base is not None
+    steps = None  # the link guard's step-graph logits, run in this session (tf_quality.link_steps)
     if resume is None:
         with _opened(root, manifest, graph) as runner:
             parity = compare(runner, recorded, target=graph["format"], variant=graph["variant"])
             if judged and stepwise:
                 quality = _quality(root, manifest, graph, runner, base)
+            elif judged and isinstance(_stand_in(base, graph), tuple):  # (folder, entry): a stand-in's link guard
+                from .tf_quality import link_steps
+
+                steps = link_steps(runner, base)
         # the name held the session past the `with` (closing a runner only trims): under the eval graph's session
         # it doubled a job's peak (measured at 169M shapes: fp16 step 0.6 GB + eval graph 0.75 GB, 2.0 GB in all)
         del runner
         _give_back_freed_memory()
     if judged and not stepwise:  # its sessions one at a time
-        quality = _quality(root, manifest, graph, None, base, resume)
+        quality = _quality(root, manifest, graph, None, base, resume, link_steps=steps)
     name = f"{graph['format']}/{graph['variant']}"
     desc = f"parity {name}" + (" + quality" if quality else "") if parity is not None else f"quality {name} (read on)"
     if isinstance(quality, _pending()):

@@ -505,10 +505,11 @@ def open_baseline(manifest: dict, stand_in, threads: int = 1):
 
 
 def evaluate(root: Path, manifest: dict, graph: dict, stand_in, base, *, gate=None, resume=None, threads: int = 1,
-             link_tokens: int = LINK_TOKENS):
+             link_tokens: int = LINK_TOKENS, steps: np.ndarray | None = None):
     """quality.evaluate_in_chunks of the variant `graph` through its stand-in (module docstring), sequentially with
     `gate`; a quality.Pending where the baseline must read on (call again with resume=it), else the report, whose
-    "stand_in" entry is the link guard's (StandInLinkError where it fails)."""
+    "stand_in" entry is the link guard's (StandInLinkError where it fails). `steps`: the step graph's logits over the
+    guard's tokens already (link_steps, from the parity session), else link_guard runs them in a session of its own."""
     from .eval_graph import EvalGraphRunner
     from .parity import tolerance_for
     from .quality import Pending, evaluate_in_chunks
@@ -527,7 +528,7 @@ def evaluate(root: Path, manifest: dict, graph: dict, stand_in, base, *, gate=No
     finally:
         runner.close()
     tol = tolerance_for(graph["format"], "fp32", manifest["model"].get("rwkv_version")).max_rel
-    link = link_guard(root, manifest, graph, head, base, LINK_TOL_FACTOR * tol, threads)
+    link = link_guard(root, manifest, graph, head, base, LINK_TOL_FACTOR * tol, threads, steps=steps)
     report["read_by"] = f"stand-in (ONNX eval graph with the weights of {graph['file']})"
     report["stand_in"] = link
     # quality.format_quality prints report["link"]: "vs the step graph" is this guard's (the real step graph, as
@@ -541,23 +542,33 @@ def evaluate(root: Path, manifest: dict, graph: dict, stand_in, base, *, gate=No
     return report
 
 
+def link_steps(runner, base, k: int = LINK_TOKENS) -> np.ndarray:
+    """The step graph's logits [k, V] (float64) after each of the eval text's first k tokens, from a fresh state:
+    the link guard's side of the step graph. A step graph's job runs them in its parity session (check._graph_job),
+    which saves the guard a session of its own (a TF.js Node process: start, weight decoding and XNNPACK's weight
+    packing, ~2.2 s CPU at 169M; a LiteRT interpreter) for the same numbers: a step depends on its inputs alone."""
+    state, steps = runner.new_state(), []
+    for t in base.tokens[:min(k, len(base.tokens))]:
+        lv, state = runner.step(t, state)
+        steps.append(np.asarray(lv, dtype=np.float64).reshape(-1))
+    return np.array(steps)
+
+
 def link_guard(root: Path, manifest: dict, graph: dict, head: np.ndarray, base, bound: float,
-               threads: int = 1) -> dict:
+               threads: int = 1, steps: np.ndarray | None = None) -> dict:
     """`head` (the stand-in's logits after each of the eval text's first len(head) tokens) against the step graph run
-    token by token over them: max|Δ| / std(step logits) within `bound`, or StandInLinkError."""
+    token by token over them (`steps`, link_steps' rows, where the caller ran them; else run here): max|Δ| /
+    std(step logits) within `bound`, or StandInLinkError."""
     from .check import make_runner
 
     k = len(head)
-    runner = make_runner(Path(root), manifest, graph, threads=threads)
-    try:
-        state, steps = runner.new_state(), []
-        for t in base.tokens[:k]:
-            lv, state = runner.step(t, state)
-            steps.append(np.asarray(lv, dtype=np.float64).reshape(-1))
-    finally:
-        if hasattr(runner, "close"):
-            runner.close()
-    steps = np.array(steps)
+    if steps is None or len(steps) != k:
+        runner = make_runner(Path(root), manifest, graph, threads=threads)
+        try:
+            steps = link_steps(runner, base, k)
+        finally:
+            if hasattr(runner, "close"):
+                runner.close()
     std = float(steps.std()) or 1.0
     rel = float(np.abs(head - steps).max() / std)
     fp32 = np.asarray(base.block(0, k), dtype=np.float64)
