@@ -208,7 +208,8 @@ class TFJSStepRunner:
         self._hidden_shape = hidden[0]["shape"] if hidden else None
         # stderr to a file, not a pipe: nobody drains it while stepping, and a full pipe would block Node
         self._stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([node, str(JS_DIR / NODE_SCRIPT), str(model), str(packages), want,
+        # --expose-gc: the driver collects the shards it has copied into the wasm heap as it loads (tfjs_step.mjs)
+        self.proc = subprocess.Popen([node, "--expose-gc", str(JS_DIR / NODE_SCRIPT), str(model), str(packages), want,
                                       *([decoder] if decoder else [])],
                                      cwd=packages, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._stderr)
