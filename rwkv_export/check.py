@@ -286,15 +286,39 @@ def _check_graphs(root: Path, manifest: dict, ckpt, progress: Progress, variants
         # the fp32 eval graph's baseline needs no reference: read in a worker process now, beside the reference
         # (torch in this process, onnxruntime there: each on one core of two)
         early = _Later.start(root, manifest, eval_tokens, not stepwise, progress)
+    from .checkpoint import reread
+
+    if any(graph["kind"] == "sequence" for graph in graphs):
+        # the checkpoint's pages, read by the export or the finiteness check (340 MB at 169M shapes), are not held
+        # under the prompt graphs' runtimes; the reference reads them again from the page cache
+        reread(ckpt)
     with contextlib.ExitStack() as stack:
         if early is not None:
             stack.callback(early.close)
             if early.sequential and stepwise:  # started for eval graphs, but a variant is read token by token
                 early.extend_to_end = True
         path = None if early is not None else Path(stack.enter_context(_tempdir())) / "fp32_logits.bin"
+        stand_ins, before_reference = None, None
+        if early is None and variants and processes > 1 and _prompts_out_of_process(graphs):
+            # TF.js: its prompt graphs run in Node, this process waits for them; the stand-ins are written here in
+            # the meantime (a thread), and the fp32 stand-in's baseline starts in a worker process once they are,
+            # as an ONNX folder's does (the reference waits for the stand-ins: both read the checkpoint)
+            from concurrent.futures import ThreadPoolExecutor
+
+            from .tf_quality import prepare
+
+            pool = stack.enter_context(ThreadPoolExecutor(1))
+            prepared = pool.submit(prepare, root, manifest, ckpt, variants, path.parent, progress)
+
+            def before_reference():
+                nonlocal stand_ins, early
+                stand_ins = prepared.result()
+                reread(ckpt)  # the stand-ins' weights read every page: not held under the reference
+                if stand_ins.get("fp32") is not None and not _stepwise(manifest, variants, stand_ins):
+                    early = _Later.start(root, manifest, eval_tokens, True, progress, stand_ins=stand_ins)
+                    stack.callback(early.close)
         try:
-            recorded, judged = _reference_side(root, manifest, ckpt, graphs, here, kept, progress)
-            from .checkpoint import reread
+            recorded, judged = _reference_side(root, manifest, ckpt, graphs, here, kept, progress, before_reference)
 
             base, jobs = early, [g for g in steps if not has_embedding(g)]
             if early is None:  # one thing after another, as ever
@@ -302,15 +326,15 @@ def _check_graphs(root: Path, manifest: dict, ckpt, progress: Progress, variants
                 # the reference read every page of the checkpoint (340 MB at 169M shapes): not held through the rest
                 reread(ckpt)
                 if variants:
-                    # TF.js's storage variants are read through stand-ins (ONNX eval graphs with the files' decoded
-                    # weights), TFLite's step graphs sequentially, both against the fp32 stand-in (the checkpoint's
-                    # weights), written here: tf_quality.py
+                    # TF.js's storage variants and TFLite's fp16 are read through stand-ins (ONNX eval graphs with the
+                    # files' decoded weights), TFLite's int8/int4 step graphs sequentially, all against the fp32
+                    # stand-in (the checkpoint's weights), written here: tf_quality.py
                     from .tf_quality import prepare
 
-                    stand_ins = prepare(root, manifest, ckpt, variants, path.parent, progress)
-                    reread(ckpt)  # the stand-ins' weights read every page again: not held under the baseline's session
-                    stepwise = any(eval_graph_entry(manifest, g) is None and g["file"] not in stand_ins
-                                   for g in variants)
+                    if stand_ins is None:
+                        stand_ins = prepare(root, manifest, ckpt, variants, path.parent, progress)
+                        reread(ckpt)  # the stand-ins' weights read every page again: not under the baseline's session
+                    stepwise = _stepwise(manifest, variants, stand_ins)
                     base = _baseline(root, manifest, ckpt, path, eval_tokens, progress, sequential=not stepwise,
                                      stand_in=stand_ins.get("fp32"))
                     base.stand_ins = stand_ins  # travels with the baseline to the worker processes
@@ -344,22 +368,29 @@ def _check_graphs(root: Path, manifest: dict, ckpt, progress: Progress, variants
     return reports
 
 
-def _reference_side(root: Path, manifest: dict, ckpt, graphs: list, here: list, kept: dict, progress: Progress):
+def _prompts_out_of_process(graphs: list) -> bool:
+    """Whether the folder's prompt graphs run in a process of their own (TF.js's, in Node), so that this process is
+    free while they run."""
+    return any(g["kind"] == "sequence" for g in graphs) and all(g["format"] == "tfjs" for g in graphs)
+
+
+def _stepwise(manifest: dict, variants: list, stand_ins: dict) -> bool:
+    """Whether a variant's quality gate reads its own step graph token by token (no eval graph, no stand-in)."""
+    return any(eval_graph_entry(manifest, g) is None and g["file"] not in stand_ins for g in variants)
+
+
+def _reference_side(root: Path, manifest: dict, ckpt, graphs: list, here: list, kept: dict, progress: Progress,
+                    before_reference=None):
     """Everything that runs the fp64 reference, which is freed after: its side of the step graphs' parity gate
     (recorded, returned with `judged`), then, when judged() is called, each prompt graph's parity gate (the graph run
     first, here, and its session closed, so that no session is open beside the reference: at 169M shapes each is
     ~0.7 GB, the fp64 model 0.31 GB and the checkpoint's pages 0.34 GB), and the parity and embedding gates of the
     graphs in `here`, whose runners are left open in `kept`. The greedy continuation is verified from the fp32
-    prompt graph's guess (verify_greedy) where the folder has one."""
+    prompt graph's guess (verify_greedy) where the folder has one. `before_reference`: called once the prompt
+    graphs have run, before the reference is built."""
     import torch
 
-    from .checkpoint import reread
-
     tokens, runs, guess = parity_tokens(ckpt.dims.vocab_size), {}, None
-    if any(graph["kind"] == "sequence" for graph in graphs):
-        # the checkpoint's pages, read by the export or the finiteness check (340 MB at 169M shapes), are not held
-        # under the prompt graphs' runtimes; the reference reads them again from the page cache
-        reread(ckpt)
     for graph in graphs:
         if graph["kind"] == "sequence":
             # TFLite: one interpreter of the pair (prompt graph, step graph for the tail) at a time
@@ -375,6 +406,8 @@ def _reference_side(root: Path, manifest: dict, ckpt, graphs: list, here: list, 
                 _close(runner)
                 del runner  # the name held the session under the next one's and the reference's (0.85 GB, fp16 169M)
                 _give_back_freed_memory()
+    if before_reference is not None:
+        before_reference()
     with progress.stage(f"reference fp64 ({ckpt.arch.title}): the parity tokens in GPT mode, {N_GREEDY} greedy steps"):
         ref = SharedReference(ckpt.arch.reference(ckpt.tensors, torch.float64))
         fed = []
@@ -798,24 +831,32 @@ class _Later:
     folder of its own: called, it waits for it (once, whichever thread asks first), notes its stage line and returns
     the Baseline (read on to the end here where extend_to_end). close() stops the worker and removes the folder."""
 
-    def __init__(self, job: _Job, tmp, progress: Progress, root: Path, manifest: dict, eval_tokens, sequential: bool):
+    def __init__(self, job: _Job, tmp, progress: Progress, root: Path, manifest: dict, eval_tokens, sequential: bool,
+                 stand_ins: dict | None = None):
         import threading
 
         self.job, self.tmp, self.progress, self._lock, self._value = job, tmp, progress, threading.Lock(), None
         self.root, self.manifest, self.eval_tokens, self.sequential = root, manifest, eval_tokens, sequential
+        self.stand_ins = stand_ins
         self.extend_to_end = False
 
     @classmethod
-    def start(cls, root: Path, manifest: dict, eval_tokens, sequential: bool, progress: Progress) -> "_Later":
+    def start(cls, root: Path, manifest: dict, eval_tokens, sequential: bool, progress: Progress,
+              stand_ins: dict | None = None) -> "_Later":
+        """`stand_ins`: tf_quality.prepare's, where the baseline is the fp32 stand-in's (a TF.js folder); they travel
+        with the baseline to the jobs."""
         tmp = _tempdir()
         path = Path(tmp.name) / "fp32_logits.bin"
-        job = _Job("baseline", (root, manifest, None, path, eval_tokens, sequential))
-        return cls(job, tmp, progress, root, manifest, eval_tokens, sequential)
+        stand_in = (stand_ins or {}).get("fp32")
+        job = _Job("baseline", (root, manifest, None, path, eval_tokens, sequential, stand_in))
+        return cls(job, tmp, progress, root, manifest, eval_tokens, sequential, stand_ins)
 
     def __call__(self):
         with self._lock:
             if self._value is None:
                 base, desc, seconds, peak, cpu = self.job.result()
+                if self.stand_ins is not None:
+                    base.stand_ins = self.stand_ins
                 self.progress.note(f"{desc}: done in {seconds:.1f} s (in a worker process, peak RSS "
                                    f"{format_bytes(peak)}{cpu_note(cpu)})")
                 if self.extend_to_end:
@@ -834,13 +875,14 @@ def _tempdir():
     return tempfile.TemporaryDirectory(prefix="rwkv-check-")
 
 
-def _baseline_job(root: Path, manifest: dict, ckpt, path: Path, eval_tokens, sequential: bool) -> tuple:
+def _baseline_job(root: Path, manifest: dict, ckpt, path: Path, eval_tokens, sequential: bool,
+                  stand_in=None) -> tuple:
     """_baseline in a worker process: (the Baseline, its stage's description, seconds, peak RSS of this process, CPU
     seconds)."""
     import time
 
     stage, c0 = _Recorder(), time.process_time()
-    base = _baseline(root, manifest, ckpt, path, eval_tokens, stage, sequential=sequential)
+    base = _baseline(root, manifest, ckpt, path, eval_tokens, stage, sequential=sequential, stand_in=stand_in)
     return base, stage.desc, stage.seconds, own_peak_rss(), time.process_time() - c0
 
 
