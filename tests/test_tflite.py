@@ -1,8 +1,12 @@
 """TFLite target: our ONNX graphs written as `step` and `prefill` files (one named signature each; tflite_write.py),
-ai-edge-quantizer variants, parity in the LiteRT interpreter (ai-edge-litert) against runtime_ref in fp64. Tiny
-synthetic models only. The translator's own tests (op by op against onnxruntime) are in test_tflite_write.py.
+the fp16 / int8 / int4 variants our quantizer derives from them (tflite_quant.py), parity in the LiteRT interpreter
+(ai-edge-litert) against runtime_ref in fp64. Tiny synthetic models only. The translator's own tests (op by op
+against onnxruntime) are in test_tflite_write.py; the quantizer against ai-edge-quantizer, its oracle, in
+test_tflite_quant.py.
 
-Needs the [tflite] extra (tools/install_edge_extras.sh); without it these tests fail with the install command.
+Needs the [tflite] extra and, for the oracle and its flatbuffer helpers used here, the [dev] extra's
+ai-edge-quantizer (tools/install_edge_extras.sh installs both); without them these tests fail with the install
+command.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from rwkv_export.arch.rwkv4.step import STATE_NAMES, RWKV4Step
 from ckpts import state_dict
 from test_sequence import SEQ_VS_STEP_TOL, check_prompt_against_steps, logits_err, random_tokens, rel_err, steps
 
-SETUP_HINT = "install the TFLite extra: pip install -e '.[tflite]' (or bash tools/install_edge_extras.sh)"
+SETUP_HINT = "install the TFLite and dev extras: pip install -e '.[dev,tflite]' (or bash tools/install_edge_extras.sh)"
 
 # The declared gate (parity.TF_FP32_MAX_REL, its reason there): the graph is the same fp32 math (XNNPACK kernels sum
 # in a different order), measured ~1.5e-6 on the tiny model, 6.9e-6 at 169M; a wrong equation shows as > 1e-2.
@@ -294,8 +298,8 @@ def test_int4_needs_dims_divisible_by_block(tmp_path):
 
 
 def test_export_needs_no_litert_torch(tmp_path, ckpt, monkeypatch):
-    """The export path never imports litert-torch (the files are written from our ONNX graphs, the variants by
-    ai-edge-quantizer): blocked, the export still writes every file."""
+    """The export path never imports litert-torch (the files are written from our ONNX graphs, the variants by our
+    quantizer, tflite_quant.py): blocked, the export still writes every file."""
     from rwkv_export.targets.tflite import export_tflite
 
     monkeypatch.setitem(sys.modules, "litert_torch", None)  # makes `import litert_torch` raise ImportError
@@ -323,11 +327,12 @@ def test_manifest_round_trips_as_json(exported):
 
 # -- RWKV-5.2, RWKV-6, RWKV-7: the same file contract over the heads' rank-4 WKV state ------------------------------
 # One tiny synthetic model per version (the `tiny` preset of each: 2 layers, C = 128 as 2 heads of 64), converted once
-# per version (module-scoped), with int4 beside fp32: int4 must leave the LoRA matmuls narrower than a block (v7
-# tiny's ranks 16 and 8) to int8, and the prompt signature's WKV (v5/v6: blocks of 8 unrolled, v7: the chunk's exact
-# delta-rule solve) must agree with T steps.
+# per version (module-scoped), with int8 and int4 beside fp32: int4 must leave the LoRA matmuls narrower than a block
+# (v7 tiny's ranks 16 and 8) to int8, int8's prompt graph must run (v5.2 / 6: the constant left operands of its
+# BATCH_MATMULs kept float32, tflite_quant.py says why), and the prompt signature's WKV (v5/v6: blocks of 8 unrolled,
+# v7: the chunk's exact delta-rule solve) must agree with T steps.
 HEAD_VERSIONS = ["5.2", "6", "7"]
-HEAD_VARIANTS = ["fp32", "int4"]
+HEAD_VARIANTS = ["fp32", "int8", "int4"]
 # The prompt signature against T steps of the step signature, both fp32 in LiteRT: the chunked WKV sums in another
 # order. Measured (T = 16 and 64, fresh and used state; logits max|d|/std, states max|d|/max|ref|): <= 8.5e-7 (v5.2),
 # 1.3e-6 (v6), 1.3e-6 (v7) against the steps, and <= 1.3e-6 / 2.3e-6 / 1.5e-6 against the fp64 reference. The bound
@@ -339,6 +344,12 @@ HEAD_SEQ_VS_STEP_TOL = SEQ_VS_STEP_TOL
 # random-weight tiny models, 96 tokens: measured top-1 0.70 / 0.73 / 0.79 and KL 0.108 / 0.102 / 0.126 (v5.2 / v6 /
 # v7). A broken scale or layout gives top-1 near 1/256 and KL of nats.
 HEAD_INT4_BOUNDS = {"min_top1": 0.5, "max_kl_mean": 0.5}
+# int8's prompt graph (one scale per tensor) against the fp64 reference (parity.compare_sequence, 64 tokens in 2
+# calls): its gate reports the logits of a quantized variant and gates shapes and finiteness only, so the error is
+# bounded here too. Measured max|Δ|/std 0.069 / 0.064 / 0.079 and state effect 0.022 / 0.024 / 0.027 (v5.2 / v6 / v7),
+# against 0.090 / 0.20 / 0.10 for the int8 step graphs' own parity runs; 0.3 sits past all of them, while a scatter or
+# block-sum matrix gone wrong mixes the WKV state's blocks and moves the logits by about their std.
+HEAD_INT8_PROMPT_MAX_REL = 0.3
 
 
 @pytest.fixture(scope="module", params=HEAD_VERSIONS, ids=lambda v: f"v{v}")
@@ -484,3 +495,47 @@ def test_heads_prompt_graph_equals_step_graph(heads, heads_prompt_runners, T, us
     names = [t.name for t in ck.arch.state(ck.dims)]
     err = _check_heads_prompt(*heads_prompt_runners, ref, names, T, used_state)
     print(f"\nRWKV-{version} prefill T={T} {'used' if used_state else 'fresh'}: {err}")
+
+
+def test_heads_int8_prompt_graph_runs_and_passes_the_gate(heads):
+    """int8's prompt file opens and runs in LiteRT (ai-edge-quantizer's int8 of the v5.2 / 6 prompt graphs quantized
+    the constant left operands of BATCH_MATMUL, which LiteRT's kernel refuses at its first invoke; tflite_quant.py
+    keeps them float32) and passes the check's gate (parity.compare_sequence), its error bounded as
+    HEAD_INT8_PROMPT_MAX_REL says."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from rwkv_export.tf_runners import TFLiteSequenceRunner
+
+    version, _, out, m, ref = heads
+    g = _graph(m, "int8", "sequence")
+    model = schema.ModelT.InitFromPackedBuf((out / g["file"]).read_bytes(), 0)
+    sg = model.subgraphs[0]
+    bmm = [op for op in sg.operators if model.operatorCodes[op.opcodeIndex].builtinCode == (
+        schema.BuiltinOperator.BATCH_MATMUL)]
+    left = {int(op.inputs[0]) for op in bmm if model.buffers[sg.tensors[op.inputs[0]].buffer].data is not None}
+    assert bool(left) == (version in ("5.2", "6")), (version, left)  # the operands this is about are there
+    assert all(sg.tensors[i].type == schema.TensorType.FLOAT32 for i in left)
+    report = parity.compare_sequence(TFLiteSequenceRunner(out, m, g), ref, target="tflite", variant="int8")
+    print(f"\nRWKV-{version} tflite int8 prompt graph: {parity.format_report(report)}")
+    assert report["passed"], parity.format_report(report)
+    parity.gate(report)
+    assert max(report["max_rel"], report["state_effect_rel"]) <= HEAD_INT8_PROMPT_MAX_REL, parity.format_report(report)
+
+
+def test_file_that_cannot_run_is_a_one_line_error_at_export(tmp_path, monkeypatch):
+    """A variant file LiteRT cannot prepare fails the export with one line naming it, not a folder holding it: the
+    oracle's int8 of the RWKV-5.2 prompt graph (ai-edge-quantizer quantizes its constant left BATCH_MATMUL operands,
+    which LiteRT's kernel refuses) written in place of ours."""
+    from rwkv_export.arch import get
+    from rwkv_export.errors import GraphFileError
+    from rwkv_export.targets import tflite
+
+    _require_extra()
+    arch = get("5.2")
+    ck = from_state_dict(arch.fake_state_dict("tiny"))
+    monkeypatch.setattr(tflite, "quantize_file", lambda src, variant, out, reuse=None: (
+        tflite._oracle_quantize_file(src, variant, out)))
+    with pytest.raises(GraphFileError, match=r"prefill_int8\.tflite would not run.*'prefill'.*BATCH_MATMUL") as e:
+        tflite.export_tflite(arch.step_module(ck), tmp_path, ["int8"])
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "prefill_int8.tflite").exists()

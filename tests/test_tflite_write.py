@@ -340,3 +340,41 @@ def test_quantizer_reads_the_offsets_layout(onnx_graphs, tmp_path):
         assert all(model.Buffers(i).Offset() == 0 for i in range(model.BuffersLength()))
         outs.append(Interpreter(model_path=str(q)).get_signature_runner("step")(**feeds32))
     assert all(np.array_equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_prompt_file_copies_the_step_files_weights(tmp_path, monkeypatch):
+    """write_fp32 copies the prompt file's weights from the step file where they are the same bytes of the ONNX data
+    file in the same layout (FULLY_CONNECTED weights transposed once): both files are the same bytes as when each is
+    written from the ONNX data alone, and as when the copy is made by reads and writes (no os.copy_file_range)."""
+    import os
+
+    import torch
+
+    from rwkv_export.arch import get
+    from rwkv_export.checkpoint import from_state_dict
+    from rwkv_export.targets import tflite, tflite_write
+
+    torch.set_num_threads(1)
+    arch = get("6")
+    module = arch.step_module(from_state_dict(arch.fake_state_dict("tiny")))
+    copied = []
+    write_to = tflite_write.FileRange.write_to
+    monkeypatch.setattr(tflite_write.FileRange, "write_to", lambda self, f: (copied.append(self.path.name),
+                                                                             write_to(self, f)))
+    files = {}
+    for how in ("copied", "alone", "by reads"):
+        with monkeypatch.context() as m:
+            if how == "alone":
+                m.setattr(tflite, "_source_key", lambda w: None)
+            if how == "by reads":
+                m.delattr(os, "copy_file_range", raising=False)
+            copied.clear()
+            (tmp_path / how.replace(" ", "_")).mkdir()
+            out = tflite.write_fp32(module, tmp_path / how.replace(" ", "_"))
+            files[how] = {k: p.read_bytes() for k, p in out.items()}
+            n_from_step = copied.count("model.tflite")
+        if how == "alone":
+            assert n_from_step == 0
+        else:  # every FULLY_CONNECTED weight and the embedding at least (tiny v6: 2 layers x 7 + head + emb)
+            assert n_from_step >= 16, (how, n_from_step)
+    assert files["copied"] == files["alone"] == files["by reads"]

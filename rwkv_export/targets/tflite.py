@@ -8,7 +8,9 @@ weight streamed from the ONNX external-data file into its place in the file. No 
 (torch.export -> TFLite) took 265 of the 291 s of a 169M export and most of its 4.55 GB (issue 19). Quantized variants
 are derived from the fp32 files by our own streaming quantizer (tflite_quant.py), file to file (quantize_file): the
 files ai-edge-quantizer (the quantizer litert-torch itself calls) makes for the recipes in _recipe, which stays the
-oracle its tests hold them against, weight by weight, so neither model is held whole in memory.
+oracle its tests hold them against, weight by weight, so neither model is held whole in memory; but for the constant
+left operands of BATCH_MATMUL, which its int8 quantizes into files LiteRT cannot run, and ours keeps float32. The
+prompt file's weights are the step file's: written once (copied from the step file) and quantized once per variant.
 
 Contract (same as ONNX, read from the file into the manifest): signature `step`, inputs `token` [1] int32 and the
 state tensors of the architecture's state spec (float32) under their names; outputs `logits` [1, V] float32 and `<state>_out`.
@@ -34,7 +36,7 @@ import os
 import warnings
 from pathlib import Path
 
-from ..errors import MissingExtraError, RwkvExportError
+from ..errors import GraphFileError, MissingExtraError, RwkvExportError
 
 NAME = "tflite"
 SIGNATURE = "step"
@@ -93,7 +95,7 @@ def _import_quantizer():
         import ai_edge_quantizer
         from ai_edge_quantizer import qtyping, quantizer, recipe, recipe_manager  # noqa: F401
     except ImportError:
-        raise MissingExtraError("ai-edge-quantizer", "tflite") from None
+        raise MissingExtraError("ai-edge-quantizer", "dev") from None  # the tests' oracle, no longer the export's
     return ai_edge_quantizer
 
 
@@ -123,7 +125,7 @@ def write_fp32(module, out_dir: Path, prefill_chunk: int | None = PREFILL_CHUNK)
     from ..onnx_build import WeightStore
     from . import onnx as onnx_target
     from . import onnx_seq
-    from .tflite_write import translate, write_tflite
+    from .tflite_write import FileRange, _Weight, translate, write_tflite
 
     _import_litert()
     if prefill_chunk is not None and prefill_chunk < 1:
@@ -148,13 +150,33 @@ def write_fp32(module, out_dir: Path, prefill_chunk: int | None = PREFILL_CHUNK)
                                           f"fewer than the prefill chunk of {prefill_chunk}")
                 graphs[PREFILL_SIGNATURE] = (path, TOKENS_INPUT, prefill_chunk, prefill_file_name("fp32"))
         out = {}
+        written: dict[tuple, FileRange] = {}  # a weight's source and layout -> its bytes in a file written already
         for sig, (path, token_input, n, name) in graphs.items():
             model = translate(onnx.load(str(path), load_external_data=False), tmp, sig,
                               _graph_shapes(module, token_input, n))
+            for i, b in enumerate(model.buffers):
+                # the prompt file's copy of a weight the step file holds (the same bytes of the same ONNX data file,
+                # in the same layout): copied from there, not read and transposed a second time
+                if isinstance(b, _Weight) and _source_key(b) in written:
+                    model.buffers[i] = _Weight(written[_source_key(b)])
             write_tflite(model, out_dir / name)
+            for b in model.buffers:
+                if isinstance(b, _Weight) and _source_key(b) is not None and b.file_offset is not None:
+                    written.setdefault(_source_key(b), FileRange(out_dir / name, b.file_offset, b.nbytes,
+                                                                 b.const.name))
             del model
             out[sig] = out_dir / name
     return out
+
+
+def _source_key(w) -> tuple | None:
+    """What makes two weights of write_fp32's files the same bytes: the same range of the same ONNX data file, read
+    as the same dtype and shape, written in the same layout (transposed or not); None for a constant made in memory
+    (folded)."""
+    c = w.const
+    if not getattr(c, "external", False):
+        return None
+    return str(Path(c.file).resolve()), int(c.offset), tuple(c.shape), str(c.dtype), bool(w.transpose)
 
 
 def unblockable_scopes(fp32_model: bytes | Path, block: int = INT4_BLOCK) -> list[str]:
@@ -264,14 +286,16 @@ def quantize(fp32_model: bytes | Path, variant: str) -> bytes:
         return out.read_bytes()
 
 
-def quantize_file(fp32_path: Path, variant: str, out: Path) -> None:
+def quantize_file(fp32_path: Path, variant: str, out: Path, reuse=None) -> None:
     """The quantized `variant` (fp16, int8, int4: VARIANTS says what) of the fp32 .tflite `fp32_path`, written to
     `out` with its weights inside the flatbuffer (a runtime older than TFLite's offsets layout, such as tfjs-tflite's
     build, reads a weight at an offset as a tensor without data), weight by weight (tflite_quant.py): the file
-    ai-edge-quantizer makes for _recipe(variant), tensor for tensor. Neither model is ever held whole in memory."""
+    ai-edge-quantizer makes for _recipe(variant), tensor for tensor (but for the one departure tflite_quant.py
+    names). Neither model is ever held whole in memory. `reuse`: a tflite_quant.Reuse shared by the calls for one
+    model's step and prompt files (each weight quantized once per variant; the same bytes)."""
     from .tflite_quant import quantize_file as _quantize_file
 
-    _quantize_file(Path(fp32_path), variant, Path(out))
+    _quantize_file(Path(fp32_path), variant, Path(out), reuse=reuse)
 
 
 def _oracle_quantize_file(fp32_path: Path, variant: str, out: Path) -> None:
@@ -335,34 +359,47 @@ def derive_variants(out_dir: Path, fp32: dict[str, Path], variants, states: list
     """The manifest entries of `variants` (fp32 and those quantized here from the fp32 files `fp32`, write_fp32's
     result) in `out_dir`: per variant the step entry, then the prompt entry if `fp32` has one. An fp32 file is
     removed when fp32 is not among the variants."""
+    from .tflite_quant import Reuse
+
     out_dir = Path(out_dir)
     variants = check_variants(variants)
     graphs = [(SIGNATURE, file_name)] + ([(PREFILL_SIGNATURE, prefill_file_name)] if PREFILL_SIGNATURE in fp32 else [])
     entries = {}
+    reuse = Reuse()  # the prompt file's weights are the step file's: quantized once per variant, for the step file
     for signature, name_of in graphs:
         for variant in variants:
             path = out_dir / name_of(variant)
             if variant != "fp32":
-                quantize_file(Path(fp32[signature]), variant, path)
-            inputs, outputs = io_spec(path, signature, states)
+                quantize_file(Path(fp32[signature]), variant, path, reuse=reuse)
+            try:
+                inputs, outputs = io_spec(path, signature, states)
+            except GraphFileError:  # a file that cannot run is not left behind as if it could
+                path.unlink(missing_ok=True)
+                raise
             entry = {"name": "step", "kind": "step", "format": NAME, "variant": variant, "file": path.name,
                      "data_files": [], "signature": signature, "quantization": VARIANTS[variant]}
             if signature == PREFILL_SIGNATURE:
                 entry.update(name="prefill", kind="sequence", max_chunk=prefill_chunk, fixed_chunk=True,
                              all_logits=False)
             entries[(variant, signature)] = {**entry, "inputs": inputs, "outputs": outputs, "parity": None}
-        if "fp32" not in variants:
+    if "fp32" not in variants:  # at the end: reuse compares the prompt file's weights with the step file's
+        for signature, _ in graphs:
             Path(fp32[signature]).unlink()
     return [entries[(v, sig)] for v in variants for sig, _ in graphs]
 
 
-def _interpreter(path_or_bytes, threads: int | None = None):
+def _interpreter(path_or_bytes, threads: int | None = None, builtin_only: bool = False):
+    """LiteRT's interpreter of a file (or bytes); builtin_only: its builtin kernels alone, without the XNNPACK
+    delegate it otherwise applies at the first allocation (which packs every weight: ~0.3 s and the file's pages per
+    169M file)."""
     try:
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
     except ImportError:
         raise MissingExtraError("ai-edge-litert", "tflite") from None
     kw = {"model_path": str(path_or_bytes)} if isinstance(path_or_bytes, (str, Path)) else {
         "model_content": bytes(path_or_bytes)}
+    if builtin_only:
+        kw["experimental_op_resolver_type"] = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     return Interpreter(num_threads=threads, **kw)
 
 
@@ -372,13 +409,23 @@ _NP_NAMES = {"float32": "float32", "float16": "float16", "int32": "int32", "int6
 def io_spec(path: Path, signature: str = SIGNATURE, states: list[str] | None = None) -> tuple[list[dict], list[dict]]:
     """Read a signature (`step` or `prefill`) from the file itself and give each input/output its role in the
     contract. Order follows the contract (token(s), then `states` in the state spec's order), not the converter's
-    alphabetical order; without `states`, every input NAME with an output NAME_out is a state, in the file's order."""
+    alphabetical order; without `states`, every input NAME with an output NAME_out is a state, in the file's order.
+    The file's ops are prepared first (LiteRT's builtin kernels check their operands' types and shapes there), so a
+    file that would fail at its first invoke (e.g. an int8 left operand of BATCH_MATMUL, which the kernel refuses) is
+    a one-line GraphFileError at export time, not a folder with a broken file: a few ms at 169M, where preparing with
+    XNNPACK (what a runner does) would pack the weights."""
     import numpy as np
 
-    interpreter = _interpreter(path)
+    interpreter = _interpreter(path, builtin_only=True)
     sigs = interpreter.get_signature_list()
     if signature not in sigs:
         raise RwkvExportError(f"{Path(path).name} has no signature '{signature}' (has {', '.join(sigs) or 'none'})")
+    try:
+        interpreter.allocate_tensors()  # our files: one subgraph, the signature's
+    except (RuntimeError, ValueError) as e:
+        why = " ".join(str(e).split())
+        raise GraphFileError(f"{Path(path).name} would not run: LiteRT cannot prepare its '{signature}' graph "
+                             f"({why})") from None
     sig = interpreter.get_signature_runner(signature)
     ins, outs = sig.get_input_details(), sig.get_output_details()
 

@@ -19,6 +19,13 @@ a BATCH_MATMUL; every other tensor, op and buffer is kept as it is.
   float32, rank unset) inserted just before the op, which reads that output instead.
 - int8: symmetric, one scale per tensor: scale = max|w| / 127 (float32, at least 1e-9 / 127), q = rint(w / scale)
   (half to even) clipped to [-127, 127] (narrow range); zero point 0, quantized_dimension 0.
+
+One departure from ai-edge-quantizer, on purpose: its int8 also quantizes a constant LEFT operand of a BATCH_MATMUL
+(the RWKV-5.2 / 6 prompt graphs' 0/1 scatter and block-sum matrices, wkv_consts.*), and LiteRT's BATCH_MATMUL kernel
+takes float32 x int8 (hybrid: the int8 operand on the right) or two operands of one type, nothing else: such a file
+fails at its first invoke ("BATCH_MATMUL failed to prepare"). Here a constant left operand stays float32 (a
+constant right operand, RWKV-6's [5, 32, C] token-shift LoRA, is quantized as the oracle does); every other tensor
+and byte is the oracle's (tests/test_tflite_quant.py holds both).
 - int4: symmetric, blocks of 32 along the input dim (dim 1): scale = max|w| of the block / 7, rounded to bfloat16 then
   to float16 (the format of the scales); q = rint(w / scale) clipped to [-8, 7], packed two a byte (the even element
   in the low nibble); the scales a float16 constant `<name>_scales` [out, in / 32] (buffers of equal bytes shared),
@@ -39,10 +46,13 @@ from ..errors import RwkvExportError
 VARIANTS = ("fp16", "int8", "int4")
 INT4_BLOCK = 32
 _WEIGHT_OPS = {"FULLY_CONNECTED", "EMBEDDING_LOOKUP"}  # weight = input 1; blocks along dim 1 of it
-# int8 (dynamic range, ALL_SUPPORTED) also quantizes every constant float operand of a BATCH_MATMUL (either side:
-# the prompt graphs' 0/1 scatter and block-sum matrices, RWKV-6's [5, 32, C] token-shift LoRA); fp16's float casting
-# and int4's blockwise recipe leave them float32
-_INT8_ANY_INPUT_OPS = {"BATCH_MATMUL"}
+# int8 (dynamic range, ALL_SUPPORTED) also quantizes a constant float operand of a BATCH_MATMUL: the right one only
+# (input _HYBRID_RHS; RWKV-6's [5, 32, C] token-shift LoRA), the one LiteRT's hybrid kernel takes in int8; a constant
+# left one (the prompt graphs' scatter and block-sum matrices) stays float32, where ai-edge-quantizer quantizes it
+# into a file LiteRT refuses (the module docstring). fp16's float casting and int4's blockwise recipe leave both
+# float32.
+_INT8_RHS_OPS = {"BATCH_MATMUL"}
+_HYBRID_RHS = 1
 # ops whose constant float inputs ai-edge-quantizer would also quantize, which our writer never gives a constant:
 # met with one, we stop rather than differ from it
 _UNHANDLED_WEIGHT_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "CONV_3D"}
@@ -213,12 +223,14 @@ def _plan(model, schema, variant: str) -> list[tuple[int, int, str]]:
             raise TFLiteQuantizeError(f"{name} (op {j}) has a constant float input: not quantized here")
 
     def is_weight(name, k):  # what each recipe quantizes (ai-edge-quantizer's default_policy, our graphs' ops)
-        return (name in _WEIGHT_OPS and k == 1) or (variant == "int8" and name in _INT8_ANY_INPUT_OPS)
+        return (name in _WEIGHT_OPS and k == 1) or (variant == "int8" and name in _INT8_RHS_OPS and k == _HYBRID_RHS)
 
     plan = []
     for i, uses in readers.items():
         if not constant_float(i) or not any(is_weight(n, k) for _, n, k in uses):
             continue
+        if any(n in _INT8_RHS_OPS and k != _HYBRID_RHS for _, n, k in uses):
+            continue  # also a left operand of a BATCH_MATMUL: float32 for every reader (no int8 left operand runs)
         t = sg.tensors[i]
         kinds = {(n, k) for _, n, k in uses}
         if len(uses) > 1 and (variant == "fp16" or len(kinds) > 1 or not all(is_weight(n, k) for n, k in kinds)):
@@ -231,10 +243,69 @@ def _plan(model, schema, variant: str) -> list[tuple[int, int, str]]:
     return sorted(plan)
 
 
-def quantize_file(fp32_path: Path, variant: str, out: Path, *, inline_limit: int | None = None) -> int:
+class Reuse:
+    """Weights quantized once for the fp32 files of one model: the step and prompt files hold the same weights (the
+    prompt file's FULLY_CONNECTED weights and embedding are the step file's arrays), so quantize_file(..., reuse=)
+    of the second file takes a weight's scales from the first file's output of the same variant and copies its
+    quantized bytes from there (tflite_write.FileRange), instead of reading, reducing and encoding it again.
+
+    A weight is matched by what proves it the same, never by position: a weight of an earlier output with the same
+    name and shape whose float32 bytes in its fp32 file are those of this one, compared byte for byte (once per pair
+    of weights, whichever variants ask: one read of both, ~0.35 s for the 0.68 GB of a 169M file pair, against the
+    scales pass and encoding of every variant). What does not match is quantized as without reuse; either way the
+    output is the same bytes (the same float32 bytes, recipe and shape give the same scales and quantized bytes)."""
+
+    def __init__(self):
+        self._made: dict[str, dict[tuple, list[dict]]] = {}  # variant -> (name, shape) -> weights written
+        self._same: dict[tuple, bool] = {}  # ((file, offset), (file, offset), bytes) -> equal
+
+    def find(self, variant: str, src: "_Source") -> dict | None:
+        """A weight of an earlier output of `variant` that `src` (a weight of another fp32 file) is the same as."""
+        n = int(np.prod(src.shape, dtype=np.int64)) * 4
+        for made in self._made.get(variant, {}).get((src.name, src.shape), []):
+            if made["src"] == (src.path, src.offset) or os.path.getsize(made["out"]) != made["out_size"]:
+                continue
+            key = (made["src"], (src.path, src.offset), n)
+            if key not in self._same:
+                self._same[key] = _same_bytes(*made["src"], src.path, src.offset, n)
+            if self._same[key]:
+                return made
+        return None
+
+    def add(self, variant: str, src: "_Source", kind: str, scale, out: Path, offset: int, nbytes: int) -> None:
+        self._made.setdefault(variant, {}).setdefault((src.name, src.shape), []).append(
+            {"src": (src.path, src.offset), "kind": kind, "scale": scale, "out": out, "offset": offset,
+             "nbytes": nbytes, "out_size": os.path.getsize(out)})
+
+
+def _same_bytes(a: Path, a_offset: int, b: Path, b_offset: int, n: int) -> bool:
+    """Whether n bytes of file a at a_offset equal those of file b at b_offset (read in pieces, compared)."""
+    from .tflite_write import STREAM_BYTES
+
+    size = max(1, min(n, STREAM_BYTES))
+    bufs = bytearray(size), bytearray(size)
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        fa.seek(a_offset)
+        fb.seek(b_offset)
+        left = n
+        while left:
+            k = min(left, size)
+            views = [memoryview(buf)[:k] for buf in bufs]
+            if fa.readinto(views[0]) != k or fb.readinto(views[1]) != k:
+                return False
+            # bytearrays compare by memcmp (memoryviews item by item, 10x slower); a last short piece as bytes
+            if not (bufs[0] == bufs[1] if k == size else views[0].tobytes() == views[1].tobytes()):
+                return False
+            left -= k
+    return True
+
+
+def quantize_file(fp32_path: Path, variant: str, out: Path, *, inline_limit: int | None = None,
+                  reuse: Reuse | None = None) -> int:
     """Write `variant` (fp16, int8, int4) of the fp32 TFLite file `fp32_path` to `out` (see the module docstring for
     what each is); its weights inside the flatbuffer unless they reach inline_limit (tflite_write.INLINE_LIMIT: the
-    2 GB a flatbuffer addresses). Returns out's size."""
+    2 GB a flatbuffer addresses). `reuse`: shared by the calls for one model's files, each weight quantized once per
+    variant (Reuse says how; the bytes written are the same). Returns out's size."""
     from .tflite_write import INLINE_LIMIT
 
     if variant not in VARIANTS:
@@ -247,7 +318,7 @@ def quantize_file(fp32_path: Path, variant: str, out: Path, *, inline_limit: int
             raise TFLiteQuantizeError(f"{src.name} is not a TFLite file (empty)")
         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        return _quantize(m, src, variant, out, INLINE_LIMIT if inline_limit is None else inline_limit)
+        return _quantize(m, src, variant, out, INLINE_LIMIT if inline_limit is None else inline_limit, reuse)
     finally:
         try:
             m.close()
@@ -255,11 +326,11 @@ def quantize_file(fp32_path: Path, variant: str, out: Path, *, inline_limit: int
             pass
 
 
-def _quantize(m, src: Path, variant: str, out: Path, inline_limit: int) -> int:
+def _quantize(m, src: Path, variant: str, out: Path, inline_limit: int, reuse: Reuse | None) -> int:
     """quantize_file on the mapped file `m` (every view into it dies with this call's frame)."""
     from ai_edge_litert import schema_py_generated as schema
 
-    from .tflite_write import _Const, _Weight, write_tflite
+    from .tflite_write import FileRange, _Const, _Weight, write_tflite
 
     model, spans = _read_model(m, src)
     plan = _plan(model, schema, variant)
@@ -289,17 +360,27 @@ def _quantize(m, src: Path, variant: str, out: Path, inline_limit: int) -> int:
             model.buffers[i] = _Weight(_Const(file=src, offset=off, shape=(n,), dtype="uint8", name=f"buffer {i}"))
     ops = list(sg.operators)
     inserted = {}  # op index -> the DEQUANTIZE op to put before it
+    made = []  # (source, kind, scale, buffer) of the weights quantized here (for reuse)
     for j, w, _ in plan:
         t = sg.tensors[w]
         source = _Source(src, spans[t.buffer][0], t.shape, t.name.decode())
+        same = reuse.find(variant, source) if reuse is not None else None
         if variant == "fp16":
-            model.buffers[t.buffer] = _Weight(_Quantized(source, "fp16"))
+            kind, scale = "fp16", None
+        elif same is not None:
+            kind, scale = same["kind"], same["scale"]
+        else:
+            kind = "int8" if variant == "int8" else ("int4" if int(t.shape[1]) % INT4_BLOCK == 0 else "int8c")
+            scale = _scales(source, kind)
+        if same is not None:
+            model.buffers[t.buffer] = _Weight(FileRange(same["out"], same["offset"], same["nbytes"], source.name))
+        else:
+            model.buffers[t.buffer] = _Weight(_Quantized(source, kind, scale))
+            made.append((source, kind, scale, t.buffer))
+        if variant == "fp16":
             t.type = schema.TensorType.FLOAT16
-            inserted[j] = _dequantize(model, sg, schema, w)
+            inserted[j] = w
             continue
-        kind = "int8" if variant == "int8" else ("int4" if int(t.shape[1]) % INT4_BLOCK == 0 else "int8c")
-        scale = _scales(source, kind)
-        model.buffers[t.buffer] = _Weight(_Quantized(source, kind, scale))
         q = schema.QuantizationParametersT()
         q.quantizedDimension = 0
         if kind == "int4":
@@ -314,6 +395,7 @@ def _quantize(m, src: Path, variant: str, out: Path, inline_limit: int) -> int:
             q.zeroPoint = np.zeros(q.scale.size, np.int64)
         t.quantization = q
     if inserted:
+        inserted = _dequantize(model, sg, schema, inserted)
         sg.operators = [o for j, op in enumerate(ops) for o in ((inserted[j], op) if j in inserted else (op,))]
     part = out.with_name(f".{out.name}.part")  # a failed write leaves no file that looks finished
     try:
@@ -321,11 +403,16 @@ def _quantize(m, src: Path, variant: str, out: Path, inline_limit: int) -> int:
         os.replace(part, out)
     finally:
         part.unlink(missing_ok=True)
+    if reuse is not None:
+        for source, kind, scale, b in made:
+            w = model.buffers[b]
+            reuse.add(variant, source, kind, scale, out, w.file_offset, w.nbytes)
     return size
 
 
-def _dequantize(model, sg, schema, w: int):
-    """A DEQUANTIZE of tensor w into a new float32 tensor `<name>_dequant`, which the op reading w reads instead."""
+def _dequantize(model, sg, schema, weights: dict[int, int]) -> dict[int, object]:
+    """op index -> a DEQUANTIZE of its weight tensor w (`weights`: op index -> w) into a new float32 tensor
+    `<name>_dequant`, which every op reading w reads instead (new tensors in the order of `weights`)."""
     code = next((i for i, c in enumerate(model.operatorCodes) if c.builtinCode == schema.BuiltinOperator.DEQUANTIZE),
                 None)
     if code is None:
@@ -333,17 +420,21 @@ def _dequantize(model, sg, schema, w: int):
         c.builtinCode, c.deprecatedBuiltinCode, c.version = schema.BuiltinOperator.DEQUANTIZE, 0, 1
         model.operatorCodes.append(c)
         code = len(model.operatorCodes) - 1
-    t = sg.tensors[w]
-    d = schema.TensorT()
-    d.shape, d.type, d.buffer, d.name = np.array(t.shape, np.int32), schema.TensorType.FLOAT32, 0, t.name + b"_dequant"
-    sg.tensors.append(d)
-    new = len(sg.tensors) - 1
-    for op in sg.operators:
+    ops, renamed = {}, {}
+    for j, w in weights.items():
+        t = sg.tensors[w]
+        d = schema.TensorT()
+        d.shape, d.type, d.buffer, d.name = np.array(t.shape, np.int32), schema.TensorType.FLOAT32, 0, \
+            t.name + b"_dequant"
+        sg.tensors.append(d)
+        renamed[w] = len(sg.tensors) - 1
+        o = schema.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = code, np.array([w], np.int32), np.array([renamed[w]], np.int32)
+        ops[j] = o
+    for op in sg.operators:  # the graph's own ops (the DEQUANTIZEs are not among them yet)
         if op.inputs is not None:
-            op.inputs = np.where(op.inputs == w, new, op.inputs).astype(np.int32)
-    o = schema.OperatorT()
-    o.opcodeIndex, o.inputs, o.outputs = code, np.array([w], np.int32), np.array([new], np.int32)
-    return o
+            op.inputs = np.array([renamed.get(int(i), int(i)) for i in op.inputs], np.int32)
+    return ops
 
 
 def _scales_tensor(model, sg, schema, t, scale: np.ndarray, known: dict) -> int:

@@ -87,6 +87,56 @@ class _Const:
         return a.reshape(self.shape)
 
 
+class FileRange:
+    """Bytes that lie in a file already (a weight of an output written before: the step file's, which the prompt
+    file of the same model holds too), copied into the output by the kernel (os.copy_file_range: no read into this
+    process, no second transpose or quantization of the same weight), with ordinary reads and writes where the
+    platform or file system has no such copy."""
+
+    def __init__(self, path: Path, offset: int, nbytes: int, name: str):
+        self.path, self.offset, self.name, self._nbytes = Path(path), int(offset), name, int(nbytes)
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def write_to(self, f) -> None:
+        f.flush()
+        start = f.tell()
+        with open(self.path, "rb") as src:
+            done = _copy_range(src, f, self.offset, start, self._nbytes)
+        if done != self._nbytes:
+            raise RwkvExportError(f"{self.path.name} ends before weight {self.name}")
+        f.seek(start + done)
+
+
+def _copy_range(src, f, src_offset: int, dst_offset: int, n: int) -> int:
+    """Copy n bytes of file `src` at src_offset into file `f` at dst_offset (f flushed, its position left for the
+    caller to set); returns the bytes copied (fewer: src ended)."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < n:
+                k = os.copy_file_range(src.fileno(), f.fileno(), n - done, src_offset + done, dst_offset + done)
+                if not k:
+                    return done
+                done += k
+            return done
+        except OSError:  # no such copy between these files (file system, kernel): the same bytes by reads
+            pass
+    buf = bytearray(min(n - done, STREAM_BYTES) or 1)
+    src.seek(src_offset + done)
+    f.seek(dst_offset + done)
+    while done < n:
+        k = src.readinto(memoryview(buf)[:min(len(buf), n - done)])
+        if not k:
+            break
+        f.write(memoryview(buf)[:k])
+        done += k
+    f.flush()
+    return done
+
+
 class _Tensor:
     """A value computed at run time: its TFLite tensor index, static shape and numpy dtype name."""
 
@@ -104,6 +154,7 @@ class _Weight:
         self.const, self.transpose = const, transpose
         self.offset = self.size = 0  # set for the > 2 GB layout
         self.from_end = None  # where packing placed the bytes: their distance from the builder's end
+        self.file_offset = None  # where write_tflite put them in the file (a later file may copy them: FileRange)
 
     @property
     def nbytes(self) -> int:
@@ -121,15 +172,7 @@ class _Weight:
         elif not c.external:
             f.write(np.ascontiguousarray(c.get()).reshape(-1).view(np.uint8).data)
         else:
-            with open(c.file, "rb") as src:
-                src.seek(c.offset)
-                left = self.nbytes
-                while left:
-                    chunk = src.read(min(left, STREAM_BYTES))
-                    if not chunk:
-                        raise RwkvExportError(f"{Path(c.file).name} ends before weight {c.name}")
-                    f.write(chunk)
-                    left -= len(chunk)
+            FileRange(c.file, c.offset, self.nbytes, c.name).write_to(f)
 
     def Pack(self, builder):
         schema = _schema()
@@ -796,6 +839,7 @@ def write_tflite(model, path: Path, *, inline_limit: int = INLINE_LIMIT) -> int:
             pos = head
             for start, w in places:  # the graph's bytes up to the next weight, then the weight
                 f.write(memoryview(data)[pos:start])
+                w.file_offset = start - head
                 w.write_to(f)
                 pos = start + w.nbytes
                 if f.tell() != pos - head:
@@ -823,6 +867,7 @@ def write_tflite(model, path: Path, *, inline_limit: int = INLINE_LIMIT) -> int:
         data.close()
         for w in weights:
             f.write(b"\0" * (w.offset - f.tell()))
+            w.file_offset = w.offset
             w.write_to(f)
     return os.path.getsize(path)
 
