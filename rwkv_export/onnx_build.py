@@ -60,8 +60,10 @@ def to_numpy(t) -> np.ndarray:
 class WeightStore:
     """One external-data file, written as weights are added; shared by the graphs that use it (by name)."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path, durable: bool = True):
+        """durable=False: a scratch file, read back and deleted within the run (tflite.write_fp32's), not synced to
+        disk on close (an fsync would write its 0.68 GB at 169M out to the disk, then delete it)."""
+        self.path, self.durable = Path(path), durable
         self._f = open(self.path, "wb")
         self.placed: dict[str, tuple[int, int, tuple, int]] = {}  # name -> (offset, length, dims, onnx dtype)
 
@@ -86,7 +88,8 @@ class WeightStore:
         """Flush and close the file; a store nothing was placed in removes its (empty) file: no graph names it."""
         if not self._f.closed:
             self._f.flush()
-            os.fsync(self._f.fileno())
+            if self.durable:
+                os.fsync(self._f.fileno())
             self._f.close()
             if not self.placed:
                 self.path.unlink(missing_ok=True)

@@ -4,9 +4,11 @@
 #   bash tools/install_edge_extras.sh            # uses `python` on PATH (activate the project's venv first)
 #   PYTHON=.venv/bin/python bash tools/install_edge_extras.sh
 #
-# TFLite: our writer packs the .tflite files with ai-edge-litert's schema (no converter, no TensorFlow);
-# ai-edge-quantizer makes the fp16/int8/int4 variants; ai-edge-litert is the interpreter the parity check runs. The
-# pins are the ones measured beside torch==2.13.0 on Python 3.11 (same as the [tflite] extra).
+# TFLite: our writer packs the .tflite files with ai-edge-litert's schema (no converter, no TensorFlow) and our
+# quantizer (rwkv_export/targets/tflite_quant.py) makes the fp16/int8/int4 variants; ai-edge-litert is also the
+# interpreter the parity check runs. ai-edge-quantizer is the tests' oracle only (tests/test_tflite_quant.py: the
+# [dev] extra), which an export never imports. The pins are the ones measured beside torch==2.13.0 on Python 3.11
+# (the same as the [tflite] and [dev] extras).
 # TF.js: nothing in Python (our writer only needs onnx, a core dependency). The parity check runs the model in Node
 # with @tensorflow/tfjs, pinned in rwkv_export/js/package-lock.json.
 set -euo pipefail

@@ -136,7 +136,7 @@ def write_fp32(module, out_dir: Path, prefill_chunk: int | None = PREFILL_CHUNK)
     with tempfile.TemporaryDirectory(prefix="rwkv-tflite-") as tmp:
         tmp = Path(tmp)
         graphs = {SIGNATURE: (tmp / "step.onnx", TOKEN_INPUT, 1, file_name("fp32"))}
-        with WeightStore(tmp / "weights.data") as store:
+        with WeightStore(tmp / "weights.data", durable=False) as store:  # read back below, then deleted
             onnx_target.export_step(module, graphs[SIGNATURE][0], store=store)
             if prefill_chunk is not None:
                 # the architecture is asked for exactly this chunk: what it builds from that is its own (RWKV-4's
