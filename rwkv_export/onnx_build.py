@@ -57,6 +57,17 @@ def to_numpy(t) -> np.ndarray:
     return np.ascontiguousarray(t.cpu().numpy())
 
 
+def stored_already(placed: dict, name: str, a: np.ndarray) -> tuple[int, int] | None:
+    """A weight store's (offset, length) of `name` where it is stored already (same shape and dtype as `a`; else a
+    ValueError), or None: a weight shared by two graphs is written once."""
+    if name not in placed:
+        return None
+    off, length, dims, dt = placed[name]
+    if (dims, dt) != (tuple(a.shape), onnx_dtype(a.dtype)):
+        raise ValueError(f"weight '{name}' stored twice with different shapes or dtypes")
+    return off, length
+
+
 class WeightStore:
     """One external-data file, written as weights are added; shared by the graphs that use it (by name)."""
 
@@ -69,19 +80,16 @@ class WeightStore:
 
     def place(self, name: str, a: np.ndarray) -> tuple[int, int]:
         """Write `a` (unless `name` is already stored, with the same dtype and shape) and return (offset, length)."""
-        key = (tuple(a.shape), onnx_dtype(a.dtype))
-        if name in self.placed:
-            off, length, dims, dt = self.placed[name]
-            if (dims, dt) != key:
-                raise ValueError(f"weight '{name}' stored twice with different shapes or dtypes")
-            return off, length
+        done = stored_already(self.placed, name, a)
+        if done is not None:
+            return done
         off = self._f.tell()
         pad = -off % ALIGN
         if pad:
             self._f.write(b"\0" * pad)
             off += pad
         self._f.write(np.ascontiguousarray(a).data)  # the array's own buffer: no bytes copy of a 150 MB matrix
-        self.placed[name] = (off, a.nbytes, *key)
+        self.placed[name] = (off, a.nbytes, tuple(a.shape), onnx_dtype(a.dtype))
         return off, a.nbytes
 
     def close(self) -> None:

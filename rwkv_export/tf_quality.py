@@ -195,14 +195,11 @@ class _StandInStore:
         self._offset = 0
 
     def place(self, name: str, a: np.ndarray) -> tuple[int, int]:
-        from .onnx_build import ALIGN, onnx_dtype
+        from .onnx_build import ALIGN, onnx_dtype, stored_already
 
-        key = (tuple(a.shape), onnx_dtype(a.dtype))
-        if name in self.placed:
-            off, length, dims, dt = self.placed[name]
-            if (dims, dt) != key:
-                raise ValueError(f"weight '{name}' stored twice with different shapes or dtypes")
-            return off, length
+        done = stored_already(self.placed, name, a)
+        if done is not None:
+            return done
         pad = -self._offset % ALIGN
         off = self._offset + pad
         for f, w in zip(self._files, self._weights):
@@ -210,7 +207,7 @@ class _StandInStore:
             f.write(b"\0" * pad)
             f.write(np.ascontiguousarray(b).data)
             del b
-        self.placed[name] = (off, int(a.nbytes), *key)
+        self.placed[name] = (off, int(a.nbytes), tuple(a.shape), onnx_dtype(a.dtype))
         self._offset = off + int(a.nbytes)
         return off, int(a.nbytes)
 
