@@ -29,7 +29,7 @@ import numpy as np
 
 from .embed import check_embedding, format_embedding, gate_embedding, has_embedding
 from .manifest import read_manifest, write_manifest
-from .memory import give_back_freed_memory as _give_back_freed_memory
+from .memory import give_back_freed_memory
 from .memory import own_peak_rss
 from .parity import (N_GREEDY, compare, format_report, gate, judge_sequence, parity_tokens, record_reference,
                      run_sequence, sequence_calls)
@@ -84,7 +84,7 @@ def make_runner(root: Path, manifest: dict, graph: dict, threads: int | None = N
 def _close(runner) -> None:
     if hasattr(runner, "close"):
         runner.close()
-    _give_back_freed_memory()
+    give_back_freed_memory()
 
 
 def eval_token_ids(root: Path, manifest: dict, max_tokens: int | None = None) -> list[int]:
@@ -405,7 +405,7 @@ def _reference_side(root: Path, manifest: dict, ckpt, graphs: list, here: list, 
             finally:
                 _close(runner)
                 del runner  # the name held the session under the next one's and the reference's (0.85 GB, fp16 169M)
-                _give_back_freed_memory()
+                give_back_freed_memory()
     if before_reference is not None:
         before_reference()
     with progress.stage(f"reference fp64 ({ckpt.arch.title}): the parity tokens in GPT mode, {N_GREEDY} greedy steps"):
@@ -559,7 +559,7 @@ def _extend_baseline(root: Path, manifest: dict, base, rows: int, progress: Prog
     with contextlib.closing(evals) as evals:
         with progress.stage(f"quality baseline: the fp32 eval graph on eval tokens {base.read}-{min(rows, base.fed)}"):
             base.extend(evals, rows, chunk=min(EVAL_CHUNK, evals.max_chunk))
-    _give_back_freed_memory()
+    give_back_freed_memory()
 
 
 def _baseline(root: Path, manifest: dict, ckpt, path: Path, eval_tokens, progress: Progress,
@@ -744,7 +744,7 @@ def _graph_job(root: Path, manifest: dict, graph: dict, base, resume=None, *, re
         # the name held the session past the `with` (closing a runner only trims): under the eval graph's session
         # it doubled a job's peak (measured at 169M shapes: fp16 step 0.6 GB + eval graph 0.75 GB, 2.0 GB in all)
         del runner
-        _give_back_freed_memory()
+        give_back_freed_memory()
     if judged and not stepwise:  # its sessions one at a time
         quality = _quality(root, manifest, graph, None, base, resume, link_steps=steps)
     name = f"{graph['format']}/{graph['variant']}"

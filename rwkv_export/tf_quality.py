@@ -119,15 +119,14 @@ def prepare(root: Path, manifest: dict, ckpt, graphs: list[dict], tmp: Path, pro
     steps = [g for g in graphs if reads_sequentially(g)]
     if not (todo or steps) or ckpt.arch.onnx_graph() is None:
         return {}
+    from .memory import give_back_freed_memory
     from .progress import QUIET
     from .targets import onnx_seq
-
-    from .check import _give_back_freed_memory
 
     progress = progress or QUIET
     tmp = Path(tmp)
     out = {}
-    _give_back_freed_memory()  # what the export and the reference freed, before the stand-ins' weights come
+    give_back_freed_memory()  # what the export and the reference freed, before the stand-ins' weights come
     what = f"with the weights of {', '.join(g['file'] for g in todo)} and " if todo else "of "
     with progress.stage(f"writing the quality stand-ins (ONNX prompt graphs {what}the checkpoint)"):
         sides = [(FP32, None), *((g["file"], g) for g in todo)]
@@ -139,7 +138,7 @@ def prepare(root: Path, manifest: dict, ckpt, graphs: list[dict], tmp: Path, pro
             entry = onnx_seq.graph_entry(folder / PROMPT_FILE, files=[PROMPT_FILE, DATA_FILE],
                                          variant=FP32 if graph is None else graph["variant"])
             out[key] = (str(folder), entry)
-    _give_back_freed_memory()
+    give_back_freed_memory()
     out.update({g["file"]: STEPS for g in steps})
     return out
 
