@@ -121,17 +121,22 @@ def test_stand_in_carries_the_files_decoded_weights(folder, prepared):
     np.testing.assert_array_equal(want["head"], fp32.array("head"))
 
 
+def _assert_healthy_link(r: dict, target: str) -> None:
+    """A healthy file passes, its link distance within the bound (LINK_TOL_FACTOR x the target's fp32 parity
+    tolerance), and the guard tells the variant from fp32: the variant's own distance is well past the bound."""
+    assert r["passed"], r
+    link = r["stand_in"]
+    assert link["bound"] == tq.LINK_TOL_FACTOR * tolerance_for(target, "fp32", "4").max_rel
+    assert link["max_rel"] <= link["bound"]
+    assert link["variant_vs_fp32"] > 10 * link["bound"]
+
+
 @pytest.mark.parametrize("variant", ["fp16", "uint8"])
 def test_healthy_variant_passes_with_the_stand_in_within_fp32_rounding(folder, prepared, variant):
     m, stand_ins, base = prepared
     g = _graph(m, variant)
     r = _stand_in_verdict(folder, m, g, stand_ins[g["file"]], base)
-    assert r["passed"], r
-    link = r["stand_in"]
-    assert link["bound"] == tq.LINK_TOL_FACTOR * tolerance_for("tfjs", "fp32", "4").max_rel
-    assert link["max_rel"] <= link["bound"]
-    # the guard tells the variant from fp32: the variant's own distance is well past the bound (measured 37x fp16)
-    assert link["variant_vs_fp32"] > 10 * link["bound"]
+    _assert_healthy_link(r, "tfjs")  # the variant's own distance from fp32: measured 37x the bound for fp16
     assert r["sequential"]["stop"] == "pass" and r["tokens"] < len(base.tokens) - 1  # decided early
 
 
@@ -359,12 +364,7 @@ def test_tflite_fp16_passes_with_its_stand_in_within_fp32_rounding(tflite_folder
     base = _baseline(tflite_folder, m, stand_ins, tmp / "fp16-healthy")
     base.stand_in_fp32 = stand_ins[tq.FP32]
     r = _stand_in_verdict(tflite_folder, m, g, stand_ins[g["file"]], base)
-    assert r["passed"], r
-    link = r["stand_in"]
-    assert link["bound"] == tq.LINK_TOL_FACTOR * tolerance_for("tflite", "fp32", "4").max_rel
-    assert link["max_rel"] <= link["bound"]
-    # measured 1.6e-6 against fp16's own 7.3e-4 (tiny-pydoc): the guard tells fp16 from fp32
-    assert link["variant_vs_fp32"] > 10 * link["bound"]
+    _assert_healthy_link(r, "tflite")  # measured 1.6e-6 against fp16's own 7.3e-4 (tiny-pydoc)
     assert r["sequential"]["stop"] == "pass"
 
 
