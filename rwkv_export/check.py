@@ -29,8 +29,7 @@ import numpy as np
 
 from .embed import check_embedding, format_embedding, gate_embedding, has_embedding
 from .manifest import read_manifest, write_manifest
-from .memory import give_back_freed_memory
-from .memory import own_peak_rss
+from .memory import give_back_freed_memory, own_peak_rss
 from .parity import (N_GREEDY, compare, format_report, gate, judge_sequence, parity_tokens, record_reference,
                      run_sequence, sequence_calls)
 from .progress import QUIET, Progress, cpu_note, format_bytes

@@ -65,10 +65,9 @@ def _check_jobs_option():
     return typer.Option(None, "--check-jobs", help=CHECK_JOBS_HELP, show_default="cores, at most 2")
 
 
-def _check_jobs(n: int | None) -> int | None:
+def _check_jobs(n: int | None) -> None:
     if n is not None:
         _check_range("--check-jobs", n, 1, 64)
-    return n
 
 
 @app.command()

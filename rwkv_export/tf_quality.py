@@ -296,9 +296,11 @@ def _float16_weights(data, file: str) -> dict[str, tuple[int, int, tuple, bool]]
     model = schema.Model.GetRootAs(data, 0)
     codes = [max(model.OperatorCodes(i).BuiltinCode(), model.OperatorCodes(i).DeprecatedBuiltinCode())
              for i in range(model.OperatorCodesLength())]
-    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    from .targets.tflite_quant import buffer_span, op_names
+
+    names = op_names(schema)
     sg = model.Subgraphs(0)
-    ops = [(op_names.get(codes[op.OpcodeIndex()], "?"), [op.Inputs(j) for j in range(op.InputsLength())],
+    ops = [(names.get(codes[op.OpcodeIndex()], "?"), [op.Inputs(j) for j in range(op.InputsLength())],
             [op.Outputs(j) for j in range(op.OutputsLength())]) for op in (sg.Operators(i)
                                                                            for i in range(sg.OperatorsLength()))]
     readers: dict[int, set[tuple[str, int]]] = {}  # tensor -> (op, input position) of each op reading it
@@ -325,12 +327,7 @@ def _float16_weights(data, file: str) -> dict[str, tuple[int, int, tuple, bool]]
             raise StandInError(f"{file}: float16 weight {label} is read by "
                                f"{', '.join(sorted(f'{o} input {p}' for o, p in uses)) or 'nothing'}, whose layout "
                                "the stand-in does not know")
-        buf = model.Buffers(t.Buffer())
-        if buf.Offset() > 1:  # the layout of models over 2 GB: the bytes at an offset of the file
-            offset, nbytes = buf.Offset(), buf.Size()
-        else:
-            o = buf._tab.Offset(4)  # Buffer.data (as Buffer.DataAsNumpy reads it), without a view of the bytes
-            offset, nbytes = (buf._tab.Vector(o), buf._tab.VectorLen(o)) if o else (0, 0)
+        offset, nbytes = buffer_span(model, t.Buffer())
         out[label] = (int(offset), int(nbytes), tuple(int(t.Shape(j)) for j in range(t.ShapeLength())), transposed)
     if half:
         raise StandInError(f"{file}: float16 tensors no DEQUANTIZE reads: "

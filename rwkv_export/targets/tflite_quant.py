@@ -84,8 +84,14 @@ class _Source:
             yield r, a.reshape((n, *self.shape[1:]))
 
 
-def _buffer_span(root, i: int) -> tuple[int, int]:
-    """(file offset, bytes) of buffer i's data, inside the flatbuffer or (the > 2 GB layout) after it."""
+def op_names(schema) -> dict[int, str]:
+    """Builtin operator code -> its name (FULLY_CONNECTED, ...), from ai-edge-litert's schema module."""
+    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+
+def buffer_span(root, i: int) -> tuple[int, int]:
+    """(file offset, bytes) of buffer i's data in a model's flatbuffer (`root`, schema.Model read in place), inside
+    the flatbuffer or (the > 2 GB layout) after it; read without a view of the bytes."""
     b = root.Buffers(i)
     if b.Offset() > 1:
         return int(b.Offset()), int(b.Size())
@@ -103,7 +109,7 @@ def _read_model(data, path: Path):
         raise TFLiteQuantizeError(f"{path.name} is not a TFLite file (no TFL3 identifier)")
     try:
         root = schema.Model.GetRootAs(data, 0)
-        spans = [_buffer_span(root, i) for i in range(root.BuffersLength())]
+        spans = [buffer_span(root, i) for i in range(root.BuffersLength())]
         model = schema.ModelT.InitFromObj(root)
     except Exception as e:  # a damaged flatbuffer fails anywhere inside the generated readers
         raise TFLiteQuantizeError(f"{path.name} is not a readable TFLite file ({type(e).__name__}: {e})") from None
@@ -199,7 +205,7 @@ def _scales(src: _Source, kind: str) -> np.ndarray:
 def _plan(model, schema, variant: str) -> list[tuple[int, int, str]]:
     """(op index, weight tensor index, op name) of every weight to quantize, once each, in op order (the first op
     that reads it); errors for what our writer never makes and ai-edge-quantizer might treat otherwise."""
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    names = op_names(schema)
     if len(model.subgraphs) != 1:
         raise TFLiteQuantizeError(f"the TFLite quantizer reads files of one subgraph (this one has "
                                   f"{len(model.subgraphs)})")
